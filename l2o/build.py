@@ -1,0 +1,84 @@
+"""Objects built from a :class:`~l2o.config.TrainConfig`, and the run's key schedule.
+
+The single-machine trainer and the distributed service both build their pieces here, with the same
+keys, so that one worker with ``max_staleness=0`` reproduces the single-machine run exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from l2o.config import EstimatorConfig, MetaOptimizerConfig, OptimizerConfig, TaskConfig
+from l2o.estimators import GradientEstimator, TruncatedBackprop, TruncatedStep
+from l2o.optimizers.base import LearnedOptimizer
+from l2o.tasks.base import TaskFamily
+from l2o.types import PRNGKey
+
+
+def task_family_from_config(cfg: TaskConfig) -> TaskFamily:
+    """The task family named by ``cfg`` (see ``l2o.tasks.registry``)."""
+    from l2o.tasks.registry import make_task_family
+
+    return make_task_family(cfg.name, **cfg.kwargs)
+
+
+def learned_optimizer_from_config(cfg: OptimizerConfig) -> LearnedOptimizer:
+    """The learned optimizer named by ``cfg`` (see ``l2o.optimizers.registry``)."""
+    from l2o.optimizers.registry import make_learned_optimizer
+
+    return make_learned_optimizer(cfg.name, **cfg.kwargs)
+
+
+def estimator_from_config(cfg: EstimatorConfig, family: TaskFamily,
+                          learned_opt: LearnedOptimizer) -> GradientEstimator:
+    """The meta-gradient estimator described by ``cfg``."""
+    step = TruncatedStep(
+        family=family,
+        learned_opt=learned_opt,
+        num_steps=cfg.num_steps,
+        second_derivatives=cfg.second_derivatives,
+    )
+    if cfg.name == "tbptt":
+        return TruncatedBackprop(
+            truncated_step=step,
+            num_tasks=cfg.num_tasks,
+            unroll_length=cfg.unroll_length,
+            meta_loss_reduction=cfg.meta_loss_reduction,
+        )
+    raise ValueError(f"unknown estimator {cfg.name!r}")
+
+
+def meta_optimizer_from_config(cfg: MetaOptimizerConfig) -> optax.GradientTransformation:
+    """The optax transformation applied to θ: optional global-norm clipping, then the optimizer."""
+    makers = {"adam": optax.adam, "rmsprop": optax.rmsprop, "sgd": optax.sgd}
+    tx = makers[cfg.name](cfg.learning_rate)
+    if cfg.clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    return tx
+
+
+# The key schedule. Purpose tags keep the streams independent of each other.
+_THETA, _WORKER_INIT, _TRUNCATION, _EVAL = 0, 1, 2, 3
+
+
+def theta_key(seed: int) -> PRNGKey:
+    """The key θ is initialized from."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), _THETA)
+
+
+def worker_init_key(seed: int, worker_index: int) -> PRNGKey:
+    """The key worker ``worker_index`` draws its inner problems from."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _WORKER_INIT),
+                              worker_index)
+
+
+def truncation_key(seed: int, worker_index: int, seq: int) -> PRNGKey:
+    """The key of truncation number ``seq`` on worker ``worker_index``."""
+    base = jax.random.fold_in(jax.random.PRNGKey(seed), _TRUNCATION)
+    return jax.random.fold_in(jax.random.fold_in(base, worker_index), seq)
+
+
+def eval_key(seed: int) -> PRNGKey:
+    """The key evaluation draws fresh initializations from."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), _EVAL)

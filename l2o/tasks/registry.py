@@ -1,0 +1,165 @@
+"""Named task families: what ``task.name`` in a config and the ``l2o tasks`` CLI refer to.
+
+Each entry of :data:`TASKS` is a factory taking keyword arguments only; the first line of its
+docstring is the description :func:`describe_tasks` shows. Datasets are loaded when a factory is
+called, never at import, so MNIST files are only needed by the MNIST tasks.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+from l2o.tasks.base import SingleTaskFamily, TaskFamily
+from l2o.tasks.quadratic import QuadraticFamily
+
+MNIST_LIKE = ("mnist", "fashion_mnist")
+
+
+def _int_tuple(name: str, values: Sequence[int] | int) -> tuple[int, ...]:
+    if isinstance(values, int):
+        values = (values,)
+    try:
+        out = tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {values!r}") from None
+    if any(v <= 0 for v in out):
+        raise ValueError(f"{name} must be positive ints, got {out}")
+    return out
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _load(dataset: str, data_dir: str | None):
+    from l2o.tasks import datasets
+
+    if dataset == "digits":
+        return datasets.load_digits()
+    if dataset == "mnist":
+        return datasets.load_mnist(data_dir)
+    if dataset == "fashion_mnist":
+        return datasets.load_fashion_mnist(data_dir)
+    raise ValueError(f"unknown dataset {dataset!r}")
+
+
+def _mlp(dataset: str, hidden_sizes, activation: str, batch_size: int,
+         data_dir: str | None = None) -> SingleTaskFamily:
+    from l2o.tasks.mlp import MLPTask
+
+    hidden = _int_tuple("hidden_sizes", hidden_sizes)
+    bs = _positive_int("batch_size", batch_size)
+    data = _load(dataset, data_dir)
+    return SingleTaskFamily(base=MLPTask(data=data, hidden_sizes=hidden, activation=activation,
+                                         batch_size=bs, num_classes=data.num_classes))
+
+
+def _conv(dataset: str, channels, activation: str, batch_size: int,
+          data_dir: str | None = None) -> SingleTaskFamily:
+    from l2o.tasks.conv import ConvTask
+
+    chans = _int_tuple("channels", channels)
+    bs = _positive_int("batch_size", batch_size)
+    data = _load(dataset, data_dir)
+    return SingleTaskFamily(base=ConvTask(data=data, channels=chans, activation=activation,
+                                          batch_size=bs, num_classes=data.num_classes))
+
+
+def quadratic(dim: int = 10) -> TaskFamily:
+    """Random d-dim quadratics ‖Wx − y‖², W and y ~ N(0, 1) per problem (L2L; dim=10)."""
+    return QuadraticFamily(dim=_positive_int("dim", dim))
+
+
+def simple() -> TaskFamily:
+    """L2L's simple problem: one scalar x from 1.0, loss x²."""
+    from l2o.tasks.simple import simple_family
+
+    return simple_family()
+
+
+def digits_mlp(hidden_sizes: Sequence[int] = (20,), activation: str = "sigmoid",
+               batch_size: int = 128) -> TaskFamily:
+    """MLP 64-20-10 sigmoid on scikit-learn's 8×8 digits, batch 128 (the default job)."""
+    return _mlp("digits", hidden_sizes, activation, batch_size)
+
+
+def digits_mlp_relu(hidden_sizes: Sequence[int] = (20,), activation: str = "relu",
+                    batch_size: int = 128) -> TaskFamily:
+    """MLP 64-20-10 relu on scikit-learn's 8×8 digits, batch 128."""
+    return _mlp("digits", hidden_sizes, activation, batch_size)
+
+
+def digits_conv(channels: Sequence[int] = (8, 16), activation: str = "relu",
+                batch_size: int = 128) -> TaskFamily:
+    """Conv net (3×3 stride-2 convs, 8/16 channels, relu, linear readout) on 8×8 digits."""
+    return _conv("digits", channels, activation, batch_size)
+
+
+def mnist_mlp(hidden_sizes: Sequence[int] = (20,), activation: str = "sigmoid",
+              batch_size: int = 128, data_dir: str | None = None) -> TaskFamily:
+    """MLP 784-20-10 sigmoid on MNIST, batch 128 (L2L's MNIST problem; needs the MNIST files)."""
+    return _mlp("mnist", hidden_sizes, activation, batch_size, data_dir)
+
+
+def fashion_mnist_mlp(hidden_sizes: Sequence[int] = (20,), activation: str = "sigmoid",
+                      batch_size: int = 128, data_dir: str | None = None) -> TaskFamily:
+    """MLP 784-20-10 sigmoid on Fashion-MNIST, batch 128 (needs the Fashion-MNIST files)."""
+    return _mlp("fashion_mnist", hidden_sizes, activation, batch_size, data_dir)
+
+
+def mnist_conv(channels: Sequence[int] = (8, 16), activation: str = "relu",
+               batch_size: int = 128, data_dir: str | None = None) -> TaskFamily:
+    """Conv net (3×3 stride-2 convs, 8/16 channels, relu) on MNIST (needs the MNIST files)."""
+    return _conv("mnist", channels, activation, batch_size, data_dir)
+
+
+def fashion_mnist_conv(channels: Sequence[int] = (8, 16), activation: str = "relu",
+                       batch_size: int = 128, data_dir: str | None = None) -> TaskFamily:
+    """Conv net (3×3 stride-2 convs, 8/16 channels, relu) on Fashion-MNIST (needs its files)."""
+    return _conv("fashion_mnist", channels, activation, batch_size, data_dir)
+
+
+TASKS: dict[str, Callable[..., TaskFamily]] = {
+    "quadratic": quadratic,
+    "simple": simple,
+    "digits_mlp": digits_mlp,
+    "digits_mlp_relu": digits_mlp_relu,
+    "digits_conv": digits_conv,
+    "mnist_mlp": mnist_mlp,
+    "fashion_mnist_mlp": fashion_mnist_mlp,
+    "mnist_conv": mnist_conv,
+    "fashion_mnist_conv": fashion_mnist_conv,
+}
+
+
+def make_task_family(name: str, **kwargs) -> TaskFamily:
+    """The task family registered as ``name``, built with ``kwargs``.
+
+    Raises ``ValueError`` for an unknown name (listing the known ones) and ``TypeError`` naming
+    the task for keyword arguments its factory does not accept.
+    """
+    try:
+        factory = TASKS[name]
+    except KeyError:
+        known = ", ".join(sorted(TASKS))
+        raise ValueError(f"unknown task {name!r}; known tasks: {known}") from None
+    sig = inspect.signature(factory)
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        accepted = ", ".join(sig.parameters) or "none"
+        raise TypeError(f"task {name!r}: bad arguments {sorted(kwargs)} ({e}); "
+                        f"accepted: {accepted}") from None
+    return factory(**kwargs)
+
+
+def describe_tasks() -> list[tuple[str, str]]:
+    """``(name, one-line description)`` for every registered task, sorted by name."""
+    out = []
+    for name in sorted(TASKS):
+        doc = inspect.getdoc(TASKS[name]) or ""
+        out.append((name, doc.splitlines()[0] if doc else ""))
+    return out

@@ -6,6 +6,8 @@ keys, so that one worker with ``max_staleness=0`` reproduces the single-machine 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import optax
 
@@ -50,11 +52,21 @@ def estimator_from_config(cfg: EstimatorConfig, family: TaskFamily,
 
 
 def meta_optimizer_from_config(cfg: MetaOptimizerConfig) -> optax.GradientTransformation:
-    """The optax transformation applied to θ: optional global-norm clipping, then the optimizer."""
+    """The optax transformation applied to θ: optional global-norm clipping, then the optimizer.
+
+    Equal configs give the *same* object, so jitted code taking it as a static argument compiles
+    once per process.
+    """
+    return _meta_optimizer(cfg.name, cfg.learning_rate, cfg.clip_norm)
+
+
+@functools.lru_cache(maxsize=64)
+def _meta_optimizer(name: str, learning_rate: float,
+                    clip_norm: float | None) -> optax.GradientTransformation:
     makers = {"adam": optax.adam, "rmsprop": optax.rmsprop, "sgd": optax.sgd}
-    tx = makers[cfg.name](cfg.learning_rate)
-    if cfg.clip_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    tx = makers[name](learning_rate)
+    if clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     return tx
 
 

@@ -3,7 +3,7 @@
 A checkpoint is one file holding a pytree of arrays (msgpack, via ``flax.serialization``) and a
 JSON-compatible metadata dict. The file layout is::
 
-    b"L2OCKPT1" | sha256 of the payload (32 bytes) | payload length (8 bytes, little-endian) | payload
+    b"L2OCKPT1" | sha256(payload) (32 bytes) | len(payload) (8 bytes, little-endian) | payload
 
 It is written to a temporary file in the same directory, flushed and ``fsync``-ed, then renamed over
 the destination, so a reader sees either the old file or the new one, never a partial one. A
@@ -95,7 +95,8 @@ def load_checkpoint(path: str | os.PathLike, target: Any = None) -> tuple[Any, d
     try:
         tree = serialization.from_state_dict(target, raw)
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} does not match the expected structure: {e}") from e
+        raise CheckpointError(
+            f"checkpoint {path} does not match the expected structure: {e}") from e
     for want, got in zip(jax.tree_util.tree_leaves(target), jax.tree_util.tree_leaves(tree),
                          strict=True):
         if np.shape(want) != np.shape(got):
@@ -105,11 +106,11 @@ def load_checkpoint(path: str | os.PathLike, target: Any = None) -> tuple[Any, d
     return tree, metadata
 
 
-_NUMBERED = re.compile(r"^(?P<kind>full|params)_(?P<step>\d+)\.ckpt$")
+_NUMBERED = re.compile(r"^(?P<kind>[a-z]+)_(?P<step>\d+)\.ckpt$")
 
 
 def checkpoint_path(run_dir: str | os.PathLike, kind: str, step: int) -> Path:
-    """Where a checkpoint of ``kind`` (``"full"`` or ``"params"``) at ``step`` lives."""
+    """Where a checkpoint of ``kind`` (``"full"``, ``"params"``, …) at ``step`` lives."""
     return Path(run_dir) / "checkpoints" / f"{kind}_{step:08d}.ckpt"
 
 

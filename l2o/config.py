@@ -62,6 +62,7 @@ class EvalConfig(_Strict):
     task: TaskConfig | None = None  # default: the training task
     steps: PositiveInt = 100
     seeds: PositiveInt = 5
+    adam_steps_factor: PositiveInt = 5  # Adam runs this many times longer, to measure speedup
     adam_learning_rates: list[float] = Field(
         default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
     )
@@ -150,7 +151,8 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     """``base`` with ``override`` merged in, recursively for nested mappings."""
     out = dict(base)
     for k, v in override.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        nested = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = deep_merge(out[k], v) if nested else v
     return out
 
 

@@ -1,0 +1,29 @@
+# The two set-up commands of the README: `make run` (the main job) and `make test` (the suite).
+# Each creates the virtual environment on first use, so a fresh machine needs only Python and pip.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.installed  ## the main job: meta-train the L2L LSTM on digits, evaluate, summarize
+	$(BIN)/l2o train
+
+test: $(VENV)/.installed  ## the test suite (CPU only)
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+bench: $(VENV)/.installed  ## every benchmark; JSON lands in benchmarks/results/
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs benchmarks/results

@@ -1,0 +1,152 @@
+"""The ``l2o`` command line: train, evaluate, inspect.
+
+``l2o train`` with no arguments runs the default job (the L2L LSTM meta-trained on digits MLPs).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from l2o.config import PRESETS, ConfigError, TrainConfig, load_config, preset
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Meta-train learned optimizers, evaluate them, inspect runs.")
+console = Console()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def _load(config: Path | None, preset_name: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    if config is not None and preset_name is not None:
+        _fail("give --config or --preset, not both")
+    try:
+        cfg = load_config(config) if config is not None else preset(preset_name or "default")
+        return cfg.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as e:
+        _fail(str(e))
+        raise  # unreachable
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"run {summary.get('run', '')}", show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [(k, summary[k]) for k in ("mode", "meta_steps", "updates", "meta_loss_first",
+                                       "meta_loss_last", "wall_seconds") if k in summary]
+    rows += [(f"eval.{k}", v) for k, v in summary.get("eval", {}).items()]
+    for name, value in rows:
+        table.add_row(name, f"{value:.6g}" if isinstance(value, float) else str(value))
+    return table
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    preset_name: Annotated[str | None, typer.Option("--preset", help="Named preset.")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Override run_name.")] = None,
+    run_dir: Annotated[str | None, typer.Option(help="Override run_dir.")] = None,
+    meta_steps: Annotated[int | None, typer.Option(help="Override meta_steps.")] = None,
+    local: Annotated[bool, typer.Option(help="Single process instead of the service.")] = True,
+    fresh: Annotated[bool, typer.Option(help="Ignore checkpoints in the run dir.")] = False,
+) -> None:
+    """Meta-train a learned optimizer, evaluate it against tuned Adam, write summary.json."""
+    cfg = _load(config, preset_name,
+                {"run_name": run_name, "run_dir": run_dir, "meta_steps": meta_steps})
+    console.print(f"run dir: [bold]{cfg.run_path()}[/]  task: {cfg.task.name}  "
+                  f"optimizer: {cfg.optimizer.name}  estimator: {cfg.estimator.name}")
+    if not local:
+        from services.train import run_service
+
+        summary = run_service(cfg)
+    else:
+        from l2o.job import run_local
+
+        with Progress(TextColumn("[bold]meta-train"), BarColumn(), TextColumn("{task.description}"),
+                      TimeElapsedColumn(), console=console) as progress:
+            bar = progress.add_task("", total=cfg.meta_steps)
+
+            def on_log(entry: dict[str, float]) -> None:
+                progress.update(bar, completed=entry["step"], description=(
+                    f"step {entry['step']} meta-loss {entry['meta_loss']:.4g} "
+                    f"{entry['inner_steps_per_s']:.0f} inner steps/s"))
+
+            summary = run_local(cfg, on_log=on_log, resume=not fresh)
+    console.print(_summary_table(summary))
+    console.print(f"wrote {cfg.run_path() / 'summary.json'}")
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A params or full checkpoint file.")],
+    task: Annotated[str, typer.Option(help="Task name (see `l2o tasks`).")] = "digits_mlp",
+    steps: Annotated[int, typer.Option(help="Inner steps.")] = 100,
+    seeds: Annotated[int, typer.Option(help="Fresh initializations.")] = 5,
+    out: Annotated[Path | None, typer.Option(help="Write the result JSON and a PNG here.")] = None,
+) -> None:
+    """Score a checkpoint's optimizer on a task against tuned Adam."""
+    import jax
+
+    from l2o.build import task_family_from_config
+    from l2o.checkpoints import CheckpointError
+    from l2o.config import TaskConfig
+    from l2o.eval import evaluate
+    from l2o.job import load_theta
+
+    try:
+        lopt, theta, _ = load_theta(checkpoint)
+        family = task_family_from_config(TaskConfig(name=task))
+    except (CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    k_task, k_run = jax.random.split(jax.random.PRNGKey(0))
+    result = evaluate(family.sample_task(k_task), lopt, theta, steps=steps, seeds=seeds,
+                      key=k_run, adam_learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+                      adam_steps=5 * steps)
+    summary = {"run": str(checkpoint), "eval": {k: v for k, v in result.items()
+                                                 if not isinstance(v, list | dict)}}
+    console.print(_summary_table(summary))
+    if out is not None:
+        from l2o.job import write_outputs
+
+        write_outputs(out, summary, result)
+        console.print(f"wrote {out / 'summary.json'}")
+
+
+@app.command()
+def tasks() -> None:
+    """List the task families."""
+    from l2o.tasks.registry import describe_tasks
+
+    table = Table("task", "description")
+    for name, desc in describe_tasks():
+        table.add_row(name, desc)
+    console.print(table)
+
+
+@app.command()
+def presets() -> None:
+    """List the presets of ``l2o train --preset``."""
+    table = Table("preset", "overrides")
+    for name, over in sorted(PRESETS.items()):
+        table.add_row(name, json.dumps(over) if over else "(the default job)")
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point for ``python -m l2o.cli``."""
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

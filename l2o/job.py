@@ -1,0 +1,139 @@
+"""The main job: meta-train, evaluate against tuned Adam, write the run's outputs.
+
+Both entry points produce the same outputs in the run directory:
+
+- ``summary.json`` -- meta-loss first/last, the evaluation block and run figures;
+- ``curves.png`` -- learned optimizer vs tuned Adam loss curves;
+- ``tensorboard/`` -- scalars of every logged step;
+- ``checkpoints/`` -- full and params checkpoints.
+
+:func:`run_local` is the single-machine path; ``services.train.run_service`` is the distributed
+one and uses :func:`evaluate_theta` and :func:`write_outputs` from here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from l2o.build import eval_key, task_family_from_config
+from l2o.config import TrainConfig
+from l2o.optimizers.base import LearnedOptimizer
+from l2o.train import Trainer, meta_loss_summary, write_json
+from l2o.types import MetaParams
+
+
+def evaluate_theta(cfg: TrainConfig, learned_opt: LearnedOptimizer,
+                   theta: MetaParams) -> dict[str, Any]:
+    """Score θ on fresh initializations of the eval task against a tuned-Adam sweep."""
+    import jax
+
+    from l2o.eval import evaluate
+
+    key = eval_key(cfg.seed)
+    k_task, k_run = jax.random.split(key)
+    task = task_family_from_config(cfg.eval_task()).sample_task(k_task)
+    return evaluate(task, learned_opt, theta, steps=cfg.eval.steps, seeds=cfg.eval.seeds,
+                    key=k_run, adam_learning_rates=tuple(cfg.eval.adam_learning_rates),
+                    adam_steps=cfg.eval.steps * cfg.eval.adam_steps_factor)
+
+
+def load_theta(path: str | Path) -> tuple[LearnedOptimizer, MetaParams, dict[str, Any]]:
+    """The learned optimizer, θ and metadata of a params or full checkpoint.
+
+    The optimizer is rebuilt from the ``optimizer`` config stored in the checkpoint's metadata.
+    """
+    import jax
+    from flax import serialization
+
+    from l2o.build import learned_optimizer_from_config
+    from l2o.checkpoints import CheckpointError, read_checkpoint
+    from l2o.config import OptimizerConfig
+
+    raw, meta = read_checkpoint(path)
+    if "optimizer" not in meta:
+        raise CheckpointError(f"checkpoint {path} does not say which optimizer it holds")
+    lopt = learned_optimizer_from_config(OptimizerConfig.model_validate(meta["optimizer"]))
+    stored = raw["theta"] if meta.get("kind") == "full" else raw
+    template = lopt.init(jax.random.PRNGKey(0))
+    try:
+        theta = serialization.from_state_dict(template, stored)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not hold θ of {lopt.name}: {e}") from e
+    return lopt, jax.tree_util.tree_map(jax.numpy.asarray, theta), meta
+
+
+EVAL_SUMMARY_KEYS = ("task", "steps", "seeds", "learned_final_loss", "adam_final_loss",
+                     "adam_best_lr", "adam_best_lr_at_grid_edge", "speedup", "speedup_reached",
+                     "adam_steps_to_match", "adam_steps")
+
+
+def write_outputs(run_dir: str | Path, summary: dict[str, Any],
+                  eval_result: dict[str, Any] | None) -> Path:
+    """Write ``summary.json`` (and ``curves.png`` when there is an eval result); its path."""
+    run_dir = Path(run_dir)
+    if eval_result is not None:
+        from l2o.plots import plot_curves
+
+        plot_curves(eval_result, run_dir / "curves.png")
+    return write_json(run_dir / "summary.json", summary)
+
+
+class TensorBoardLogger:
+    """Writes each logged entry's numbers as TensorBoard scalars under ``run_dir/tensorboard``."""
+
+    def __init__(self, run_dir: str | Path, prefix: str = "train"):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.prefix = prefix
+
+    def __call__(self, entry: dict[str, float]) -> None:
+        step = int(entry["step"])
+        for name, value in entry.items():
+            if name != "step" and isinstance(value, int | float):
+                self.writer.add_scalar(f"{self.prefix}/{name}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()
+
+
+def run_local(cfg: TrainConfig, on_log: Callable[[dict[str, float]], None] | None = None,
+              resume: bool = True) -> dict[str, Any]:
+    """Meta-train on this machine, evaluate, write the outputs; the summary dict."""
+    start = time.monotonic()
+    trainer = Trainer(cfg)
+    if resume:
+        trainer.restore()
+    tb = TensorBoardLogger(trainer.run_dir)
+
+    def log(entry: dict[str, float]) -> None:
+        tb(entry)
+        if on_log is not None:
+            on_log(entry)
+
+    try:
+        trainer.train(on_log=log)
+    finally:
+        tb.close()
+    train_seconds = time.monotonic() - start
+    result = evaluate_theta(cfg, trainer.learned_opt, trainer.state.theta)
+    first, last = meta_loss_summary(trainer.history)
+    summary = {
+        "run": cfg.run_name,
+        "mode": "local",
+        "meta_loss_first": first,
+        "meta_loss_last": last,
+        "meta_steps": trainer.step,
+        "skipped_nonfinite": trainer.skipped_nonfinite,
+        "train_seconds": round(train_seconds, 2),
+        "wall_seconds": round(time.monotonic() - start, 2),
+        "eval": {k: result[k] for k in EVAL_SUMMARY_KEYS if k in result},
+        "history": trainer.history,
+    }
+    write_outputs(trainer.run_dir, summary, result)
+    return summary

@@ -1,0 +1,231 @@
+"""Single-machine meta-training: one process, one estimator, an optax meta-optimizer.
+
+The loop is the distributed service with the network taken out: the "worker" (the estimator and
+its inner problems) and the "learner" (θ and the meta-optimizer state) live in one process and
+use the key schedule of :mod:`l2o.build`, so the service with one worker and ``max_staleness=0``
+computes the same θ.
+
+Checkpoints go to ``run_dir/checkpoints``: a full one (θ, meta-optimizer state, step, counters,
+config) and a params-only one (θ, version) every ``checkpoint_every`` steps. The trainer also keeps
+its inner problems in ``worker_XXXXXXXX.ckpt`` beside them: that is local-side state, stored apart
+from θ, and only used so a resumed single-machine run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from l2o.build import (
+    estimator_from_config,
+    learned_optimizer_from_config,
+    meta_optimizer_from_config,
+    task_family_from_config,
+    theta_key,
+    truncation_key,
+    worker_init_key,
+)
+from l2o.checkpoints import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from l2o.config import TrainConfig
+from l2o.estimators.base import GradientEstimator
+from l2o.types import MetaParams
+
+
+@struct.dataclass
+class MetaState:
+    """The learner's side of a run: θ, the meta-optimizer state and the update counter."""
+
+    theta: MetaParams
+    opt_state: optax.OptState
+    version: jax.Array  # int32: meta-updates applied
+
+
+def init_meta_state(theta: MetaParams, meta_tx: optax.GradientTransformation) -> MetaState:
+    """A fresh :class:`MetaState` at version 0."""
+    return MetaState(theta=theta, opt_state=meta_tx.init(theta), version=jnp.zeros((), jnp.int32))
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when every leaf of ``tree`` is finite."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.True_
+
+
+def apply_meta_gradient(meta_tx: optax.GradientTransformation, state: MetaState,
+                        grad: MetaParams) -> MetaState:
+    """``state`` after one optax step along ``grad`` (the mean of a batch of estimates)."""
+    updates, opt_state = meta_tx.update(grad, state.opt_state, state.theta)
+    return MetaState(theta=optax.apply_updates(state.theta, updates), opt_state=opt_state,
+                     version=state.version + 1)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def meta_step(est: GradientEstimator, meta_tx: optax.GradientTransformation, state: MetaState,
+              worker_state: Any, key: jax.Array) -> tuple[MetaState, Any, dict[str, jax.Array]]:
+    """One truncation and the meta-update it gives, fused in one compiled program."""
+    grad, worker_state, metrics = est.compute_gradient_estimate(state.theta, worker_state, key)
+    finite = all_finite(grad)
+    new_state = apply_meta_gradient(meta_tx, state, grad)
+    # A non-finite estimate is never applied: θ and the optimizer state stay as they were.
+    new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new_state, state)
+    return new_state, worker_state, dict(metrics, grad_finite=finite)
+
+
+class Trainer:
+    """Meta-trains ``cfg.optimizer`` on ``cfg.task`` with ``cfg.estimator`` on this machine."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_path()
+        self.family = task_family_from_config(cfg.task)
+        self.learned_opt = learned_optimizer_from_config(cfg.optimizer)
+        self.estimator = estimator_from_config(cfg.estimator, self.family, self.learned_opt)
+        self.meta_tx = meta_optimizer_from_config(cfg.meta_optimizer)
+        self.history: list[dict[str, float]] = []
+        self.skipped_nonfinite = 0
+        theta = self.learned_opt.init(theta_key(cfg.seed))
+        self.state = init_meta_state(theta, self.meta_tx)
+        self.worker_state = self.estimator.init_worker_state(theta, worker_init_key(cfg.seed, 0))
+        self.resumed_from: Path | None = None
+
+    @property
+    def step(self) -> int:
+        """Meta-updates applied so far."""
+        return int(self.state.version)
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "version": self.step,
+            "gen_id": 0,
+            "seed": self.cfg.seed,
+            "optimizer": self.cfg.optimizer.model_dump(),
+            "config": self.cfg.model_dump(mode="json"),
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "history": self.history,
+        }
+
+    def save(self) -> Path:
+        """Write the full, params and worker checkpoints for the current step; the full path."""
+        meta = self._metadata()
+        step = self.step
+        save_checkpoint(checkpoint_path(self.run_dir, "worker", step), self.worker_state,
+                        {"kind": "worker", "version": step})
+        save_checkpoint(checkpoint_path(self.run_dir, "params", step), self.state.theta,
+                        {"kind": "params", **{k: meta[k] for k in
+                                              ("version", "gen_id", "optimizer", "seed")}})
+        return save_checkpoint(checkpoint_path(self.run_dir, "full", step),
+                               {"theta": self.state.theta, "opt_state": self.state.opt_state},
+                               {"kind": "full", **meta})
+
+    def restore(self, path: str | Path | None = None) -> bool:
+        """Resume from ``path`` or the newest full checkpoint of the run dir; False if none.
+
+        Raises :class:`~l2o.checkpoints.CheckpointError` for a damaged file, leaving the trainer as
+        it was.
+        """
+        path = Path(path) if path is not None else latest_checkpoint(self.run_dir, "full")
+        if path is None:
+            return False
+        target = {"theta": self.state.theta, "opt_state": self.state.opt_state}
+        tree, meta = load_checkpoint(path, target)
+        step = int(meta["version"])
+        worker_path = checkpoint_path(self.run_dir, "worker", step)
+        worker_state = self.worker_state
+        if worker_path.exists():
+            worker_state, _ = load_checkpoint(worker_path, self.worker_state)
+        else:  # a run dir written by the service: fresh inner problems
+            worker_state = self.estimator.init_worker_state(
+                tree["theta"], worker_init_key(self.cfg.seed, 0))
+        to_jnp = lambda t: jax.tree_util.tree_map(jnp.asarray, t)
+        self.state = MetaState(theta=to_jnp(tree["theta"]), opt_state=to_jnp(tree["opt_state"]),
+                               version=jnp.asarray(step, jnp.int32))
+        self.worker_state = to_jnp(worker_state)
+        self.history = list(meta.get("history", []))
+        self.skipped_nonfinite = int(meta.get("skipped_nonfinite", 0))
+        self.resumed_from = path
+        return True
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def train(self, num_steps: int | None = None,
+              on_log: Callable[[dict[str, float]], None] | None = None,
+              time_budget_s: float | None = None) -> list[dict[str, float]]:
+        """Run meta-updates until ``num_steps`` (default ``cfg.meta_steps``) have been applied.
+
+        Stops early once ``time_budget_s`` (default ``cfg.time_budget_s``) has elapsed, after
+        writing a checkpoint. Returns the logged history (one entry per ``log_every`` steps).
+        """
+        cfg = self.cfg
+        total = cfg.meta_steps if num_steps is None else num_steps
+        budget = cfg.time_budget_s if time_budget_s is None else time_budget_s
+        start = time.monotonic()
+        self._last_log = start
+        window: list[dict[str, Any]] = []
+        while self.step < total:
+            key = truncation_key(cfg.seed, 0, self.step)
+            self.state, self.worker_state, metrics = meta_step(
+                self.estimator, self.meta_tx, self.state, self.worker_state, key)
+            window.append(metrics)
+            step = self.step
+            if step % cfg.log_every == 0 or step == total:
+                self._log(window, step, time.monotonic() - start, on_log)
+                window = []
+            if step % cfg.checkpoint_every == 0:
+                self.save()
+            if budget is not None and time.monotonic() - start > budget:
+                break
+        if window:
+            self._log(window, self.step, time.monotonic() - start, on_log)
+        self.save()
+        return self.history
+
+    def _log(self, window: list[dict[str, Any]], step: int, elapsed: float,
+             on_log: Callable[[dict[str, float]], None] | None) -> None:
+        host = jax.device_get(window)
+        finite = [bool(m["grad_finite"]) for m in host]
+        self.skipped_nonfinite += finite.count(False)
+        entry = {"step": step, "elapsed_s": round(elapsed, 3), "truncations": len(host)}
+        for name in ("meta_loss", "inner_loss", "final_inner_loss"):
+            entry[name] = float(np.mean([float(m[name]) for m in host]))
+        now = time.monotonic()
+        inner_steps = sum(int(m["inner_steps"]) for m in host)
+        entry["inner_steps_per_s"] = inner_steps / max(now - self._last_log, 1e-9)
+        self._last_log = now
+        self.history.append(entry)
+        if on_log is not None:
+            on_log(entry)
+
+
+def meta_loss_summary(history: list[dict[str, float]]) -> tuple[float, float]:
+    """``(first, last)`` meta-loss: the first and last logged windows (each a mean)."""
+    if not history:
+        return math.nan, math.nan
+    return float(history[0]["meta_loss"]), float(history[-1]["meta_loss"])
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """Write ``data`` as indented JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
+    tmp.replace(path)
+    return path

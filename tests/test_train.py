@@ -1,0 +1,182 @@
+"""Truncated backprop, the single-machine trainer, checkpoints and configs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from l2o.build import estimator_from_config, learned_optimizer_from_config
+from l2o.checkpoints import (
+    CheckpointError,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from l2o.config import ConfigError, EstimatorConfig, OptimizerConfig, config_from_dict, load_config
+from l2o.tasks.quadratic import QuadraticFamily
+from l2o.train import Trainer
+
+
+def quadratic_config(tmp_path, **overrides):
+    base = {
+        "run_name": "t",
+        "run_dir": str(tmp_path),
+        "seed": 3,
+        "meta_steps": 8,
+        "log_every": 2,
+        "checkpoint_every": 4,
+        "task": {"name": "quadratic", "kwargs": {"dim": 4}},
+        "optimizer": {"name": "lstm"},
+        "estimator": {"num_tasks": 4, "unroll_length": 5, "num_steps": 20},
+        "meta_optimizer": {"learning_rate": 3e-3},
+    }
+    base.update(overrides)
+    return config_from_dict(base)
+
+
+@pytest.mark.parametrize("opt_name", ["learned_adam", "lstm"])
+def test_tbptt_gradient_matches_finite_differences(opt_name):
+    """With second derivatives on, TBPTT is the exact gradient of the truncation's meta-loss."""
+    lopt = learned_optimizer_from_config(OptimizerConfig(name=opt_name))
+    est = estimator_from_config(
+        EstimatorConfig(num_tasks=2, unroll_length=4, num_steps=10, second_derivatives=True),
+        QuadraticFamily(dim=3), lopt)
+    with jax.enable_x64(True):
+        to64 = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), t)
+        theta = to64(lopt.init(jax.random.PRNGKey(0)))
+        states = to64(est.init_worker_state(theta, jax.random.PRNGKey(1)))
+        key = jax.random.PRNGKey(2)
+        loss = lambda th: est.meta_loss(th, states, key)[0]
+        grad = jax.grad(loss)(theta)
+        leaves, treedef = jax.tree_util.tree_flatten(theta)
+        rng = np.random.default_rng(0)
+        direction = treedef.unflatten([jnp.asarray(rng.normal(size=x.shape)) for x in leaves])
+        eps = 1e-5
+        shift = lambda s: jax.tree_util.tree_map(lambda t, d: t + s * eps * d, theta, direction)
+        fd = (loss(shift(1.0)) - loss(shift(-1.0))) / (2 * eps)
+        analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grad),
+                                                       jax.tree_util.tree_leaves(direction)))
+        assert abs(float(analytic)) > 1e-8
+        np.testing.assert_allclose(float(analytic), float(fd), rtol=1e-4, atol=1e-8)
+
+
+def test_inner_gradients_are_constants_without_second_derivatives():
+    """Without second derivatives the estimate differs from the exact derivative."""
+    lopt = learned_optimizer_from_config(OptimizerConfig(name="learned_adam"))
+    family = QuadraticFamily(dim=3)
+    grads = []
+    for second in (False, True):
+        est = estimator_from_config(EstimatorConfig(num_tasks=2, unroll_length=4, num_steps=10,
+                                                    second_derivatives=second), family, lopt)
+        theta = lopt.init(jax.random.PRNGKey(0))
+        states = est.init_worker_state(theta, jax.random.PRNGKey(1))
+        g, _, _ = est.compute_gradient_estimate(theta, states, jax.random.PRNGKey(2))
+        grads.append(np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)]))
+    assert np.all(np.isfinite(grads[0])) and np.all(np.isfinite(grads[1]))
+    assert not np.allclose(grads[0], grads[1])
+
+
+def test_inner_problems_reset_at_horizon():
+    lopt = learned_optimizer_from_config(OptimizerConfig(name="learned_adam"))
+    est = estimator_from_config(EstimatorConfig(num_tasks=3, unroll_length=4, num_steps=6),
+                                QuadraticFamily(dim=3), lopt)
+    theta = lopt.init(jax.random.PRNGKey(0))
+    ws = est.init_worker_state(theta, jax.random.PRNGKey(1))
+    steps, resets = [], []
+    for i in range(3):
+        _, ws, metrics = est.compute_gradient_estimate(theta, ws, jax.random.PRNGKey(10 + i))
+        steps.append(np.asarray(ws.step))
+        resets.append(int(metrics["resets"]))
+    # 4 steps, then 2 more + reset + 2 (step 2), then 4 more (step 6)
+    assert [s.tolist() for s in steps] == [[4] * 3, [2] * 3, [6] * 3]
+    assert resets == [0, 3, 0]
+
+
+def test_checkpoint_round_trip(tmp_path):
+    tree = {"a": jnp.arange(5.0), "b": [jnp.ones((2, 3)), jnp.zeros((), jnp.int32)]}
+    path = save_checkpoint(tmp_path / "x.ckpt", tree, {"version": 7, "note": "hi"})
+    loaded, meta = load_checkpoint(path, tree)
+    assert meta == {"version": 7, "note": "hi"}
+    for want, got in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(want), got)
+
+
+def test_damaged_checkpoints_give_clear_errors(tmp_path):
+    tree = {"a": jnp.arange(1000.0)}
+    path = save_checkpoint(tmp_path / "x.ckpt", tree, {"version": 1})
+    good = path.read_bytes()
+    (tmp_path / "trunc.ckpt").write_bytes(good[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(tmp_path / "trunc.ckpt", tree)
+    bad = bytearray(good)
+    bad[-50] ^= 0xFF
+    (tmp_path / "bad.ckpt").write_bytes(bytes(bad))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(tmp_path / "bad.ckpt", tree)
+    (tmp_path / "junk.ckpt").write_bytes(b"hello")
+    with pytest.raises(CheckpointError, match="not an l2o checkpoint"):
+        load_checkpoint(tmp_path / "junk.ckpt")
+    with pytest.raises(CheckpointError, match="shape"):
+        load_checkpoint(path, {"a": jnp.zeros(3)})
+    assert path.read_bytes() == good  # reading never touches the file
+
+
+def test_resume_matches_straight_run(tmp_path):
+    straight = Trainer(quadratic_config(tmp_path / "a"))
+    straight.train()
+    half = Trainer(quadratic_config(tmp_path / "b"))
+    half.train(num_steps=4)
+    resumed = Trainer(quadratic_config(tmp_path / "b"))
+    assert resumed.restore()
+    assert resumed.step == 4
+    resumed.train()
+    assert resumed.step == straight.step == 8
+    for a, b in zip(jax.tree_util.tree_leaves(straight.state.theta),
+                    jax.tree_util.tree_leaves(resumed.state.theta)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_corrupted_checkpoint_leaves_trainer_untouched(tmp_path):
+    cfg = quadratic_config(tmp_path)
+    trainer = Trainer(cfg)
+    trainer.train(num_steps=4)
+    path = latest_checkpoint(trainer.run_dir, "full")
+    assert path == checkpoint_path(trainer.run_dir, "full", 4)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    fresh = Trainer(cfg)
+    before = jax.tree_util.tree_leaves(fresh.state.theta)
+    with pytest.raises(CheckpointError, match="truncated"):
+        fresh.restore()
+    assert fresh.step == 0
+    for a, b in zip(before, jax.tree_util.tree_leaves(fresh.state.theta)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_meta_training_lowers_meta_loss_on_quadratics(tmp_path):
+    cfg = quadratic_config(
+        tmp_path, meta_steps=300, log_every=50, checkpoint_every=1000,
+        task={"name": "quadratic", "kwargs": {"dim": 10}},
+        estimator={"num_tasks": 16, "unroll_length": 10, "num_steps": 50},
+        meta_optimizer={"learning_rate": 1e-2},
+    )
+    history = Trainer(cfg).train()
+    first, last = history[0]["meta_loss"], history[-1]["meta_loss"]
+    assert np.isfinite(last)
+    assert last < 0.7 * first, (first, last)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"estimator\.unroll_length"):
+        config_from_dict({"estimator": {"unroll_length": "twenty"}})
+    with pytest.raises(ConfigError, match=r"meta_optimizer\.learning_rat"):
+        config_from_dict({"meta_optimizer": {"learning_rat": 0.1}})
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 1\nbogus_field: 2\n")
+    with pytest.raises(ConfigError, match="bogus_field"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")

@@ -50,45 +50,56 @@ class OptaxOptimizer(Optimizer):
         return self._name
 
 
+_OPTAX_MAKERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adam": optax.adam,
+    "sgd": optax.sgd,
+    "rmsprop": optax.rmsprop,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class OptaxLearnedOptimizer(LearnedOptimizer):
-    """A fixed optax optimizer seen as a learned optimizer with empty θ."""
+    """A fixed optax optimizer seen as a learned optimizer with empty θ.
 
-    make_tx: Callable[[], optax.GradientTransformation]
-    label: str = "optax"
+    ``kind`` names an optax constructor (``adam``, ``sgd``, ``rmsprop``) and ``hyperparams`` its
+    keyword arguments as sorted ``(name, value)`` pairs, so equal optimizers are equal and hash
+    alike: jitted code that takes one as static configuration compiles once.
+    """
+
+    kind: str
+    hyperparams: tuple[tuple[str, float | None], ...] = ()
 
     def init(self, key: PRNGKey) -> MetaParams:
         return {}
 
     def opt_fn(self, theta: MetaParams, is_training: bool = False) -> Optimizer:
-        return OptaxOptimizer(self.make_tx(), self.label)
+        return OptaxOptimizer(_OPTAX_MAKERS[self.kind](**dict(self.hyperparams)), self.name)
 
     @property
     def name(self) -> str:
-        return self.label
+        lr = dict(self.hyperparams).get("learning_rate")
+        return f"{self.kind}(lr={lr:g})" if lr is not None else self.kind
+
+
+def _baseline(kind: str, **hyperparams: float | None) -> OptaxLearnedOptimizer:
+    return OptaxLearnedOptimizer(kind, tuple(sorted(hyperparams.items())))
 
 
 def adam(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
          eps: float = 1e-8) -> OptaxLearnedOptimizer:
     """Adam with fixed hyperparameters."""
-    return OptaxLearnedOptimizer(
-        lambda: optax.adam(learning_rate, b1=b1, b2=b2, eps=eps), f"adam(lr={learning_rate:g})"
-    )
+    return _baseline("adam", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
 def sgd(learning_rate: float = 1e-2, momentum: float | None = None) -> OptaxLearnedOptimizer:
     """SGD, with optional heavy-ball momentum."""
-    return OptaxLearnedOptimizer(
-        lambda: optax.sgd(learning_rate, momentum=momentum), f"sgd(lr={learning_rate:g})"
-    )
+    return _baseline("sgd", learning_rate=learning_rate, momentum=momentum)
 
 
 def rmsprop(learning_rate: float = 1e-3, decay: float = 0.9,
             eps: float = 1e-8) -> OptaxLearnedOptimizer:
     """RMSProp."""
-    return OptaxLearnedOptimizer(
-        lambda: optax.rmsprop(learning_rate, decay=decay, eps=eps), f"rmsprop(lr={learning_rate:g})"
-    )
+    return _baseline("rmsprop", learning_rate=learning_rate, decay=decay, eps=eps)
 
 
 BASELINES: dict[str, Callable[..., OptaxLearnedOptimizer]] = {

@@ -1,0 +1,40 @@
+"""Learned and hand-designed optimizers by name, as used by configs and the CLI.
+
+``make_learned_optimizer("lstm", layers=[20, 20])`` builds L2L's LSTM optimizer;
+``"learned_adam"`` is Adam with learned hyperparameters; ``"adam"``, ``"sgd"`` and ``"rmsprop"``
+are the fixed optax baselines (θ = ``{}``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from l2o.optimizers.base import LearnedOptimizer
+from l2o.optimizers.baselines import BASELINES
+from l2o.optimizers.learned_adam import LearnedAdam
+from l2o.optimizers.lstm import LSTMLearnedOptimizer
+
+#: Constructors of every known optimizer; keyword arguments are their settings.
+OPTIMIZERS: dict[str, Callable[..., LearnedOptimizer]] = {
+    "lstm": LSTMLearnedOptimizer,
+    "learned_adam": LearnedAdam,
+    **BASELINES,
+}
+
+
+def make_learned_optimizer(name: str, **kwargs: Any) -> LearnedOptimizer:
+    """The optimizer registered as ``name``, built with ``kwargs``.
+
+    Raises ``ValueError`` for an unknown name (listing the known ones) and ``TypeError`` naming the
+    optimizer for keyword arguments it does not accept.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
+    ctor = OPTIMIZERS[name]
+    try:
+        inspect.signature(ctor).bind(**kwargs)
+    except TypeError as e:
+        raise TypeError(f"bad arguments for optimizer {name!r}: {e}") from None
+    return ctor(**kwargs)

@@ -1,0 +1,644 @@
+"""The learner: θ, the optax meta-optimizer state, the version counter and the gradient buffer.
+
+Pure Python/JAX, no network I/O: ``services.learner_server`` wraps it in gRPC. Gradients come in
+through :meth:`Learner.submit` (thread-safe; the gRPC thread pool calls it concurrently) and are
+validated, deduplicated and checked against the staleness policy before they enter a bounded buffer.
+A background applier thread takes ``batch_size`` gradients at a time, averages them, applies the
+optax update and increments the version. Nothing that is rejected ever touches θ or the optimizer
+state.
+
+Policies (see ``design.md``):
+
+- **validation** — tree structure (WRONG_TREE), shapes (WRONG_SHAPE), dtype equal to θ's, float32
+  (WRONG_DTYPE), all finite (NAN_OR_INF), total size ≤ ``max_message_bytes`` (TOO_LARGE);
+- **run and generation** — ``run_id`` must be the learner's (WRONG_RUN), ``gen_id`` its current
+  generation (STALE_GENERATION);
+- **staleness** — dropped (STALE) when ``version − theta_version > max_staleness``, both on arrival
+  and again when the batch is applied; a ``theta_version`` ahead of the learner (a learner restarted
+  from an older checkpoint) is STALE too;
+- **dedup** — a ``(worker_id, seq)`` seen before is DUPLICATE; the table (per worker: highest seq
+  and the seqs seen within :data:`DEDUP_WINDOW` below it) is saved in every full checkpoint;
+- **backpressure** — when the buffer holds ``buffer_size`` gradients, ``block`` makes ``submit``
+  wait up to ``block_timeout_s`` (then BUFFER_FULL) and ``drop_oldest`` evicts the oldest one.
+
+Checkpoints: every ``checkpoint_every`` updates and on :meth:`Learner.save_checkpoint`, a full
+checkpoint (θ, optimizer state, version, gen id, counters, dedup table, config) and a params
+checkpoint (θ, version, gen id), then ``on_params_checkpoint(path, version)``.
+:meth:`Learner.resume` starts from the newest full checkpoint of a run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from l2o.checkpoints import (
+    CheckpointError,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from l2o.config import ServiceConfig
+from services.wire import ALIGN, Reason, aligned_empty
+
+log = logging.getLogger(__name__)
+
+#: How far below a worker's highest seq individual seqs are remembered; older ones are DUPLICATE.
+DEDUP_WINDOW = 4096
+
+
+@dataclass(frozen=True)
+class GradientHeader:
+    """What a worker stamps on a meta-gradient."""
+
+    run_id: str
+    theta_version: int
+    gen_id: int
+    worker_id: str
+    seq: int
+    estimator: str = ""
+    inner_steps: int = 0
+    mean_inner_loss: float = math.nan
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """The learner's answer to a gradient: accepted, or rejected with a reason (like ``Ack``)."""
+
+    accepted: bool
+    reason: Reason
+    detail: str
+    version: int
+
+
+@dataclass
+class _Pending:
+    grad: Any
+    header: GradientHeader
+
+
+@dataclass
+class _SeqWindow:
+    """The seqs seen from one worker: its high-water mark and the recent seqs below it."""
+
+    high: int = -1
+    recent: set[int] = field(default_factory=set)
+
+    def seen(self, seq: int) -> bool:
+        return seq in self.recent or seq <= self.high - DEDUP_WINDOW
+
+    def add(self, seq: int) -> None:
+        self.recent.add(seq)
+        if seq > self.high:
+            self.high = seq
+            floor = self.high - DEDUP_WINDOW
+            if len(self.recent) > 2 * DEDUP_WINDOW:
+                self.recent = {s for s in self.recent if s > floor}
+
+    def to_json(self) -> list:
+        floor = self.high - DEDUP_WINDOW
+        return [self.high, sorted(s for s in self.recent if s > floor)]
+
+    @classmethod
+    def from_json(cls, data: Any) -> _SeqWindow:
+        high, recent = data
+        return cls(high=int(high), recent={int(s) for s in recent})
+
+
+_COUNTERS = ("accepted", "applied", "dropped_stale", "dropped_oldest", "rejected", "duplicate",
+             "failed_updates")
+
+
+def _make_update(tx: optax.GradientTransformation) -> Callable:
+    @jax.jit
+    def update(theta: Any, opt_state: Any, grad: Any) -> tuple[Any, Any, jax.Array]:
+        updates, new_state = tx.update(grad, opt_state, theta)
+        new_theta = optax.apply_updates(theta, updates)
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
+                                    for x in jax.tree_util.tree_leaves(new_theta)]))
+        return new_theta, new_state, finite
+
+    return update
+
+
+def _aligned(x: np.ndarray) -> np.ndarray:
+    if x.ctypes.data % ALIGN == 0 and x.flags.c_contiguous:
+        return x
+    out = aligned_empty(x.nbytes).view(x.dtype).reshape(x.shape)
+    np.copyto(out, x)
+    return out
+
+
+def to_device(tree: Any) -> Any:
+    """``tree``'s numpy arrays as JAX arrays, sharing memory where XLA allows (64-byte aligned).
+
+    The arrays must not be modified afterwards.
+    """
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(_aligned(np.asarray(x)), may_alias=True), tree)
+
+
+def mean_of(grads: list[Any]) -> Any:
+    """The elementwise mean of a list of gradient trees (numpy, summed in order, then ÷ n)."""
+    if len(grads) == 1:
+        return grads[0]
+
+    def mean(*xs: np.ndarray) -> np.ndarray:
+        acc = aligned_empty(xs[0].nbytes).view(xs[0].dtype).reshape(xs[0].shape)
+        np.add(xs[0], xs[1], out=acc)
+        for x in xs[2:]:
+            np.add(acc, x, out=acc)
+        acc /= np.asarray(len(xs), acc.dtype)
+        return acc
+
+    return jax.tree_util.tree_map(mean, *grads)
+
+
+class Learner:
+    """θ and its meta-optimizer, fed by validated, deduplicated, staleness-checked gradients.
+
+    Args:
+        theta: the initial θ (a pytree of float32 arrays); its structure is the template every
+            gradient is checked against.
+        meta_optimizer: the optax transformation applied to θ.
+        config: the service policies (``batch_size``, ``max_staleness``, ``buffer_size``,
+            ``backpressure``, ``max_message_bytes``).
+        run_dir: where checkpoints (``checkpoints/``) and TensorBoard logs (``tensorboard/``) go.
+        run_id: the run this learner serves; gradients of other runs are WRONG_RUN.
+        checkpoint_every: write checkpoints every this many updates.
+        on_params_checkpoint: called as ``f(path, version)`` after each params checkpoint.
+        extra_metadata: merged into both checkpoints' metadata (e.g. ``optimizer``, ``seed``).
+        opt_state: the meta-optimizer state (default: ``meta_optimizer.init(theta)``).
+        version, gen_id: where the counters start.
+        block_timeout_s: how long ``submit`` waits for room under ``backpressure="block"``.
+        tensorboard: write per-update metrics to ``run_dir/tensorboard``.
+        start: start the applier thread now (else call :meth:`start`, or :meth:`step` by hand).
+    """
+
+    def __init__(
+        self,
+        theta: Any,
+        meta_optimizer: optax.GradientTransformation,
+        config: ServiceConfig,
+        run_dir: str | Path,
+        run_id: str,
+        checkpoint_every: int = 100,
+        on_params_checkpoint: Callable[[Path, int], None] | None = None,
+        extra_metadata: dict | None = None,
+        *,
+        opt_state: Any = None,
+        version: int = 0,
+        gen_id: int = 0,
+        block_timeout_s: float = 30.0,
+        tensorboard: bool = True,
+        start: bool = True,
+    ):
+        if config.buffer_size < config.batch_size:
+            raise ValueError(f"buffer_size ({config.buffer_size}) must be at least batch_size "
+                             f"({config.batch_size})")
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}")
+        self.theta = jax.tree_util.tree_map(jnp.asarray, theta)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(self.theta)[0]:
+            if leaf.dtype != jnp.float32:
+                raise ValueError(f"θ leaf {jax.tree_util.keystr(path)} is {leaf.dtype}, "
+                                 "expected float32")
+        self.meta_optimizer = meta_optimizer
+        self.opt_state = meta_optimizer.init(self.theta) if opt_state is None else opt_state
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.run_id = run_id
+        self.checkpoint_every = checkpoint_every
+        self.on_params_checkpoint = on_params_checkpoint
+        self.extra_metadata = dict(extra_metadata or {})
+        self.version = int(version)
+        self.gen_id = int(gen_id)
+        self.block_timeout_s = block_timeout_s
+        self.resumed_from: Path | None = None
+
+        self._treedef = jax.tree_util.tree_structure(self.theta)
+        self._shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(self.theta)]
+        self._dtypes = [np.dtype(x.dtype) for x in jax.tree_util.tree_leaves(self.theta)]
+        self._update = _make_update(meta_optimizer)
+
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # buffer/version changes
+        self._apply_lock = threading.Lock()  # one θ mutator at a time
+        self._ckpt_lock = threading.Lock()
+        self._buffer: deque[_Pending] = deque()
+        self._seen: dict[str, _SeqWindow] = {}
+        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self.updates = 0
+        self.rejected_by_reason: dict[str, int] = {}
+        self._arrivals: deque[float] = deque(maxlen=1024)
+        self.last_metrics: dict[str, float] = {
+            "staleness_mean": 0.0, "staleness_max": 0, "meta_loss": math.nan,
+        }
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._writer: Any = None
+        self._tensorboard = tensorboard
+        if start:
+            self.start()
+
+    # --- construction from a run directory ------------------------------------------------------
+
+    @classmethod
+    def resume(
+        cls,
+        theta: Any,
+        meta_optimizer: optax.GradientTransformation,
+        config: ServiceConfig,
+        run_dir: str | Path,
+        run_id: str,
+        checkpoint_every: int = 100,
+        on_params_checkpoint: Callable[[Path, int], None] | None = None,
+        extra_metadata: dict | None = None,
+        **kwargs: Any,
+    ) -> Learner:
+        """A learner resumed from the newest full checkpoint in ``run_dir``, or a fresh one.
+
+        ``theta`` is the template (and the starting θ when there is no checkpoint). Raises
+        :class:`~l2o.checkpoints.CheckpointError` for a damaged checkpoint, one of another run,
+        or one whose θ does not match the template.
+        """
+        path = latest_checkpoint(run_dir, "full")
+        if path is None:
+            return cls(theta, meta_optimizer, config, run_dir, run_id, checkpoint_every,
+                       on_params_checkpoint, extra_metadata, **kwargs)
+        target = {"theta": theta, "opt_state": meta_optimizer.init(theta)}
+        tree, meta = load_checkpoint(path, target)
+        if meta.get("kind") != "full":
+            raise CheckpointError(f"checkpoint {path} is not a full checkpoint")
+        if meta.get("run_id", run_id) != run_id:
+            raise CheckpointError(f"checkpoint {path} belongs to run {meta['run_id']!r}, "
+                                  f"not {run_id!r}")
+        start = kwargs.pop("start", True)
+        learner = cls(
+            tree["theta"], meta_optimizer, config, run_dir, run_id, checkpoint_every,
+            on_params_checkpoint, extra_metadata,
+            opt_state=jax.tree_util.tree_map(jnp.asarray, tree["opt_state"]),
+            version=int(meta["version"]), gen_id=int(meta.get("gen_id", 0)), start=False, **kwargs,
+        )
+        learner._restore_tables(meta)
+        learner.resumed_from = path
+        log.info("learner resumed from %s at version %d", path, learner.version)
+        if start:
+            learner.start()
+        return learner
+
+    def _restore_tables(self, meta: dict) -> None:
+        for k, v in (meta.get("counters") or {}).items():
+            if k in self.counters:
+                self.counters[k] = int(v)
+        self.updates = int(meta.get("updates", self.updates))
+        self.rejected_by_reason = {str(k): int(v)
+                                   for k, v in (meta.get("rejected_by_reason") or {}).items()}
+        self._seen = {str(w): _SeqWindow.from_json(d) for w, d in (meta.get("dedup") or {}).items()}
+
+    # --- the applier thread ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background thread that applies a meta-update per ``batch_size`` gradients."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="learner-applier", daemon=True)
+        self._thread.start()
+
+    def stop(self, checkpoint: bool = True, timeout: float | None = 60.0) -> None:
+        """Stop the applier (finishing an update in progress), optionally checkpoint, close logs."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if checkpoint:
+            self.save_checkpoint()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._stopping and len(self._buffer) < self.config.batch_size:
+                    self._changed.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # keep serving; the batch is lost, θ untouched
+                log.exception("meta-update failed")
+
+    def step(self) -> bool:
+        """Apply one meta-update if ``batch_size`` fresh gradients are buffered; whether it did.
+
+        Gradients that went stale while buffered are dropped (counted) first. θ and the optimizer
+        state change only if the update succeeds and the new θ is finite.
+        """
+        with self._apply_lock:
+            batch = self._take_batch()
+            if batch is None:
+                return False
+            try:
+                grad = to_device(mean_of([p.grad for p in batch]))
+                new_theta, new_state, finite = self._update(self.theta, self.opt_state, grad)
+                ok = bool(finite)
+            except Exception:
+                with self._lock:
+                    self.counters["failed_updates"] += 1
+                raise
+            if not ok:
+                with self._lock:
+                    self.counters["failed_updates"] += 1
+                log.warning("meta-update produced a non-finite θ; batch discarded")
+                return False
+            staleness = [self.version - p.header.theta_version for p in batch]
+            losses = [p.header.mean_inner_loss for p in batch
+                      if math.isfinite(p.header.mean_inner_loss)]
+            with self._changed:
+                self.theta, self.opt_state = new_theta, new_state
+                self.version += 1
+                self.updates += 1
+                self.counters["applied"] += len(batch)
+                self.last_metrics = {
+                    "staleness_mean": float(np.mean(staleness)),
+                    "staleness_max": int(max(staleness)),
+                    "meta_loss": float(np.mean(losses)) if losses else math.nan,
+                }
+                self._changed.notify_all()
+                updates = self.updates
+            self._log_metrics()
+        if updates % self.checkpoint_every == 0:
+            self.save_checkpoint()
+        return True
+
+    def _take_batch(self) -> list[_Pending] | None:
+        """The oldest ``batch_size`` fresh gradients, after dropping stale ones; None if too few."""
+        n = self.config.batch_size
+        with self._changed:
+            fresh = [p for p in self._buffer if not self._is_stale(p.header.theta_version)]
+            dropped = len(self._buffer) - len(fresh)
+            if dropped:
+                self.counters["dropped_stale"] += dropped
+                self.rejected_by_reason["STALE"] = self.rejected_by_reason.get("STALE", 0) + dropped
+                self._buffer = deque(fresh)
+            self._changed.notify_all()  # there may be room in the buffer now
+            if len(self._buffer) < n:
+                return None
+            return [self._buffer.popleft() for _ in range(n)]
+
+    def _is_stale(self, theta_version: int) -> bool:
+        lag = self.version - theta_version
+        return lag > self.config.max_staleness or lag < 0
+
+    # --- incoming gradients ----------------------------------------------------------------------
+
+    def _count_rejection(self, reason: Reason) -> None:
+        key = {Reason.STALE: "dropped_stale", Reason.DUPLICATE: "duplicate"}.get(reason,
+                                                                                 "rejected")
+        self.counters[key] += 1
+        self.rejected_by_reason[reason.name] = self.rejected_by_reason.get(reason.name, 0) + 1
+
+    def reject(self, reason: Reason, detail: str) -> SubmitResult:
+        """Count a rejection decided outside :meth:`submit` (e.g. a bad checksum on the wire)."""
+        with self._lock:
+            self._count_rejection(reason)
+            return SubmitResult(False, reason, detail, self.version)
+
+    def _header_problem(self, header: GradientHeader) -> tuple[Reason, str] | None:
+        """What is wrong with ``header`` now (caller holds the lock), or None."""
+        if header.run_id != self.run_id:
+            return Reason.WRONG_RUN, f"run {header.run_id!r}, the learner serves {self.run_id!r}"
+        if header.gen_id != self.gen_id:
+            return (Reason.STALE_GENERATION,
+                    f"gen_id {header.gen_id}, the learner is at generation {self.gen_id}")
+        lag = self.version - header.theta_version
+        if lag > self.config.max_staleness:
+            return (Reason.STALE, f"θ version {header.theta_version} is {lag} behind "
+                                  f"{self.version} (max_staleness {self.config.max_staleness})")
+        if lag < 0:
+            return (Reason.STALE, f"θ version {header.theta_version} is ahead of the learner's "
+                                  f"{self.version} (learner restarted from a checkpoint?)")
+        window = self._seen.get(header.worker_id)
+        if window is not None and window.seen(header.seq):
+            return Reason.DUPLICATE, f"(worker {header.worker_id!r}, seq {header.seq}) seen before"
+        return None
+
+    def precheck(self, header: GradientHeader, nbytes: int) -> SubmitResult | None:
+        """Reject early from the header alone (before the tensor bytes arrive); None if it may pass.
+
+        Rejections are counted. A gradient that passes must still go through :meth:`submit`.
+        """
+        with self._lock:
+            problem = self._header_problem(header)
+            if problem is None and nbytes > self.config.max_message_bytes:
+                problem = (Reason.TOO_LARGE, f"{nbytes} bytes exceed max_message_bytes "
+                                             f"{self.config.max_message_bytes}")
+            if problem is None:
+                return None
+            self._count_rejection(problem[0])
+            return SubmitResult(False, problem[0], problem[1], self.version)
+
+    def _validate_tree(self, grad: Any) -> tuple[list[np.ndarray] | None, Reason, str]:
+        if jax.tree_util.tree_structure(grad) != self._treedef:
+            got = jax.tree_util.tree_structure(grad)
+            return None, Reason.WRONG_TREE, f"tree {got} differs from θ's {self._treedef}"
+        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(grad)]
+        paths = None
+        nbytes = 0
+        for i, (x, shape, dtype) in enumerate(zip(leaves, self._shapes, self._dtypes,
+                                                  strict=True)):
+            if x.shape != shape or x.dtype != dtype:
+                paths = paths or [jax.tree_util.keystr(p)
+                                  for p, _ in jax.tree_util.tree_flatten_with_path(grad)[0]]
+                if x.shape != shape:
+                    return None, Reason.WRONG_SHAPE, (f"{paths[i]}: shape {list(x.shape)}, "
+                                                      f"expected {list(shape)}")
+                return None, Reason.WRONG_DTYPE, f"{paths[i]}: dtype {x.dtype}, expected {dtype}"
+            nbytes += x.nbytes
+        if nbytes > self.config.max_message_bytes:
+            return None, Reason.TOO_LARGE, (f"{nbytes} bytes exceed max_message_bytes "
+                                            f"{self.config.max_message_bytes}")
+        for i, x in enumerate(leaves):
+            # a float64 sum of float32 values cannot overflow, so it is finite iff all values are
+            if not np.isfinite(np.add.reduce(x.reshape(-1), dtype=np.float64)):
+                bad = int(np.count_nonzero(~np.isfinite(x)))
+                path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(grad)[0][i][0])
+                return None, Reason.NAN_OR_INF, f"{path}: {bad} non-finite values"
+        return leaves, Reason.OK, ""
+
+    def submit(self, grad_tree: Any, header: GradientHeader) -> SubmitResult:
+        """Validate ``grad_tree`` and buffer it, or say why not; thread-safe.
+
+        The gradient's arrays are kept (not copied) until applied: do not modify them afterwards.
+        """
+        leaves, reason, detail = self._validate_tree(grad_tree)
+        if leaves is None:
+            return self.reject(reason, detail)
+        grad = jax.tree_util.tree_unflatten(self._treedef, leaves)
+        deadline = time.monotonic() + self.block_timeout_s
+        with self._changed:
+            while True:
+                problem = self._header_problem(header)
+                if problem is not None:
+                    self._count_rejection(problem[0])
+                    return SubmitResult(False, problem[0], problem[1], self.version)
+                if len(self._buffer) < self.config.buffer_size:
+                    break
+                if self.config.backpressure == "drop_oldest":
+                    self._buffer.popleft()
+                    self.counters["dropped_oldest"] += 1
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    self._count_rejection(Reason.BUFFER_FULL)
+                    why = "learner is stopping" if self._stopping else (
+                        f"buffer full ({self.config.buffer_size}) for {self.block_timeout_s} s")
+                    return SubmitResult(False, Reason.BUFFER_FULL, why, self.version)
+                self._changed.wait(remaining)
+            self._buffer.append(_Pending(grad, header))
+            self._seen.setdefault(header.worker_id, _SeqWindow()).add(header.seq)
+            self.counters["accepted"] += 1
+            self._arrivals.append(time.monotonic())
+            self._changed.notify_all()
+            return SubmitResult(True, Reason.OK, "", self.version)
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def theta_at(self) -> tuple[int, Any]:
+        """``(version, θ)``: the current θ and its version, consistent with each other."""
+        with self._lock:
+            return self.version, self.theta
+
+    def snapshot(self) -> tuple[int, int, Any]:
+        """``(version, gen_id, θ)``, consistent with each other."""
+        with self._lock:
+            return self.version, self.gen_id, self.theta
+
+    def wait_for_version(self, version: int, timeout: float | None = None) -> bool:
+        """Block until the version is at least ``version``; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.version >= version, timeout)
+
+    def _rate(self) -> float:
+        now = time.monotonic()
+        recent = [t for t in self._arrivals if now - t <= 30.0]
+        if not recent:
+            return 0.0
+        span = max(now - recent[0], 1e-3)
+        return len(recent) / span
+
+    def status(self) -> dict[str, Any]:
+        """The learner's current figures (version, counts, buffer depth, latest update metrics)."""
+        with self._lock:
+            return {
+                "run_id": self.run_id,
+                "version": self.version,
+                "gen_id": self.gen_id,
+                "updates": self.updates,
+                "buffer_depth": len(self._buffer),
+                **self.counters,
+                "rejected_by_reason": dict(self.rejected_by_reason),
+                "unique_workers": len(self._seen),
+                "worker_last_seq": {w: s.high for w, s in self._seen.items()},
+                "gradients_per_second": self._rate(),
+                "staleness_mean": self.last_metrics["staleness_mean"],
+                "staleness_max": self.last_metrics["staleness_max"],
+                "last_meta_loss": self.last_metrics["meta_loss"],
+            }
+
+    def _log_metrics(self) -> None:
+        if not self._tensorboard:
+            return
+        try:
+            if self._writer is None:
+                from tensorboardX import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), flush_secs=10)
+            s = self.status()
+            step = s["version"]
+            for key in ("staleness_mean", "staleness_max", "buffer_depth", "accepted", "applied",
+                        "dropped_stale", "dropped_oldest", "rejected", "duplicate",
+                        "unique_workers", "gradients_per_second", "last_meta_loss"):
+                if math.isfinite(s[key]):
+                    self._writer.add_scalar(f"learner/{key}", s[key], step)
+        except Exception:  # metrics must never stop training
+            log.exception("could not write TensorBoard metrics; turning them off")
+            self._tensorboard = False
+
+    # --- population exploit ----------------------------------------------------------------
+
+    def new_generation(self, theta: Any, opt_state: Any = None) -> int:
+        """Replace θ (e.g. a PBT exploit): gen_id and version advance, the buffer is dropped.
+
+        ``opt_state`` defaults to a fresh ``meta_optimizer.init(theta)``. Returns the new gen_id.
+        """
+        theta = jax.tree_util.tree_map(jnp.asarray, theta)
+        leaves, reason, detail = self._validate_tree(theta)
+        if leaves is None:
+            raise ValueError(f"new θ does not match the current one: {reason.name}: {detail}")
+        opt_state = self.meta_optimizer.init(theta) if opt_state is None else opt_state
+        with self._apply_lock, self._changed:
+            self.counters["dropped_stale"] += len(self._buffer)
+            self._buffer.clear()
+            self.theta, self.opt_state = theta, opt_state
+            self.gen_id += 1
+            self.version += 1
+            self._changed.notify_all()
+            return self.gen_id
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> tuple[Path, Path]:
+        """Write a full and a params checkpoint of the current state; ``(full, params)`` paths.
+
+        Then calls ``on_params_checkpoint(params_path, version)`` (errors there are logged), once
+        per version: rewriting the checkpoints of a version already saved (e.g. on SIGTERM right
+        after a periodic checkpoint) does not call it again.
+        """
+        with self._ckpt_lock:
+            with self._lock:
+                theta, opt_state = self.theta, self.opt_state
+                version, gen_id = self.version, self.gen_id
+                meta = {
+                    **self.extra_metadata,
+                    "run_id": self.run_id,
+                    "version": version,
+                    "gen_id": gen_id,
+                    "updates": self.updates,
+                    "counters": dict(self.counters),
+                    "rejected_by_reason": dict(self.rejected_by_reason),
+                    "dedup": {w: s.to_json() for w, s in self._seen.items()},
+                    "service": self.config.model_dump(mode="json"),
+                    "saved_at": time.time(),
+                }
+            full = save_checkpoint(checkpoint_path(self.run_dir, "full", version),
+                                   {"theta": theta, "opt_state": opt_state},
+                                   {**meta, "kind": "full"})
+            params_meta = {k: v for k, v in meta.items()
+                           if k not in ("dedup", "counters", "rejected_by_reason")}
+            params_path = checkpoint_path(self.run_dir, "params", version)
+            new_version = not params_path.exists()
+            params = save_checkpoint(params_path, theta, {**params_meta, "kind": "params"})
+        if self.on_params_checkpoint is not None and new_version:
+            try:
+                self.on_params_checkpoint(params, version)
+            except Exception:
+                log.exception("on_params_checkpoint(%s, %d) failed", params, version)
+        return full, params

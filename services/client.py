@@ -1,0 +1,298 @@
+"""The worker's side of the learner service: fetch θ, push gradients, read status.
+
+:class:`LearnerClient` reconnects by itself: a call that finds the learner ``UNAVAILABLE`` is
+retried with jittered exponential backoff for up to ``max_wait_s`` seconds, rediscovering the
+address through ``resolve_address`` (e.g. a registry lookup) before each retry, so a worker survives
+a learner restart at the same or a new address. A pushed gradient that is retried may already have
+been taken the first time; the learner then answers DUPLICATE, which means it is in.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto import l2o_pb2
+from services.auth import auth_metadata, channel_credentials
+from services.learner_server import (
+    FETCH_THETA,
+    GRPC_OPTIONS,
+    PUSH_GRADIENT,
+    PUSH_SMALL_GRADIENT,
+    SERVICE_NAME,
+    STATUS,
+    frame_gradient_chunk,
+    parse_theta_chunk,
+)
+from services.wire import (
+    DEFAULT_CHUNK_BYTES,
+    ByteAssembler,
+    Reason,
+    WireError,
+    flatten_tree,
+    iter_chunk_views,
+    manifest_from_proto,
+    manifest_to_proto,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class LearnerRpcError(RuntimeError):
+    """The learner refused a call (other than by being unavailable)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class LearnerAuthError(LearnerRpcError):
+    """The learner refused the bearer token (UNAUTHENTICATED)."""
+
+
+class LearnerUnavailable(ConnectionError):
+    """The learner could not be reached within the client's ``max_wait_s``."""
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """θ as fetched: its version and generation, and the tree (None when unchanged)."""
+
+    version: int
+    gen_id: int
+    theta: Any | None
+
+
+def reason_name(ack: l2o_pb2.Ack) -> str:
+    """The name of an ``Ack``'s reason (``"OK"``, ``"STALE"``, …)."""
+    return Reason(ack.reason).name
+
+
+class LearnerClient:
+    """A connection to one run's learner.
+
+    Args:
+        address: ``host:port`` of the learner.
+        token: the bearer token (None: send none).
+        run_id: the run; θ and gradients of other runs are refused.
+        root_cert: PEM file of the root certificate to trust; given, the channel uses TLS.
+        resolve_address: called before each reconnect for the learner's current address.
+        max_wait_s: how long a call keeps retrying an unavailable learner before
+            :class:`LearnerUnavailable`.
+        backoff_initial_s, backoff_max_s: the retry delays (doubling, jitter in [½, 1]×).
+        chunk_bytes: the size of the chunks a gradient is cut into.
+        like: template tree for fetched θ (default: nested dicts/lists rebuilt from the paths).
+        rpc_timeout_s: a deadline for each call (default none); a call that exceeds it is retried
+            like an unavailable learner.
+
+    Calls that fail with UNAVAILABLE (or CANCELLED, as when the learner shuts down mid-call)
+    are retried. A client may be shared by threads, but a reconnect replaces its channel: give
+    each thread its own client when the learner may restart.
+    """
+
+    def __init__(self, address: str, token: str | None, run_id: str,
+                 root_cert: str | None = None, *,
+                 resolve_address: Callable[[], str] | None = None,
+                 max_wait_s: float = 60.0, backoff_initial_s: float = 0.05,
+                 backoff_max_s: float = 2.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 like: Any = None, rpc_timeout_s: float | None = None):
+        self.address = address
+        self.run_id = run_id
+        self.root_cert = root_cert
+        self.resolve_address = resolve_address
+        self.max_wait_s = max_wait_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.chunk_bytes = chunk_bytes
+        self.like = like
+        self.rpc_timeout_s = rpc_timeout_s
+        self._retryable = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+        if rpc_timeout_s is not None:
+            self._retryable.add(grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.last_gen_id = 0
+        self.reconnects = 0
+        self._metadata = auth_metadata(token)
+        self._channel: grpc.Channel | None = None
+        self._connect()
+
+    # --- connection --------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        if self.root_cert is not None:
+            self._channel = grpc.secure_channel(self.address, channel_credentials(self.root_cert),
+                                                options=GRPC_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=GRPC_OPTIONS)
+        ch = self._channel
+        self._fetch = ch.unary_stream(FETCH_THETA,
+                                      request_serializer=l2o_pb2.FetchRequest.SerializeToString,
+                                      response_deserializer=parse_theta_chunk)
+        self._push = ch.stream_unary(PUSH_GRADIENT, request_serializer=None,  # framed bytes
+                                     response_deserializer=l2o_pb2.Ack.FromString)
+        self._push_small = ch.unary_unary(PUSH_SMALL_GRADIENT, request_serializer=None,
+                                          response_deserializer=l2o_pb2.Ack.FromString)
+        self._status = ch.unary_unary(STATUS,
+                                      request_serializer=l2o_pb2.StatusRequest.SerializeToString,
+                                      response_deserializer=l2o_pb2.StatusReply.FromString)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _reconnect(self) -> None:
+        if self.resolve_address is not None:
+            try:
+                new = self.resolve_address()
+                if new and new != self.address:
+                    log.info("learner moved from %s to %s", self.address, new)
+                    self.address = new
+            except Exception:
+                log.exception("resolve_address failed; retrying %s", self.address)
+        self.reconnects += 1
+        self._connect()
+
+    def close(self) -> None:
+        """Close the channel."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def __enter__(self) -> LearnerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        deadline = time.monotonic() + self.max_wait_s
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+                details = e.details() if hasattr(e, "details") else str(e)
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise LearnerAuthError(code, details) from None
+                if code not in self._retryable:
+                    raise LearnerRpcError(code, details) from None
+                delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** attempt)
+                delay *= random.uniform(0.5, 1.0)
+                if time.monotonic() + delay > deadline:
+                    raise LearnerUnavailable(
+                        f"{what}: learner at {self.address} unavailable for "
+                        f"{self.max_wait_s} s ({details})") from None
+                log.debug("%s: learner unavailable (%s); retrying in %.2f s", what, details, delay)
+                time.sleep(delay)
+                attempt += 1
+                self._reconnect()
+
+    # --- calls -------------------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the learner's health check says SERVING; :class:`LearnerUnavailable` after
+        ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                reply = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                           timeout=max(0.05, min(remaining, 5.0)))
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                    grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise LearnerRpcError(e.code(), e.details()) from None
+            delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** attempt)
+            delay *= random.uniform(0.5, 1.0)
+            if time.monotonic() + delay > deadline:
+                raise LearnerUnavailable(f"learner at {self.address} not SERVING after "
+                                         f"{timeout} s")
+            time.sleep(delay)
+            attempt += 1
+            self._reconnect()
+
+    def fetch(self, have_version: int = -1, like: Any = None) -> FetchResult:
+        """θ if the learner's version differs from ``have_version``, else ``theta=None``."""
+        like = self.like if like is None else like
+
+        def call() -> FetchResult:
+            stream = self._fetch(
+                l2o_pb2.FetchRequest(run_id=self.run_id, have_version=have_version),
+                metadata=self._metadata, timeout=self.rpc_timeout_s)
+            first = next(stream, None)
+            if first is None:
+                raise LearnerRpcError(grpc.StatusCode.DATA_LOSS, "empty θ stream")
+            if first.unchanged:
+                stream.cancel()
+                return FetchResult(int(first.version), self.last_gen_id, None)
+            h = first.header
+            if h is None:
+                stream.cancel()
+                raise WireError(Reason.MALFORMED, "the first θ chunk carries no header")
+            asm = ByteAssembler(manifest_from_proto(h.manifest))
+            asm.add(first.data)
+            for chunk in stream:
+                asm.add(chunk.data)
+            return FetchResult(int(h.version), int(h.gen_id), asm.finish(like=like))
+
+        result = self._call(call, "FetchTheta")
+        if result.theta is not None:
+            self.last_gen_id = result.gen_id
+        return result
+
+    def fetch_theta(self, have_version: int = -1) -> tuple[int, Any | None]:
+        """``(version, θ)``, θ None when the learner's version equals ``have_version``."""
+        r = self.fetch(have_version)
+        return r.version, r.theta
+
+    def push_gradient(self, grad_tree: Any, *, theta_version: int, gen_id: int,
+                      worker_id: str | int, seq: int, estimator: str = "",
+                      inner_steps: int = 0, mean_inner_loss: float = float("nan")
+                      ) -> l2o_pb2.Ack:
+        """Stream one gradient; the learner's ``Ack`` (``accepted``, ``reason``, ``detail``,
+        ``version``). A retried push answered DUPLICATE was taken by an earlier attempt."""
+        manifest, views = flatten_tree(grad_tree)
+        header = l2o_pb2.GradientHeader(
+            run_id=self.run_id, theta_version=theta_version, gen_id=gen_id,
+            worker_id=str(worker_id), seq=seq, estimator=estimator, inner_steps=inner_steps,
+            mean_inner_loss=mean_inner_loss, manifest=manifest_to_proto(manifest),
+            total_bytes=sum(s.length for s in manifest)).SerializeToString()
+
+        def chunks() -> Iterator[bytes]:
+            first = True
+            for data in iter_chunk_views(views, self.chunk_bytes):
+                yield frame_gradient_chunk(header if first else None, data)
+                first = False
+            if first:
+                yield frame_gradient_chunk(header, None)
+
+        total = sum(s.length for s in manifest)
+        if total <= self.chunk_bytes:  # one message: a unary call, cheaper than a stream
+            message = next(chunks())
+            return self._call(lambda: self._push_small(message, metadata=self._metadata,
+                                                       timeout=self.rpc_timeout_s),
+                              "PushSmallGradient")
+        return self._call(lambda: self._push(chunks(), metadata=self._metadata,
+                                             timeout=self.rpc_timeout_s), "PushGradient")
+
+    def status(self) -> dict[str, Any]:
+        """The learner's figures as a dict (the fields of ``StatusReply``)."""
+        reply = self._call(lambda: self._status(l2o_pb2.StatusRequest(), metadata=self._metadata,
+                                                timeout=self.rpc_timeout_s), "Status")
+        out: dict[str, Any] = {}
+        for f in reply.DESCRIPTOR.fields:
+            value = getattr(reply, f.name)
+            out[f.name] = dict(value) if f.message_type is not None else value
+        return out

@@ -1,0 +1,230 @@
+"""The learner service: ``python -m services.learner --config FILE`` or a Ray actor, same code.
+
+:class:`LearnerProcess` builds θ (``l2o.build``: the configured learned optimizer's
+``init(theta_key(seed))``) and the meta-optimizer, resumes from the newest full checkpoint in the
+run directory if there is one, and serves it over gRPC (``services.learner_server.serve``).
+
+As a process::
+
+    python -m services.learner --config configs/quadratic.yaml [--run-dir DIR] [--port N]
+
+prints ``learner serving run RUN at HOST:PORT`` and runs until SIGTERM or SIGINT, then writes a
+checkpoint and exits 0. As a Ray actor (``LearnerActor`` is ``ray.remote(LearnerProcess)``)::
+
+    actor = learner_actor(num_cpus=1, max_restarts=-1).remote(cfg, run_dir, token=token,
+                                                              autostart=True)
+    address = ray.get(actor.address.remote())
+
+The bearer token comes from ``token=``, else ``$L2O_TOKEN`` (``service.token_env``) or
+``service.token_file``; if none is set, a random one is written to ``RUN_DIR/token`` (mode 0600).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from l2o.checkpoints import CheckpointError
+from l2o.config import ConfigError, TrainConfig, config_from_dict, load_config
+from services.auth import TokenError, load_token
+from services.learner_server import format_address, serve
+
+log = logging.getLogger(__name__)
+
+
+def _advertised_host(host: str) -> str:
+    if host not in ("0.0.0.0", "::", "[::]", ""):
+        return host
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:
+        pass
+    return socket.gethostbyname(socket.gethostname())
+
+
+class LearnerProcess:
+    """One run's learner and its gRPC server.
+
+    Args:
+        config: the run config (a :class:`TrainConfig`, a dict of one, or a YAML path).
+        run_dir: the run directory (default ``config.run_path()``).
+        run_id: the run id gradients must carry (default ``config.run_name``).
+        host, port: where to listen (default ``config.service.host``/``port``; port 0: any).
+        token: the bearer token (default: from the config's env var or file, else generated).
+        theta: θ to start from instead of building it from ``config.optimizer``.
+        on_params_checkpoint: called as ``f(path, version)`` after each params checkpoint.
+        on_address: called with ``host:port`` once the server listens (e.g. to register it).
+        autostart: start serving in the constructor (so a restarted Ray actor serves again).
+        allow_no_token: serve without authentication when there is no token (tests only).
+    """
+
+    def __init__(self, config: TrainConfig | dict | str | os.PathLike,
+                 run_dir: str | os.PathLike | None = None, *, run_id: str | None = None,
+                 host: str | None = None, port: int | None = None, token: str | None = None,
+                 theta: Any = None,
+                 on_params_checkpoint: Callable[[Path, int], None] | None = None,
+                 on_address: Callable[[str], None] | None = None,
+                 autostart: bool = False, allow_no_token: bool = False,
+                 max_workers: int = 8):
+        if isinstance(config, TrainConfig):
+            self.config = config
+        elif isinstance(config, dict):
+            self.config = config_from_dict(config)
+        else:
+            self.config = load_config(config)
+        svc = self.config.service
+        self.run_dir = Path(run_dir) if run_dir is not None else self.config.run_path()
+        self.run_id = run_id or self.config.run_name
+        self.host = host if host is not None else svc.host
+        self.port = port if port is not None else svc.port
+        self.token_path: Path | None = None
+        self.token = token or load_token(svc.token_env, svc.token_file)
+        if self.token is None and not allow_no_token:
+            self.token = secrets.token_urlsafe(32)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.token_path = self.run_dir / "token"
+            fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.token + "\n")
+        self._theta = theta
+        self.on_params_checkpoint = on_params_checkpoint
+        self.on_address = on_address
+        self.allow_no_token = allow_no_token
+        self.max_workers = max_workers
+        self.learner: Any = None
+        self.server: Any = None
+        self._address: str | None = None
+        if autostart:
+            self.start()
+
+    def _build(self) -> Any:
+        import jax  # noqa: F401  (imported here so that a Ray actor imports JAX in the worker)
+
+        from l2o.build import learned_optimizer_from_config, meta_optimizer_from_config, theta_key
+        from learner.core import Learner
+
+        cfg = self.config
+        theta = self._theta
+        if theta is None:
+            theta = learned_optimizer_from_config(cfg.optimizer).init(theta_key(cfg.seed))
+        return Learner.resume(
+            theta, meta_optimizer_from_config(cfg.meta_optimizer), cfg.service, self.run_dir,
+            self.run_id, cfg.checkpoint_every, self.on_params_checkpoint,
+            {"optimizer": cfg.optimizer.model_dump(mode="json"), "seed": cfg.seed,
+             "config": cfg.model_dump(mode="json")},
+        )
+
+    def start(self) -> str:
+        """Build or resume the learner and serve it; the address workers should use."""
+        if self._address is not None:
+            return self._address
+        self.learner = self._build()
+        svc = self.config.service
+        self.server, port = serve(self.learner, self.host, self.port, self.token,
+                                  svc.tls_cert, svc.tls_key, self.max_workers,
+                                  allow_no_token=self.allow_no_token)
+        self._address = format_address(_advertised_host(self.host), port)
+        if self.on_address is not None:
+            self.on_address(self._address)
+        return self._address
+
+    def address(self) -> str:
+        """``host:port`` of the server (starting it if needed)."""
+        return self.start()
+
+    def status(self) -> dict[str, Any]:
+        """The learner's figures (see :meth:`learner.core.Learner.status`)."""
+        if self.learner is None:
+            raise RuntimeError("the learner has not started")
+        return self.learner.status()
+
+    def checkpoint(self) -> str:
+        """Write full and params checkpoints now; the params checkpoint's path."""
+        if self.learner is None:
+            raise RuntimeError("the learner has not started")
+        return str(self.learner.save_checkpoint()[1])
+
+    def stop(self, checkpoint: bool = True, grace: float = 2.0) -> dict[str, Any]:
+        """Stop serving, stop the learner (checkpointing unless told not to); its final status."""
+        if self.server is not None:
+            self.server.stop(grace).wait()
+            self.server = None
+        status: dict[str, Any] = {}
+        if self.learner is not None:
+            self.learner.stop(checkpoint=checkpoint)
+            status = self.learner.status()
+        self._address = None
+        return status
+
+
+def learner_actor(**ray_options: Any) -> Any:
+    """The Ray actor class of :class:`LearnerProcess` (``ray.remote(**ray_options)`` applied).
+
+    Pass ``max_restarts=-1`` with ``autostart=True`` in the constructor arguments for a learner
+    that Ray restarts and that resumes from its run directory by itself.
+    """
+    import ray
+
+    return ray.remote(**ray_options)(LearnerProcess) if ray_options else ray.remote(LearnerProcess)
+
+
+def __getattr__(name: str) -> Any:
+    """``LearnerActor``: ``ray.remote(LearnerProcess)``, made on first use (Ray imported lazily)."""
+    if name == "LearnerActor":
+        return learner_actor()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``python -m services.learner`` entry point."""
+    parser = argparse.ArgumentParser(prog="python -m services.learner", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the run's YAML config")
+    parser.add_argument("--run-dir", help="run directory (default: run_dir/run_name)")
+    parser.add_argument("--run-id", help="run id (default: run_name)")
+    parser.add_argument("--host", help="listen address (default: service.host)")
+    parser.add_argument("--port", type=int, help="port (default: service.port; 0: any)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        proc = LearnerProcess(args.config, args.run_dir, run_id=args.run_id, host=args.host,
+                              port=args.port)
+        address = proc.start()
+    except (ConfigError, CheckpointError, TokenError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    learner = proc.learner
+    if learner.resumed_from is not None:
+        print(f"resumed from {learner.resumed_from} at version {learner.version}", flush=True)
+    if proc.token_path is not None:
+        print(f"generated a bearer token in {proc.token_path}", flush=True)
+    print(f"learner serving run {proc.run_id} at {address}", flush=True)
+    while not stop.wait(1.0):
+        pass
+    status = proc.stop(checkpoint=True)
+    print(f"learner stopped at version {status.get('version')}, checkpoint written", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

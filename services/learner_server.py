@@ -1,0 +1,314 @@
+"""The gRPC server around a :class:`~learner.core.Learner` (service ``l2o.v1.Learner``).
+
+:func:`serve` starts it with bearer-token authentication, optional TLS, gRPC health checking
+(``SERVING``) and server reflection. A refused gradient is answered with an ``Ack`` carrying the
+reason, never a gRPC error, so the worker learns why. The header of a pushed gradient is checked
+(run, generation, staleness, duplicate, size limit, manifest against θ) before any tensor bytes are
+taken in, and the bytes are collected into a buffer of exactly the declared size, so an oversized
+or mismatched push is refused without being buffered.
+
+Methods: ``FetchTheta`` (server stream of θ chunks, or one ``unchanged`` chunk),
+``PushGradient`` (client stream of gradient chunks → ``Ack``), ``PushSmallGradient`` (the same in
+one message, for gradients that fit in one chunk) and ``Status``. Chunk messages are framed and
+parsed here directly (:func:`frame_gradient_chunk`, :func:`parse_gradient_chunk`,
+:func:`parse_theta_chunk`) to keep the protobuf runtime from copying tensor bytes; the bytes on
+the wire are the messages of ``proto/l2o.proto``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from learner.core import GradientHeader, Learner, SubmitResult
+from proto import l2o_pb2
+from services.auth import BearerTokenInterceptor, server_credentials
+from services.wire import (
+    DEFAULT_CHUNK_BYTES,
+    ByteAssembler,
+    Reason,
+    TreeTemplate,
+    WireError,
+    check_manifest,
+    flatten_tree,
+    frame_fields,
+    iter_chunk_views,
+    manifest_from_proto,
+    manifest_to_proto,
+    parse_fields,
+)
+
+log = logging.getLogger(__name__)
+
+#: The full name of the learner service, as health checking and reflection know it.
+SERVICE_NAME = l2o_pb2.DESCRIPTOR.services_by_name["Learner"].full_name
+
+#: Per-message limit on both sides: a chunk (≤ 1 MiB) plus a manifest of many tensors.
+GRPC_MESSAGE_LIMIT = 64 << 20
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
+    ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
+    # fewer, larger HTTP/2 frames and a wider window for megabyte chunks
+    ("grpc.http2.max_frame_size", (1 << 24) - 1),
+    ("grpc.http2.lookahead_bytes", 16 << 20),
+]
+
+
+def header_from_proto(h: l2o_pb2.GradientHeader) -> GradientHeader:
+    """The learner's :class:`GradientHeader` of a wire header."""
+    return GradientHeader(run_id=h.run_id, theta_version=int(h.theta_version),
+                          gen_id=int(h.gen_id), worker_id=h.worker_id, seq=int(h.seq),
+                          estimator=h.estimator, inner_steps=int(h.inner_steps),
+                          mean_inner_loss=float(h.mean_inner_loss))
+
+
+def ack_from_result(result: SubmitResult) -> l2o_pb2.Ack:
+    """The wire ``Ack`` of a learner result."""
+    return l2o_pb2.Ack(accepted=result.accepted, reason=int(result.reason), detail=result.detail,
+                       version=result.version)
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+@dataclass
+class RawGradientChunk:
+    """A ``GradientChunk`` parsed without copying its data (see :func:`parse_gradient_chunk`)."""
+
+    header: l2o_pb2.GradientHeader | None
+    data: memoryview | bytes
+    error: str = ""
+
+
+def parse_gradient_chunk(message: bytes) -> RawGradientChunk:
+    """A serialized ``GradientChunk``; never raises (a bad message comes back with ``error``)."""
+    try:
+        fields = parse_fields(message)
+        header = fields.get(1)
+        return RawGradientChunk(
+            header=None if header is None else l2o_pb2.GradientHeader.FromString(bytes(header)),
+            data=fields.get(2, b""))
+    except Exception as e:
+        return RawGradientChunk(header=None, data=b"", error=f"unparsable GradientChunk: {e}")
+
+
+def frame_gradient_chunk(header: bytes | None, data: bytes | memoryview | None) -> bytes:
+    """A serialized ``GradientChunk`` (``header`` already serialized), data copied once."""
+    return frame_fields((1, header), (2, data))
+
+
+@dataclass
+class RawThetaChunk:
+    """A ``ThetaChunk`` parsed without copying its data (see :func:`parse_theta_chunk`)."""
+
+    unchanged: bool
+    version: int
+    header: l2o_pb2.ThetaHeader | None
+    data: memoryview | bytes
+
+
+def parse_theta_chunk(message: bytes) -> RawThetaChunk:
+    """A serialized ``ThetaChunk``; raises :class:`WireError` (MALFORMED) if unparsable."""
+    fields = parse_fields(message)
+    header = fields.get(3)
+    return RawThetaChunk(
+        unchanged=bool(fields.get(1, 0)), version=_signed(int(fields.get(2, 0))),
+        header=None if header is None else l2o_pb2.ThetaHeader.FromString(bytes(header)),
+        data=fields.get(4, b""))
+
+
+class LearnerServicer:
+    """Serves one learner: θ downloads, gradient uploads and status.
+
+    Its streaming methods take and yield raw chunk types (:class:`RawGradientChunk`, serialized
+    ``ThetaChunk`` bytes) so tensor bytes are not copied by the protobuf runtime: register it with
+    :func:`add_learner_servicer`, not the generated ``add_LearnerServicer_to_server``. On the wire
+    the messages are exactly those of ``proto/l2o.proto``.
+    """
+
+    def __init__(self, learner: Learner, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.learner = learner
+        self.chunk_bytes = chunk_bytes
+        self.template = TreeTemplate(learner.theta)
+        self._cache_lock = threading.Lock()
+        self._cache: tuple[int, int, bytes, list[memoryview]] | None = None
+
+    def _encoded(self, version: int, gen_id: int, theta: Any) -> tuple[bytes, list[memoryview]]:
+        with self._cache_lock:
+            if self._cache is None or self._cache[:2] != (version, gen_id):
+                manifest, views = flatten_tree(theta)
+                header = l2o_pb2.ThetaHeader(
+                    run_id=self.learner.run_id, version=version, gen_id=gen_id,
+                    manifest=manifest_to_proto(manifest),
+                    total_bytes=sum(s.length for s in manifest)).SerializeToString()
+                self._cache = (version, gen_id, header, views)
+            return self._cache[2], self._cache[3]
+
+    def FetchTheta(self, request: l2o_pb2.FetchRequest, context: grpc.ServicerContext
+                   ) -> Iterator[bytes]:
+        """θ in chunks, or one ``unchanged`` chunk when the caller already has this version.
+
+        A caller whose ``have_version`` is ahead of the learner's (the learner was restarted from
+        an older checkpoint) gets θ too: only an equal version counts as unchanged.
+        """
+        learner = self.learner
+        if request.run_id != learner.run_id:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"WRONG_RUN: run {request.run_id!r}, the learner serves "
+                          f"{learner.run_id!r}")
+        version, gen_id, theta = learner.snapshot()
+        if request.have_version == version:
+            yield frame_fields((1, True), (2, version))
+            return
+        header, views = self._encoded(version, gen_id, theta)
+        first = True
+        for chunk in iter_chunk_views(views, self.chunk_bytes):
+            yield frame_fields((2, version), (3, header if first else None), (4, chunk))
+            first = False
+        if first:  # a θ without bytes
+            yield frame_fields((2, version), (3, header))
+
+    def PushGradient(self, request_iterator: Iterator[RawGradientChunk],
+                     context: grpc.ServicerContext) -> l2o_pb2.Ack:
+        """Take one gradient; the ``Ack`` says accepted or why not."""
+        return ack_from_result(self._push(request_iterator))
+
+    def PushSmallGradient(self, request: RawGradientChunk, context: grpc.ServicerContext
+                          ) -> l2o_pb2.Ack:
+        """Take one gradient sent as a single chunk (header and all bytes)."""
+        return ack_from_result(self._push(iter((request,))))
+
+    def _push(self, chunks: Iterator[RawGradientChunk]) -> SubmitResult:
+        learner = self.learner
+        first = next(chunks, None)
+        if first is None or first.error or first.header is None:
+            why = first.error if first is not None and first.error else (
+                "the first chunk carries no header")
+            return learner.reject(Reason.MALFORMED, why)
+        header = header_from_proto(first.header)
+        try:
+            manifest = manifest_from_proto(first.header.manifest)
+            total = check_manifest(manifest, max_bytes=learner.config.max_message_bytes)
+            if first.header.total_bytes != total:
+                raise WireError(Reason.MALFORMED, f"total_bytes {first.header.total_bytes} but "
+                                                  f"the manifest describes {total}")
+        except WireError as e:
+            return learner.reject(e.reason, e.detail)
+        early = learner.precheck(header, total)
+        if early is not None:
+            return early
+        try:
+            self.template.check(manifest)
+            asm = ByteAssembler(manifest, checked=True)
+            asm.add(first.data)
+            for chunk in chunks:
+                if chunk.error:
+                    raise WireError(Reason.MALFORMED, chunk.error)
+                if chunk.header is not None:
+                    raise WireError(Reason.MALFORMED, "a second header in one gradient stream")
+                asm.add(chunk.data)
+            grad = asm.finish(like=self.template)
+        except WireError as e:
+            return learner.reject(e.reason, e.detail)
+        try:
+            return learner.submit(grad, header)
+        except Exception as e:  # never leave the worker guessing
+            log.exception("submit failed")
+            return learner.reject(Reason.INTERNAL, f"{type(e).__name__}: {e}")
+
+    def Status(self, request: l2o_pb2.StatusRequest, context: grpc.ServicerContext
+               ) -> l2o_pb2.StatusReply:
+        """The learner's figures."""
+        s = self.learner.status()
+        return l2o_pb2.StatusReply(
+            run_id=s["run_id"], version=s["version"], gen_id=s["gen_id"], updates=s["updates"],
+            buffer_depth=s["buffer_depth"], staleness_mean=s["staleness_mean"],
+            staleness_max=s["staleness_max"], accepted=s["accepted"],
+            dropped_stale=s["dropped_stale"], dropped_oldest=s["dropped_oldest"],
+            rejected=s["rejected"], duplicate=s["duplicate"], unique_workers=s["unique_workers"],
+            gradients_per_second=s["gradients_per_second"], last_meta_loss=s["last_meta_loss"],
+            rejected_by_reason=s["rejected_by_reason"], worker_last_seq=s["worker_last_seq"],
+            applied=s["applied"],
+        )
+
+
+#: Method paths of the service.
+FETCH_THETA = f"/{SERVICE_NAME}/FetchTheta"
+PUSH_GRADIENT = f"/{SERVICE_NAME}/PushGradient"
+PUSH_SMALL_GRADIENT = f"/{SERVICE_NAME}/PushSmallGradient"
+STATUS = f"/{SERVICE_NAME}/Status"
+
+
+def add_learner_servicer(servicer: LearnerServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` under ``l2o.v1.Learner`` with the zero-copy chunk (de)serializers."""
+    handlers = {
+        "FetchTheta": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchTheta, request_deserializer=l2o_pb2.FetchRequest.FromString,
+            response_serializer=None),  # the servicer yields serialized ThetaChunk bytes
+        "PushGradient": grpc.stream_unary_rpc_method_handler(
+            servicer.PushGradient, request_deserializer=parse_gradient_chunk,
+            response_serializer=l2o_pb2.Ack.SerializeToString),
+        "PushSmallGradient": grpc.unary_unary_rpc_method_handler(
+            servicer.PushSmallGradient, request_deserializer=parse_gradient_chunk,
+            response_serializer=l2o_pb2.Ack.SerializeToString),
+        "Status": grpc.unary_unary_rpc_method_handler(
+            servicer.Status, request_deserializer=l2o_pb2.StatusRequest.FromString,
+            response_serializer=l2o_pb2.StatusReply.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
+                                                                          handlers),))
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with IPv6 hosts in brackets."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def serve(learner: Learner, host: str, port: int, token: str | None,
+          tls_cert: str | None = None, tls_key: str | None = None, max_workers: int = 8,
+          *, allow_no_token: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+          ) -> tuple[grpc.Server, int]:
+    """Start the learner's gRPC server on ``host:port`` (0: a free port); ``(server, bound_port)``.
+
+    Every RPC but health checks and reflection needs ``authorization: Bearer <token>``. A missing
+    token is refused unless ``allow_no_token`` (then the service is open: local experiments only).
+    With ``tls_cert`` and ``tls_key`` the port speaks TLS. Stop it with ``server.stop(grace)``.
+    """
+    if not token and not allow_no_token:
+        raise ValueError("serve() needs a bearer token (or allow_no_token=True)")
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("TLS needs both tls_cert and tls_key")
+    interceptors = [BearerTokenInterceptor(token)] if token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
+                                                    thread_name_prefix="learner-rpc"),
+                         interceptors=interceptors, options=GRPC_OPTIONS)
+    add_learner_servicer(LearnerServicer(learner, chunk_bytes), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    address = format_address(host, port)
+    if tls_cert is not None:
+        bound = server.add_secure_port(address, server_credentials(tls_cert, tls_key))
+    else:
+        bound = server.add_insecure_port(address)
+    if not bound:
+        raise RuntimeError(f"could not bind the learner server to {address}")
+    server.start()
+    log.info("learner %s serving on %s", learner.run_id, format_address(host, bound))
+    return server, bound

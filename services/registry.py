@@ -1,0 +1,520 @@
+"""The run registry in Redis: manifest, status, discovery, checkpoints, eval queue, leaderboard.
+
+Every key of a run lives under ``l2o:{run_id}:``; a few global keys under ``l2o:`` index runs,
+rank checkpoints across runs and cache tuned-Adam sweeps. θ itself never goes to Redis: only
+checkpoint *paths* do.
+
+========================================  =========================================================
+key                                        contents
+========================================  =========================================================
+``l2o:runs``                               sorted set: run id → creation time (all runs)
+``l2o:{run}:manifest``                     string: the run's config as JSON
+``l2o:{run}:status``                       hash: ``state`` (starting/running/stopping/done/failed),
+                                           ``updated_at`` and any counters the service reports
+``l2o:{run}:learner``                      hash: ``address``, ``updated_at`` (learner discovery)
+``l2o:{run}:checkpoints``                  hash: version → params checkpoint path
+``l2o:{run}:evalq``                        stream of eval jobs, consumer group ``evalers``
+``l2o:{run}:evalq:dead``                   stream: jobs that failed ``max_deliveries`` times
+``l2o:{run}:evals``                        hash: version → eval result (JSON)
+``l2o:{run}:eval_errors``                  hash: stream id → last error of that job
+``l2o:{run}:leaderboard``                  sorted set: version → score (this run)
+``l2o:{run}:seq:{worker_id}``              integer: seqs handed out to that worker so far
+``l2o:leaderboard``                        sorted set: ``{run}@{version}`` → score (all runs)
+``l2o:adam:{task_key}``                    string: a cached tuned-Adam sweep (JSON)
+========================================  =========================================================
+
+**Leaderboard score**: ``learned_final_loss / adam_final_loss`` on the held-out eval task, i.e. the
+learned optimizer's final loss as a fraction of the tuned Adam's. **Lower is better**; below 1
+the learned optimizer beats tuned Adam. Ranking reads the sorted sets in ascending order.
+
+**Eval queue semantics.** :meth:`Registry.claim_eval` first takes over (``XAUTOCLAIM``) a job that
+has sat unacknowledged for more than ``eval_idle_ms`` — its consumer is presumed dead — and
+otherwise reads a new one. A job is acknowledged with :meth:`Registry.ack_eval` only after its
+result is stored. :meth:`Registry.fail_eval` re-queues a failed job at once, and once a job has been
+delivered ``eval_max_deliveries`` times (failures and reclaims both count) it goes to the
+dead-letter stream instead and is acknowledged. A job reclaimed with its deliveries exhausted is
+dead-lettered by ``claim_eval`` itself (a job that kills its worker every time cannot loop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+PREFIX = "l2o"
+GROUP = "evalers"
+RUNS_KEY = f"{PREFIX}:runs"
+GLOBAL_LEADERBOARD = f"{PREFIX}:leaderboard"
+
+#: run states; ``done``/``stop``/``failed`` tell workers to finish
+TERMINAL_STATES = frozenset({"done", "stop", "stopping", "failed"})
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np  # noqa: PLC0415
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def dumps(obj: Any) -> str:
+    """JSON of ``obj``, turning numpy/JAX scalars and arrays into plain values."""
+    return json.dumps(obj, default=_json_default, allow_nan=True)
+
+
+def _s(v: Any) -> str | None:
+    if v is None:
+        return None
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+@dataclass
+class EvalJob:
+    """One claimed eval job: score the params checkpoint at ``path`` (θ version ``version``)."""
+
+    id: str
+    run_id: str
+    path: str
+    version: int
+    deliveries: int = 1
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def task_key(task: dict, steps: int, seeds: int, learning_rates: list[float],
+             extra: dict | None = None) -> str:
+    """A stable key for a tuned-Adam sweep: hash of the task config and the sweep settings."""
+    blob = json.dumps({"task": task, "steps": steps, "seeds": seeds,
+                       "lrs": [float(x) for x in learning_rates], "extra": extra or {}},
+                      sort_keys=True, default=str)
+    name = str(task.get("name", "task")) if isinstance(task, dict) else "task"
+    return f"{name}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+class Registry:
+    """The Redis view of one run (``run_id``). Safe to create in any process from a URL."""
+
+    def __init__(self, client: redis.Redis, run_id: str, *, eval_max_deliveries: int = 3,
+                 eval_idle_ms: int = 30_000) -> None:
+        """Wrap ``client`` (a ``redis.Redis``, ideally with ``decode_responses=True``)."""
+        if not run_id or any(c in run_id for c in " \n\t@"):
+            raise ValueError(f"invalid run id {run_id!r}")
+        self.r = client
+        self.run_id = run_id
+        self.eval_max_deliveries = int(eval_max_deliveries)
+        self.eval_idle_ms = int(eval_idle_ms)
+        self._group_ready = False
+
+    # ---- keys -----------------------------------------------------------------------------
+    def key(self, *parts: str) -> str:
+        """``l2o:{run_id}:part1:part2…``."""
+        return ":".join((PREFIX, self.run_id, *parts))
+
+    @property
+    def eval_stream(self) -> str:
+        """The eval job stream."""
+        return self.key("evalq")
+
+    @property
+    def dead_stream(self) -> str:
+        """The dead-letter stream of eval jobs."""
+        return self.key("evalq", "dead")
+
+    # ---- manifest and status ---------------------------------------------------------------
+    def write_manifest(self, config: dict, **info: Any) -> None:
+        """Record the run's config (and ``info``) and add the run to the global index."""
+        now = time.time()
+        pipe = self.r.pipeline()
+        pipe.set(self.key("manifest"), dumps({"config": config, **info, "created_at": now}))
+        pipe.zadd(RUNS_KEY, {self.run_id: now}, nx=True)
+        pipe.execute()
+
+    def manifest(self) -> dict | None:
+        """The manifest written by :meth:`write_manifest`, or ``None``."""
+        raw = self.r.get(self.key("manifest"))
+        return json.loads(raw) if raw else None
+
+    def set_status(self, state: str | None = None, **fields: Any) -> None:
+        """Update the status hash: ``state`` and any other fields (values stored as JSON)."""
+        mapping: dict[str, str] = {"updated_at": repr(time.time())}
+        if state is not None:
+            mapping["state"] = state
+        for k, v in fields.items():
+            mapping[k] = v if isinstance(v, str) else dumps(v)
+        self.r.hset(self.key("status"), mapping=mapping)
+
+    def status(self) -> dict[str, Any]:
+        """The status hash, JSON values decoded."""
+        raw = self.r.hgetall(self.key("status"))
+        out: dict[str, Any] = {}
+        for k, v in raw.items():
+            k, v = _s(k), _s(v)
+            try:
+                out[k] = json.loads(v) if k not in ("state",) else v
+            except (TypeError, ValueError):
+                out[k] = v
+        return out
+
+    def state(self) -> str | None:
+        """The run's state (``running``, ``done``, …) or ``None`` if never set."""
+        return _s(self.r.hget(self.key("status"), "state"))
+
+    def should_stop(self) -> bool:
+        """Whether workers should finish: the run is done, stopping, stopped or failed."""
+        return self.state() in TERMINAL_STATES
+
+    # ---- learner discovery --------------------------------------------------------------------
+    def set_learner_address(self, address: str) -> None:
+        """Publish where the learner's gRPC server listens (``host:port``)."""
+        self.r.hset(self.key("learner"), mapping={"address": address,
+                                                  "updated_at": repr(time.time())})
+
+    def learner_address(self) -> str | None:
+        """The learner's last published address, or ``None``."""
+        return _s(self.r.hget(self.key("learner"), "address"))
+
+    def clear_learner_address(self) -> None:
+        """Forget the learner's address (it is going away)."""
+        self.r.delete(self.key("learner"))
+
+    # ---- worker sequence numbers --------------------------------------------------------------
+    def next_seq(self, worker_id: str) -> int:
+        """Reserve the next sequence number of ``worker_id`` (0, 1, 2, … across restarts)."""
+        return int(self.r.incr(self.key("seq", worker_id))) - 1
+
+    _RAISE_TO = """
+    local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+    local want = tonumber(ARGV[1])
+    if cur < want then redis.call('SET', KEYS[1], want) return want end
+    return cur
+    """
+
+    def ensure_seq_at_least(self, worker_id: str, next_seq: int) -> int:
+        """Make ``worker_id``'s next reserved seq at least ``next_seq`` (atomic); the counter.
+
+        Used when the learner remembers seqs that this Redis does not (a resumed run on a fresh
+        Redis): reusing them would make every gradient a DUPLICATE.
+        """
+        return int(self.r.eval(self._RAISE_TO, 1, self.key("seq", worker_id), int(next_seq)))
+
+    def peek_seq(self, worker_id: str) -> int:
+        """How many sequence numbers ``worker_id`` has reserved so far."""
+        return int(self.r.get(self.key("seq", worker_id)) or 0)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def add_checkpoint(self, version: int, path: str) -> None:
+        """Index the params checkpoint of θ ``version``."""
+        self.r.hset(self.key("checkpoints"), str(int(version)), str(path))
+
+    def checkpoints(self) -> dict[int, str]:
+        """version → params checkpoint path, ascending."""
+        raw = self.r.hgetall(self.key("checkpoints"))
+        return dict(sorted((int(_s(k)), _s(v)) for k, v in raw.items()))
+
+    def record_checkpoint(self, path: str, version: int) -> str:
+        """Index a new params checkpoint and enqueue its eval job; the job's stream id."""
+        self.add_checkpoint(version, path)
+        return self.enqueue_eval(path, version)
+
+    # ---- eval queue ---------------------------------------------------------------------------
+    def ensure_group(self) -> None:
+        """Create the eval stream's consumer group (idempotent)."""
+        if self._group_ready:
+            return
+        try:
+            self.r.xgroup_create(self.eval_stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+
+    def enqueue_eval(self, path: str, version: int, **extra: Any) -> str:
+        """Queue an eval of the params checkpoint at ``path``; the job's stream id."""
+        self.ensure_group()
+        fields = {"run_id": self.run_id, "path": str(path), "version": str(int(version)),
+                  "attempts": "0", "enqueued_at": repr(time.time())}
+        fields.update({k: str(v) for k, v in extra.items()})
+        return _s(self.r.xadd(self.eval_stream, fields))
+
+    def _times_delivered(self, job_id: str) -> int:
+        rows = self.r.xpending_range(self.eval_stream, GROUP, min=job_id, max=job_id, count=1)
+        return int(rows[0]["times_delivered"]) if rows else 1
+
+    def _job(self, job_id: Any, fields: dict) -> EvalJob:
+        job_id = _s(job_id)
+        f = {_s(k): _s(v) for k, v in fields.items()}
+        deliveries = int(f.get("attempts", 0)) + self._times_delivered(job_id)
+        return EvalJob(id=job_id, run_id=f.get("run_id", self.run_id), path=f.get("path", ""),
+                       version=int(f.get("version", -1)), deliveries=deliveries, fields=f)
+
+    def claim_eval(self, consumer: str, block_ms: int = 1000) -> EvalJob | None:
+        """The next eval job for ``consumer``: a reclaimed idle one first, else a new one.
+
+        Waits up to ``block_ms`` for a new job (0: don't wait). Returns ``None`` when none came.
+        """
+        self.ensure_group()
+        cursor = "0-0"
+        for _ in range(1000):  # reclaim, dead-lettering jobs whose deliveries are exhausted
+            res = self.r.xautoclaim(self.eval_stream, GROUP, consumer,
+                                    min_idle_time=self.eval_idle_ms, start_id=cursor, count=1)
+            cursor = _s(res[0]) if res else "0-0"
+            # (Redis 6.2 returns a deleted entry as nil; the cursor still moves past it)
+            for entry in (res[1] if len(res) > 1 else []):
+                if not entry or not entry[1]:
+                    continue
+                job = self._job(*entry)
+                if job.deliveries > self.eval_max_deliveries:
+                    self._dead_letter(job, "reclaimed after its consumer went away; "
+                                           "deliveries exhausted")
+                    continue
+                return job
+            if cursor in ("0-0", "0"):
+                break
+        streams = self.r.xreadgroup(GROUP, consumer, {self.eval_stream: ">"}, count=1,
+                                    block=block_ms if block_ms > 0 else None)
+        for _stream, entries in streams or []:
+            for job_id, fields in entries:
+                if fields:
+                    return self._job(job_id, fields)
+        return None
+
+    def touch_eval(self, job: EvalJob, consumer: str) -> bool:
+        """Heartbeat: reset ``job``'s idle time so it is not reclaimed while still being worked on.
+
+        Uses ``XCLAIM … JUSTID``, which does not count as a delivery. ``False`` if the job is no
+        longer pending (it was reclaimed and finished elsewhere, or dead-lettered).
+        """
+        rows = self.r.xpending_range(self.eval_stream, GROUP, min=job.id, max=job.id, count=1)
+        if not rows or _s(rows[0]["consumer"]) != consumer:
+            return False
+        ids = self.r.xclaim(self.eval_stream, GROUP, consumer, min_idle_time=0,
+                            message_ids=[job.id], justid=True)
+        return bool(ids)
+
+    def ack_eval(self, job: EvalJob) -> None:
+        """Acknowledge ``job`` (call only after its result is stored) and delete it."""
+        pipe = self.r.pipeline()
+        pipe.xack(self.eval_stream, GROUP, job.id)
+        pipe.xdel(self.eval_stream, job.id)
+        pipe.execute()
+
+    def fail_eval(self, job: EvalJob, error: str) -> bool:
+        """Record a failure of ``job``: re-queue it, or dead-letter it after k deliveries.
+
+        Returns ``True`` when the job went to the dead-letter stream.
+        """
+        self.r.hset(self.key("eval_errors"), job.id, error[-2000:])
+        if job.deliveries >= self.eval_max_deliveries:
+            self._dead_letter(job, error)
+            return True
+        fields = dict(job.fields)
+        fields["attempts"] = str(job.deliveries)
+        fields["last_error"] = error[-500:]
+        pipe = self.r.pipeline()
+        pipe.xadd(self.eval_stream, fields)
+        pipe.xack(self.eval_stream, GROUP, job.id)
+        pipe.xdel(self.eval_stream, job.id)
+        pipe.execute()
+        return False
+
+    def _dead_letter(self, job: EvalJob, error: str) -> None:
+        fields = dict(job.fields)
+        fields.update({"original_id": job.id, "deliveries": str(job.deliveries),
+                       "error": error[-2000:], "dead_at": repr(time.time())})
+        pipe = self.r.pipeline()
+        pipe.xadd(self.dead_stream, fields)
+        pipe.xack(self.eval_stream, GROUP, job.id)
+        pipe.xdel(self.eval_stream, job.id)
+        pipe.execute()
+
+    def dead_letters(self) -> list[dict[str, str]]:
+        """The dead-letter stream's entries (each with its ``id``)."""
+        return [{"id": _s(i), **{_s(k): _s(v) for k, v in f.items()}}
+                for i, f in self.r.xrange(self.dead_stream)]
+
+    def eval_backlog(self) -> dict[str, int]:
+        """``{"queued": jobs not yet delivered, "pending": delivered, not yet acknowledged}``."""
+        self.ensure_group()
+        pending = int(self.r.xpending(self.eval_stream, GROUP)["pending"])
+        length = int(self.r.xlen(self.eval_stream))
+        return {"queued": max(0, length - pending), "pending": pending}
+
+    def evals_outstanding(self) -> int:
+        """Jobs queued or in flight."""
+        b = self.eval_backlog()
+        return b["queued"] + b["pending"]
+
+    # ---- results and leaderboard --------------------------------------------------------------
+    @staticmethod
+    def score(result: dict) -> float:
+        """Leaderboard score of a result: learned / Adam final loss (lower is better)."""
+        learned = float(result["learned_final_loss"])
+        adam = float(result["adam_final_loss"])
+        if not math.isfinite(learned) or not math.isfinite(adam):
+            return math.inf
+        return learned / adam if adam > 0 else (0.0 if learned <= 0 else math.inf)
+
+    def store_eval_result(self, version: int, result: dict) -> float:
+        """Store the eval result of θ ``version`` and rank it; the leaderboard score."""
+        score = self.score(result)
+        result = {**result, "version": int(version), "run_id": self.run_id, "score": score,
+                  "stored_at": time.time()}
+        redis_score = score if math.isfinite(score) else 1e300
+        pipe = self.r.pipeline()
+        pipe.hset(self.key("evals"), str(int(version)), dumps(result))
+        pipe.zadd(self.key("leaderboard"), {str(int(version)): redis_score})
+        pipe.zadd(GLOBAL_LEADERBOARD, {f"{self.run_id}@{int(version)}": redis_score})
+        pipe.execute()
+        return score
+
+    def eval_result(self, version: int) -> dict | None:
+        """The stored eval result of θ ``version``, or ``None``."""
+        raw = self.r.hget(self.key("evals"), str(int(version)))
+        return json.loads(raw) if raw else None
+
+    def eval_results(self) -> dict[int, dict]:
+        """version → eval result, ascending."""
+        raw = self.r.hgetall(self.key("evals"))
+        return dict(sorted((int(_s(k)), json.loads(v)) for k, v in raw.items()))
+
+    def leaderboard(self, top: int = 10) -> list[dict]:
+        """This run's best checkpoints, best (lowest score) first."""
+        rows = self.r.zrange(self.key("leaderboard"), 0, top - 1, withscores=True)
+        out = []
+        for member, score in rows:
+            res = self.eval_result(int(_s(member))) or {}
+            out.append({**res, "run_id": self.run_id, "version": int(_s(member)),
+                        "score": float(score)})
+        return out
+
+    # ---- cached baseline sweeps ----------------------------------------------------------------
+    def get_adam_sweep(self, key: str) -> dict | None:
+        """A cached tuned-Adam sweep under ``key`` (see :func:`task_key`), or ``None``."""
+        raw = self.r.get(f"{PREFIX}:adam:{key}")
+        return json.loads(raw) if raw else None
+
+    def set_adam_sweep(self, key: str, sweep: dict) -> None:
+        """Cache a tuned-Adam sweep under ``key`` (shared by every run)."""
+        self.r.set(f"{PREFIX}:adam:{key}", dumps(sweep))
+
+    # ---- cleanup ------------------------------------------------------------------------------
+    def delete_run(self) -> int:
+        """Remove every key of this run and its global index entries; number of keys removed."""
+        keys = list(self.r.scan_iter(match=f"{PREFIX}:{self.run_id}:*", count=500))
+        n = self.r.delete(*keys) if keys else 0
+        members = [m for m in self.r.zrange(GLOBAL_LEADERBOARD, 0, -1)
+                   if _s(m).rsplit("@", 1)[0] == self.run_id]
+        pipe = self.r.pipeline()
+        pipe.zrem(RUNS_KEY, self.run_id)
+        if members:
+            pipe.zrem(GLOBAL_LEADERBOARD, *members)
+        pipe.execute()
+        return int(n)
+
+
+def list_runs(client: redis.Redis) -> list[dict]:
+    """Every run in the index, newest first: ``{run_id, created_at, state}``."""
+    out = []
+    for member, created in client.zrevrange(RUNS_KEY, 0, -1, withscores=True):
+        run_id = _s(member)
+        out.append({"run_id": run_id, "created_at": float(created),
+                    "state": _s(client.hget(f"{PREFIX}:{run_id}:status", "state"))})
+    return out
+
+
+def run_status(client: redis.Redis, run_id: str) -> dict:
+    """Everything ``l2o status RUN`` shows: state, counters, learner, checkpoints and evals.
+
+    Raises ``KeyError`` if Redis knows nothing of ``run_id``.
+    """
+    reg = Registry(client, run_id)
+    manifest = reg.manifest()
+    status = reg.status()
+    if manifest is None and not status and not client.exists(
+            reg.eval_stream, reg.dead_stream, reg.key("checkpoints"), reg.key("evals")):
+        raise KeyError(f"no run {run_id!r} in this Redis")
+    ckpts = reg.checkpoints()
+    evals = reg.eval_results()
+    latest_eval = evals[max(evals)] if evals else None
+    board = reg.leaderboard(top=1)
+    return {
+        "run_id": run_id,
+        "state": status.get("state"),
+        "status": status,
+        "config": (manifest or {}).get("config"),
+        "created_at": (manifest or {}).get("created_at"),
+        "learner_address": reg.learner_address(),
+        "checkpoints": len(ckpts),
+        "latest_checkpoint": (max(ckpts), ckpts[max(ckpts)]) if ckpts else None,
+        "evals": len(evals),
+        "latest_eval": latest_eval,
+        "best": board[0] if board else None,
+        "eval_backlog": reg.eval_backlog(),
+        "dead_letters": int(client.xlen(reg.dead_stream)),
+    }
+
+
+def leaderboard(client: redis.Redis, top: int = 10, run_id: str | None = None) -> list[dict]:
+    """The best checkpoints of all runs (or of ``run_id``), best (lowest score) first.
+
+    Each row: ``run_id``, ``version``, ``score`` (learned / tuned-Adam final loss, lower is
+    better), and the stored eval result's fields (``learned_final_loss``, ``adam_final_loss``,
+    ``adam_best_lr``, ``speedup``, ``task``…) when present.
+    """
+    if run_id is not None:
+        return Registry(client, run_id).leaderboard(top)
+    out = []
+    for member, score in client.zrange(GLOBAL_LEADERBOARD, 0, top - 1, withscores=True):
+        rid, _, version = _s(member).rpartition("@")
+        raw = client.hget(f"{PREFIX}:{rid}:evals", version)
+        res = json.loads(raw) if raw else {}
+        out.append({**res, "run_id": rid, "version": int(version), "score": float(score)})
+    return out
+
+
+class RegistryHooks:
+    """Picklable callbacks that connect a learner (possibly in a Ray actor) to the registry.
+
+    ``hooks.publish_address(address)`` publishes the learner's address for discovery and
+    ``hooks.enqueue_eval(path, version)`` indexes a params checkpoint and queues its eval job.
+    The Redis connection is opened lazily from ``redis_url`` in whichever process calls them.
+    """
+
+    def __init__(self, redis_url: str, run_id: str) -> None:
+        """Remember where the registry lives; nothing is opened yet."""
+        self.redis_url = redis_url
+        self.run_id = run_id
+        self._registry: Registry | None = None
+
+    def __getstate__(self) -> dict:
+        return {"redis_url": self.redis_url, "run_id": self.run_id, "_registry": None}
+
+    def registry(self) -> Registry:
+        """The run's :class:`Registry` (connected on first use)."""
+        if self._registry is None:
+            from services.redis_server import redis_connection  # noqa: PLC0415
+
+            client, _ = redis_connection(self.redis_url)
+            self._registry = Registry(client, self.run_id)
+        return self._registry
+
+    def publish_address(self, address: str) -> None:
+        """Publish the learner's ``host:port``."""
+        self.registry().set_learner_address(address)
+
+    def enqueue_eval(self, path: Any, version: int) -> None:
+        """Index the params checkpoint at ``path`` (θ ``version``) and queue its eval."""
+        self.registry().record_checkpoint(str(path), int(version))

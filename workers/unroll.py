@@ -1,0 +1,457 @@
+"""``UnrollWorker``: the local side of meta-training, as a Ray actor.
+
+A worker owns its estimator and *worker state* (inner problems, inner-optimizer states, estimator
+accumulators); they never leave the process. Its loop:
+
+1. fetch θ from the learner only when a newer version exists (``have_version``);
+2. reserve the next sequence number ``seq`` in Redis (monotone per worker id across actor
+   restarts, so no ``(worker_id, seq)`` is ever sent for two different gradients) and run one
+   truncation with ``truncation_key(seed, worker_index, seq)`` — the worker state starts from
+   ``worker_init_key(seed, worker_index)``: the key schedule of the single-machine trainer;
+3. push the meta-gradient stamped ``(run_id, theta_version, gen_id, worker_id, seq, estimator,
+   inner_steps, mean_inner_loss)``.
+
+With ``max_staleness = 0`` a gradient computed on θ(v) is dropped as soon as the learner moves past
+v, so after an accepted push the worker waits for the version it triggered (when it can trigger
+one: ``batch_size <= num_unroll_workers``) instead of computing on a θ about to become stale.
+One worker with ``max_staleness = 0`` and ``batch_size = 1`` therefore reproduces the
+single-machine trainer update for update. A gradient refused as STALE is dropped: the worker
+refetches θ and goes on with the next seq.
+
+When the learner is away (UNAVAILABLE, connection refused, a restart) the worker backs off with
+jitter, re-reads the learner's address from the Redis registry and reconnects by itself. A learner
+that restarted from an older checkpoint reports a version below the worker's: the worker refetches
+θ in full. The loop ends when the registry's run state is terminal (``done``, ``stop``, …), after
+``max_truncations``, or when :meth:`UnrollWorker.stop` is called.
+
+Actors are created by :func:`create_unroll_worker` with ``max_restarts=-1`` and task retries, so a
+killed worker comes back and resumes its loop; :func:`actor_options` sizes XLA's CPU thread pool to
+the actor's CPUs and turns off JAX's GPU memory preallocation when actors share a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+log = logging.getLogger(__name__)
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Actor placement and per-actor JAX configuration
+
+
+def jax_env(num_cpus: float, num_gpus: float = 0.0) -> dict[str, str]:
+    """Environment variables that size JAX/XLA to an actor with ``num_cpus`` and ``num_gpus``.
+
+    XLA's CPU thread pools get ``ceil(num_cpus)`` threads (so N actors on N cores do not
+    oversubscribe them); with a fractional GPU (actors sharing a device) preallocation is off; with
+    no GPU at all JAX is kept on the CPU. A persistent compilation cache set in the driver's
+    environment (``JAX_COMPILATION_CACHE_DIR``) is shared with the actor.
+    """
+    threads = max(1, math.ceil(num_cpus))
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = " ".join(f for f in flags.split()
+                     if "multi_thread_eigen" not in f and "intra_op_parallelism" not in f)
+    extra = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} " \
+            f"intra_op_parallelism_threads={threads}"
+    env = {
+        "XLA_FLAGS": f"{flags} {extra}".strip(),
+        "OMP_NUM_THREADS": str(threads),
+        "OPENBLAS_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+    }
+    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
+        if os.environ.get(name):  # share the driver's persistent compilation cache
+            env[name] = os.environ[name]
+    if num_gpus <= 0:
+        env["JAX_PLATFORMS"] = os.environ.get("L2O_WORKER_JAX_PLATFORMS", "cpu")
+    if num_gpus < 1:  # a share of a GPU (or none): never grab most of a device's memory
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return env
+
+
+def actor_options(num_cpus: float, num_gpus: float = 0.0, *,
+                  add_repo_to_path: bool = False) -> dict[str, Any]:
+    """``.options(...)`` for an l2o actor: resources plus a runtime env from :func:`jax_env`.
+
+    ``add_repo_to_path`` puts this checkout on the actor's ``PYTHONPATH`` (a local Ray started by
+    the driver; on a cluster ``ray job submit --working-dir .`` ships the code instead).
+    """
+    env = jax_env(num_cpus, num_gpus)
+    if add_repo_to_path:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def as_template(tree: Any, template: Any) -> Any:
+    """``tree`` rearranged into ``template``'s structure, matching leaves by tree path.
+
+    The learner's client may return θ as nested dicts rebuilt from the wire's paths; the
+    estimator wants the learned optimizer's own structure.
+    """
+    import jax
+
+    from services.wire import parse_path
+
+    t_def = jax.tree_util.tree_structure(template)
+    if jax.tree_util.tree_structure(tree) == t_def:
+        return tree
+    got = {tuple(parse_path(jax.tree_util.keystr(p))): leaf
+           for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    leaves = []
+    for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]:
+        k = tuple(parse_path(jax.tree_util.keystr(p)))
+        if k not in got:
+            raise ValueError(f"θ from the learner lacks {jax.tree_util.keystr(p)}")
+        leaves.append(got[k])
+    return jax.tree_util.tree_unflatten(t_def, leaves)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "the learner is not reachable right now" (retry later).
+
+    Covers the client's ``LearnerUnavailable`` (a ``ConnectionError``), raw ``grpc.RpcError`` and
+    ``LearnerRpcError`` with a transient status code. UNAUTHENTICATED, PERMISSION_DENIED,
+    INVALID_ARGUMENT and the like are not: retrying cannot fix them.
+    """
+    import grpc
+
+    # UNKNOWN/INTERNAL included: a learner killed mid-stream can surface as "Stream removed"
+    transient = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                 grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
+                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS,
+                 grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    code = getattr(exc, "code", None)
+    if callable(code):
+        try:
+            code = code()
+        except Exception:  # noqa: BLE001
+            code = None
+    if isinstance(code, grpc.StatusCode):
+        return code in transient
+    return isinstance(exc, OSError)
+
+
+def worker_id_of(index: int) -> str:
+    """The worker id of unroll worker ``index`` (stable across actor restarts)."""
+    return f"unroll-{index}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The actor
+
+
+class UnrollWorker:
+    """Runs truncations of the run's estimator and streams their meta-gradients to the learner.
+
+    Create it with :func:`create_unroll_worker`; call :meth:`run` once (it returns when the run is
+    over) and :meth:`stats` at any time (actor concurrency allows both at once).
+    """
+
+    def __init__(self, config: dict, worker_index: int, run_id: str, redis_url: str,
+                 token: str, *, root_cert: str | None = None,
+                 max_truncations: int | None = None, metrics_maxlen: int = 100_000,
+                 client_wait_s: float = 10.0) -> None:
+        """Build the estimator of ``config`` (a ``TrainConfig`` dump) for worker ``worker_index``.
+
+        ``redis_url`` points at the run's registry (the learner address is read from it);
+        ``token`` is the learner's bearer token; ``root_cert`` (a PEM file) turns on TLS.
+        """
+        from l2o.build import (
+            estimator_from_config,
+            learned_optimizer_from_config,
+            task_family_from_config,
+            theta_key,
+        )
+        from l2o.config import TrainConfig
+        from services.redis_server import redis_connection
+        from services.registry import Registry
+
+        self.cfg = TrainConfig.model_validate(config)
+        self.index = int(worker_index)
+        self.worker_id = worker_id_of(self.index)
+        self.run_id = run_id
+        self.token = token
+        self.root_cert = root_cert
+        self.max_truncations = max_truncations
+        self.client_wait_s = client_wait_s
+        self.metrics_maxlen = metrics_maxlen
+        svc = self.cfg.service
+        self.redis, self.redis_url = redis_connection(redis_url)
+        self.registry = Registry(self.redis, run_id, eval_max_deliveries=svc.eval_max_deliveries,
+                                 eval_idle_ms=svc.eval_idle_ms)
+        self.family = task_family_from_config(self.cfg.task)
+        self.learned_opt = learned_optimizer_from_config(self.cfg.optimizer)
+        self.estimator = estimator_from_config(self.cfg.estimator, self.family, self.learned_opt)
+        self.template = self.learned_opt.init(theta_key(self.cfg.seed))
+        self.wait_for_update = (svc.max_staleness == 0
+                                and svc.batch_size <= svc.num_unroll_workers)
+        self._stop = threading.Event()
+        self._client = None
+        self._client_address: str | None = None
+        self.worker_state = None
+        self.version = -1
+        self.gen_id = 0
+        self.theta = None
+        self.counts: dict[str, int] = {"truncations": 0, "accepted": 0, "stale": 0,
+                                       "duplicate": 0, "rejected": 0, "reconnects": 0,
+                                       "refetch_full": 0}
+        self.last_reason: str | None = None
+        self.host = socket.gethostname()
+        self.started_at = time.time()
+
+    # -- connection ------------------------------------------------------------------------------
+    def _connect(self, wait_s: float = 60.0):
+        """A client of the learner at its address in the registry, (re)connecting as needed."""
+        from services.client import LearnerClient
+
+        deadline = time.monotonic() + wait_s
+        delay = 0.05
+        while True:
+            address = self.registry.learner_address()
+            if address and (self._client is None or address != self._client_address):
+                if self._client is not None:
+                    self._close_client()
+                self._client = LearnerClient(address, self.token, self.run_id,
+                                             root_cert=self.root_cert,
+                                             resolve_address=self.registry.learner_address,
+                                             max_wait_s=self.client_wait_s, like=self.template)
+                self._client_address = address
+            if self._client is not None:
+                return self._client
+            if self._stop.is_set() or self.registry.should_stop() or time.monotonic() > deadline:
+                raise ConnectionError("no learner address in the registry")
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+    def _close_client(self) -> None:
+        client, self._client = self._client, None
+        self._client_address = None
+        if client is not None and hasattr(client, "close"):
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing a broken channel
+                pass
+
+    def _with_retry(self, fn, what: str):
+        """``fn(client)`` until it succeeds, backing off and rediscovering the learner meanwhile.
+
+        Returns ``None`` if the run ended while the learner was away.
+        """
+        delay = 0.1
+        while True:
+            try:
+                return fn(self._connect())
+            except Exception as e:  # noqa: BLE001 - classified below
+                if not is_unavailable(e):
+                    raise
+                self.counts["reconnects"] += 1
+                log.warning("%s: %s failed (%s: %s); reconnecting", self.worker_id, what,
+                            type(e).__name__, e)
+                self._close_client()
+                if self._stop.is_set() or self.registry.should_stop():
+                    return None
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 3.0)
+
+    # -- θ -----------------------------------------------------------------------------------------
+    def _refresh_theta(self) -> bool:
+        """Fetch θ if the learner has a newer (or, after a learner restart, an older) version."""
+        import jax
+        import jax.numpy as jnp
+
+        def fetch(client):
+            r = client.fetch(have_version=self.version, like=self.template)
+            if r.theta is None and (self.theta is None or r.version < self.version):
+                # nothing held yet, or the learner restarted from an older checkpoint: take θ
+                if self.theta is not None:
+                    self.counts["refetch_full"] += 1
+                r = client.fetch(have_version=-1, like=self.template)
+            return r.version, r.theta, r.gen_id
+
+        got = self._with_retry(fetch, "fetch θ")
+        if got is None:
+            return False
+        version, tree, gen = got
+        if tree is None:
+            return False
+        self.gen_id = int(gen)
+        theta = as_template(tree, self.template)
+        self.theta = jax.tree_util.tree_map(jnp.asarray, theta)
+        self.version = int(version)
+        return True
+
+    def _wait_for_version_after(self, version: int, timeout_s: float = 60.0) -> None:
+        """Poll until the learner's version exceeds ``version`` (or the run ends)."""
+        delay = 0.002
+        deadline = time.monotonic() + timeout_s
+        while not self._should_end():
+            self._refresh_theta()
+            if self.version != version:  # newer, or older after a learner restart
+                return
+            if time.monotonic() > deadline:
+                return
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+
+    def _should_end(self) -> bool:
+        return self._stop.is_set() or self.registry.should_stop()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run truncations until the run ends; this worker's counters."""
+        import jax
+
+        from l2o.build import truncation_key, worker_init_key
+
+        info_key = self.registry.key("workers", self.worker_id)
+        self.registry.r.hincrby(info_key, "starts", 1)  # > 1: Ray restarted this worker
+        self.registry.r.hset(info_key, mapping={"host": self.host, "pid": os.getpid(),
+                                                "started_at": repr(self.started_at)})
+        seed = self.cfg.seed
+        while not self._should_end():
+            if self.max_truncations is not None and self.counts["truncations"] >= \
+                    self.max_truncations:
+                break
+            self._refresh_theta()
+            if self.theta is None:
+                continue
+            if self.worker_state is None:
+                self.worker_state = self.estimator.init_worker_state(
+                    self.theta, worker_init_key(seed, self.index))
+            seq = self.registry.next_seq(self.worker_id)
+            version, theta = self.version, self.theta
+            grad, self.worker_state, metrics = self.estimator.compute_gradient_estimate(
+                theta, self.worker_state, truncation_key(seed, self.index, seq))
+            grad, metrics = jax.device_get((grad, metrics))
+            self.counts["truncations"] += 1
+            ack = self._push(grad, version, seq, metrics)
+            if ack is None:  # the run ended while the learner was away
+                break
+            reason = _reason_name(ack)
+            self.last_reason = reason
+            self._record(seq, version, metrics, reason)
+            if ack.accepted:
+                self.counts["accepted"] += 1
+                if self.wait_for_update:
+                    self._wait_for_version_after(version)
+            elif reason == "STALE" or reason == "STALE_GENERATION":
+                self.counts["stale"] += 1
+            elif reason == "DUPLICATE":
+                # a retried push the learner had already taken before the connection broke, or
+                # seqs the learner remembers from before this Redis: skip past them
+                self.counts["duplicate"] += 1
+                self._skip_known_seqs()
+                if self.wait_for_update:
+                    self._wait_for_version_after(version)
+            else:
+                self.counts["rejected"] += 1
+                if reason == "BUFFER_FULL":
+                    time.sleep(0.05 * (0.5 + random.random()))
+                log.warning("%s: gradient seq %d rejected: %s %s", self.worker_id, seq, reason,
+                            getattr(ack, "detail", ""))
+        self._close_client()
+        return self.stats()
+
+    def _skip_known_seqs(self) -> None:
+        """Move this worker's seq counter past the highest seq the learner has seen from it."""
+        try:
+            last = self._connect().status().get("worker_last_seq", {}).get(self.worker_id)
+        except Exception as e:  # noqa: BLE001 - best effort; the next push tells again
+            log.info("%s: could not read the learner's seqs: %s", self.worker_id, e)
+            return
+        if last is not None:
+            self.registry.ensure_seq_at_least(self.worker_id, int(last) + 1)
+
+    def _push(self, grad: Any, version: int, seq: int, metrics: dict) -> Any:
+        inner_steps = int(metrics.get("inner_steps", 0))
+        inner_loss = float(metrics.get("inner_loss", math.nan))
+        name = getattr(self.estimator, "estimator_name", self.cfg.estimator.name)
+
+        def push(client):
+            return client.push_gradient(
+                grad, theta_version=version, gen_id=self.gen_id, worker_id=self.worker_id,
+                seq=seq, estimator=name, inner_steps=inner_steps, mean_inner_loss=inner_loss)
+
+        return self._with_retry(push, f"push seq {seq}")
+
+    def _record(self, seq: int, version: int, metrics: dict, reason: str) -> None:
+        """Append this truncation's metrics to the run's metrics stream in Redis."""
+        rec = {"worker": self.worker_id, "seq": seq, "version": version, "reason": reason,
+               "t": repr(time.time())}
+        for k in ("meta_loss", "inner_loss", "final_inner_loss", "inner_steps"):
+            if k in metrics:
+                rec[k] = repr(float(metrics[k]))
+        try:
+            self.redis.xadd(self.registry.key("metrics"), rec, maxlen=self.metrics_maxlen,
+                            approximate=True)
+        except Exception as e:  # noqa: BLE001 - metrics are best effort
+            log.warning("%s: could not record metrics: %s", self.worker_id, e)
+
+    # -- control ----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current truncation."""
+        self._stop.set()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this incarnation of the worker."""
+        return {"worker_id": self.worker_id, "index": self.index, "version": self.version,
+                "host": self.host, "pid": os.getpid(), "last_reason": self.last_reason,
+                "next_seq": self.registry.peek_seq(self.worker_id), **self.counts}
+
+    def ping(self) -> str:
+        """Liveness check: the worker id."""
+        return self.worker_id
+
+
+def _reason_name(ack: Any) -> str:
+    reason = getattr(ack, "reason", None)
+    if reason is None:
+        return "OK" if getattr(ack, "accepted", False) else "UNKNOWN"
+    name = getattr(reason, "name", None)
+    if name:
+        return str(name)
+    try:
+        from services.wire import Reason
+
+        return Reason(int(reason)).name
+    except (ValueError, TypeError):
+        return str(reason)
+
+
+#: The Ray actor class: restarted forever, its ``run`` retried on the new incarnation.
+UnrollWorkerActor = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=4)(
+    UnrollWorker)
+
+
+def create_unroll_worker(config: dict, worker_index: int, run_id: str, redis_url: str,
+                         token: str, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                         add_repo_to_path: bool = False, name: str | None = None,
+                         **kwargs: Any) -> Any:
+    """Start an :class:`UnrollWorker` actor (``max_restarts=-1``) placed and sized as asked."""
+    opts = actor_options(num_cpus, num_gpus, add_repo_to_path=add_repo_to_path)
+    if name is not None:
+        opts["name"] = name
+    return UnrollWorkerActor.options(**opts).remote(config, worker_index, run_id, redis_url,
+                                                    token, **kwargs)

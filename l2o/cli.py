@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -57,31 +58,46 @@ def train(
     run_name: Annotated[str | None, typer.Option(help="Override run_name.")] = None,
     run_dir: Annotated[str | None, typer.Option(help="Override run_dir.")] = None,
     meta_steps: Annotated[int | None, typer.Option(help="Override meta_steps.")] = None,
-    local: Annotated[bool, typer.Option(help="Single process instead of the service.")] = True,
-    fresh: Annotated[bool, typer.Option(help="Ignore checkpoints in the run dir.")] = False,
+    local: Annotated[bool, typer.Option(help="One process instead of the service (Ray, gRPC, "
+                                              "Redis).")] = False,
+    fresh: Annotated[bool, typer.Option(help="Start over: an existing run dir is renamed "
+                                              "aside (RUN.TIMESTAMP), not deleted.")] = False,
 ) -> None:
     """Meta-train a learned optimizer, evaluate it against tuned Adam, write summary.json."""
     cfg = _load(config, preset_name,
                 {"run_name": run_name, "run_dir": run_dir, "meta_steps": meta_steps})
+    if fresh and cfg.run_path().exists():
+        aside = cfg.run_path().with_name(f"{cfg.run_name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg.run_path().rename(aside)
+        console.print(f"moved the previous run dir to {aside}")
     console.print(f"run dir: [bold]{cfg.run_path()}[/]  task: {cfg.task.name}  "
                   f"optimizer: {cfg.optimizer.name}  estimator: {cfg.estimator.name}")
-    if not local:
-        from services.train import run_service
+    with Progress(TextColumn("[bold]meta-train"), BarColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task("", total=cfg.meta_steps)
+        last_printed = [-1]
 
-        summary = run_service(cfg)
-    else:
-        from l2o.job import run_local
+        def show(step: int, line: str) -> None:
+            progress.update(bar, completed=step, description=line)
+            # no live bar in a log file: print a line every log_every steps instead
+            if not console.is_terminal and step // cfg.log_every != last_printed[0]:
+                last_printed[0] = step // cfg.log_every
+                console.print(line)
 
-        with Progress(TextColumn("[bold]meta-train"), BarColumn(), TextColumn("{task.description}"),
-                      TimeElapsedColumn(), console=console) as progress:
-            bar = progress.add_task("", total=cfg.meta_steps)
+        if local:
+            from l2o.job import run_local
 
-            def on_log(entry: dict[str, float]) -> None:
-                progress.update(bar, completed=entry["step"], description=(
-                    f"step {entry['step']} meta-loss {entry['meta_loss']:.4g} "
-                    f"{entry['inner_steps_per_s']:.0f} inner steps/s"))
+            summary = run_local(cfg, on_log=lambda e: show(
+                e["step"], f"step {e['step']} meta-loss {e['meta_loss']:.4g} "
+                           f"{e['inner_steps_per_s']:.0f} inner steps/s"))
+        else:
+            from services.train import run_service
 
-            summary = run_local(cfg, on_log=on_log, resume=not fresh)
+            summary = run_service(cfg, progress=lambda s: show(
+                int(s.get("updates", 0)),
+                f"update {s.get('updates', 0)} meta-loss {s.get('last_meta_loss', 0):.4g} "
+                f"{s.get('gradients_per_second', 0):.1f} grads/s, "
+                f"staleness {s.get('staleness_mean', 0):.2f}"))
     console.print(_summary_table(summary))
     console.print(f"wrote {cfg.run_path() / 'summary.json'}")
 
@@ -140,6 +156,75 @@ def presets() -> None:
     table = Table("preset", "overrides")
     for name, over in sorted(PRESETS.items()):
         table.add_row(name, json.dumps(over) if over else "(the default job)")
+    console.print(table)
+
+
+def _registry_client(redis_url: str | None):
+    from services.redis_server import redis_connection
+
+    try:
+        client, _ = redis_connection(redis_url, reuse_running=True)
+    except ConnectionError as e:
+        _fail(str(e))
+    return client
+
+
+@app.command()
+def status(
+    run: Annotated[str | None, typer.Argument(help="Run id; omit to list runs.")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL (default: $REDIS_URL, "
+                                                        "else the embedded server).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """A run's state, counters, checkpoints and latest evaluation, from the registry."""
+    from services.registry import list_runs, run_status
+
+    client = _registry_client(redis_url)
+    if run is None:
+        table = Table("run", "state", "created")
+        for r in list_runs(client):
+            table.add_row(r["run_id"], str(r["state"]), time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])))
+        console.print(table)
+        return
+    try:
+        info = run_status(client, run)
+    except KeyError as e:
+        _fail(str(e.args[0]))
+        return
+    if as_json:
+        console.print_json(json.dumps(info, default=str))
+        return
+    table = Table("figure", "value", title=f"run {run}")
+    for key in ("state", "learner_address", "checkpoints", "evals", "eval_backlog",
+                "dead_letters"):
+        table.add_row(key, str(info.get(key)))
+    for key, value in sorted((info.get("status") or {}).items()):
+        if key != "state":
+            table.add_row(f"status.{key}", str(value))
+    if info.get("latest_eval"):
+        for key in ("version", "learned_final_loss", "adam_final_loss", "speedup"):
+            table.add_row(f"latest_eval.{key}", str(info["latest_eval"].get(key)))
+    console.print(table)
+
+
+@app.command("leaderboard")
+def leaderboard_cmd(
+    top: Annotated[int, typer.Option(help="Rows to show.")] = 10,
+    run: Annotated[str | None, typer.Option(help="Only this run.")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL (default: $REDIS_URL, "
+                                                        "else the embedded server).")] = None,
+) -> None:
+    """The best scored checkpoints (learned / tuned-Adam final loss; lower is better)."""
+    from services.registry import leaderboard
+
+    rows = leaderboard(_registry_client(redis_url), top=top, run_id=run)
+    table = Table("#", "run", "version", "score", "learned", "adam", "speedup", "task")
+    for i, r in enumerate(rows, 1):
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+        table.add_row(str(i), r["run_id"], fmt(r.get("version")),
+                      fmt(r.get("score")), fmt(r.get("learned_final_loss")),
+                      fmt(r.get("adam_final_loss")), fmt(r.get("speedup")), str(r.get("task")))
     console.print(table)
 
 

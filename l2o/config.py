@@ -40,19 +40,37 @@ class OptimizerConfig(_Strict):
 class EstimatorConfig(_Strict):
     """The meta-gradient estimator and its truncation."""
 
-    name: Literal["tbptt"] = "tbptt"
-    num_tasks: PositiveInt = 8
+    name: Literal["tbptt", "es", "pes", "full_es"] = "tbptt"
+    num_tasks: PositiveInt = 4
     unroll_length: PositiveInt = 20
     num_steps: PositiveInt = 100
     second_derivatives: bool = False
     meta_loss_reduction: Literal["mean", "sum"] = "mean"
+    # ES / PES / full ES (see l2o.estimators.es for the conventions); num_tasks is the number of
+    # antithetic particles
+    std: float = Field(0.01, gt=0)  # σ of each coordinate of the perturbation ε
+    sign_delta_loss: bool = False
+    random_initial_offset: bool = False  # ES/PES: desynchronize the problems' restarts
+    es_advance: Literal["positive", "unperturbed"] = "positive"  # truncated ES's carried state
+    meta_loss_split: Literal["train", "eval"] = "train"  # ES/PES/full ES meta-loss data split
+    full_es_loss: Literal["mean", "last", "last_recomputed"] = "mean"
+    full_es_recompute_batches: PositiveInt = 8
+    # inner-horizon schedule (l2o.estimators.schedules): bounds default to num_steps // 10 and
+    # num_steps; "growing" ramps from (horizon_start_min, horizon_start_max) over horizon_ramp
+    # truncations of a worker
+    horizon_schedule: Literal["constant", "log_uniform", "growing"] = "constant"
+    horizon_min: PositiveInt | None = None
+    horizon_max: PositiveInt | None = None
+    horizon_start_min: PositiveInt | None = None
+    horizon_start_max: PositiveInt | None = None
+    horizon_ramp: PositiveInt = 1000
 
 
 class MetaOptimizerConfig(_Strict):
     """The optax optimizer that updates θ."""
 
     name: Literal["adam", "rmsprop", "sgd"] = "adam"
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(3e-3, gt=0)
     clip_norm: float | None = Field(1.0, gt=0)
 
 
@@ -61,7 +79,7 @@ class EvalConfig(_Strict):
 
     task: TaskConfig | None = None  # default: the training task
     steps: PositiveInt = 100
-    seeds: PositiveInt = 5
+    seeds: PositiveInt = 10
     adam_steps_factor: PositiveInt = 5  # Adam runs this many times longer, to measure speedup
     adam_learning_rates: list[float] = Field(
         default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
@@ -97,9 +115,11 @@ class TrainConfig(_Strict):
     run_name: str = "default"
     run_dir: str = "runs"
     seed: int = 0
-    meta_steps: PositiveInt = 1500
-    time_budget_s: float | None = Field(None, gt=0)  # stop early once this much time has passed
-    log_every: PositiveInt = 50
+    meta_steps: PositiveInt = 3000
+    # Stop early once this much meta-training time has passed (the default job fits 5 minutes on
+    # 2 CPU cores with compilation and evaluation); None: run all meta_steps.
+    time_budget_s: float | None = Field(200.0, gt=0)
+    log_every: PositiveInt = 25
     checkpoint_every: PositiveInt = 500
     task: TaskConfig = Field(default_factory=TaskConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)

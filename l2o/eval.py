@@ -344,19 +344,94 @@ def _json_list(a: np.ndarray) -> list[float | None]:
     return [_json_float(v) for v in np.asarray(a, dtype=np.float64).ravel()]
 
 
+def adam_baseline(task: Task, *, steps: int, seeds: int, key: PRNGKey,
+                  adam_learning_rates: Sequence[float] = DEFAULT_ADAM_LEARNING_RATES,
+                  adam_steps: int | None = None, loss_on: LossOn = "batch",
+                  final_window: int = 1) -> dict[str, Any]:
+    """The tuned-Adam side of :func:`evaluate`, as a JSON-ready dict that can be cached.
+
+    Adam is tuned at the evaluated horizon: ``best_lr`` has the lowest loss after ``steps`` steps,
+    and ``final_loss``, ``mean`` and ``std`` are that learning rate's. Every learning rate also runs
+    on to ``adam_steps`` (default ``steps``); ``lr_means`` holds each one's mean curve over that
+    longer horizon, from which :func:`score_against_baseline` measures speedups above 1.
+    """
+    adam_steps = int(steps if adam_steps is None else adam_steps)
+    if adam_steps < steps:
+        raise ValueError(f"adam_steps ({adam_steps}) must be at least steps ({steps})")
+    sweep = tuned_adam(task, adam_steps, seeds, key, adam_learning_rates, loss_on=loss_on,
+                       final_window=final_window)
+    at_horizon = sweep.all_curves[:, :, : steps + 1]
+    finals = tuple(final_loss(c, final_window) for c in at_horizon)
+    best = min(range(len(finals)), key=lambda j: _rank_key(finals[j]))
+    best_curves = CurveResult.from_curves(at_horizon[best], final_window)
+    return {
+        "task": task.name,
+        "steps": int(steps),
+        "seeds": int(seeds),
+        "adam_steps": adam_steps,
+        "loss_on": loss_on,
+        "final_window": int(final_window),
+        "learning_rates": list(sweep.learning_rates),
+        "final_losses": [_json_float(x) for x in finals],
+        "best_lr": float(sweep.learning_rates[best]),
+        "best_at_grid_edge": best in (0, len(finals) - 1),
+        "final_loss": _json_float(best_curves.final_loss),
+        "mean": _json_list(best_curves.mean),
+        "std": _json_list(best_curves.std),
+        "lr_means": [_json_list(c.mean(axis=0)) for c in sweep.all_curves],
+    }
+
+
+def _from_json(values: Sequence[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def score_against_baseline(learned: CurveResult, baseline: dict[str, Any]) -> dict[str, Any]:
+    """The result of :func:`evaluate` from the learned curves and an :func:`adam_baseline`.
+
+    The speedup is the fewest steps any learning rate of the grid needs to reach the learned
+    final loss, over the learned run's steps (a lower bound when none gets there).
+    """
+    window = int(baseline["final_window"])
+    per_lr = [speedup(learned.mean, _from_json(m), window=window) for m in baseline["lr_means"]]
+    reached = [sp for sp in per_lr if sp.reached]
+    sp = min(reached, key=lambda x: x.speedup) if reached else per_lr[0]
+    return {
+        "task": baseline["task"],
+        "steps": learned.steps,
+        "seeds": int(learned.curves.shape[0]),
+        "adam_steps": baseline["adam_steps"],
+        "loss_on": baseline["loss_on"],
+        "final_window": window,
+        "learned_final_loss": _json_float(learned.final_loss),
+        "adam_final_loss": baseline["final_loss"],
+        "adam_best_lr": baseline["best_lr"],
+        "adam_best_lr_at_grid_edge": baseline["best_at_grid_edge"],
+        "adam_learning_rates": baseline["learning_rates"],
+        "adam_final_losses": baseline["final_losses"],
+        "speedup": float(sp.speedup),
+        "speedup_reached": bool(sp.reached),
+        "speedup_str": str(sp),
+        "adam_steps_to_match": sp.adam_steps_to_match,
+        "learned_mean": _json_list(learned.mean),
+        "learned_std": _json_list(learned.std),
+        "adam_mean": baseline["mean"],
+        "adam_std": baseline["std"],
+    }
+
+
 def evaluate(task: Task, learned_opt: LearnedOptimizer, theta: MetaParams, *, steps: int,
              seeds: int, key: PRNGKey,
              adam_learning_rates: Sequence[float] = DEFAULT_ADAM_LEARNING_RATES,
              adam_steps: int | None = None, loss_on: LossOn = "batch",
-             final_window: int = 1) -> dict[str, Any]:
+             final_window: int = 1, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score ``learned_opt.opt_fn(theta)`` on ``task`` against Adam tuned over a learning-rate grid.
 
     Both run on the same ``seeds`` initializations and batches (same ``key``). Adam is tuned at the
-    evaluated horizon: ``adam_best_lr`` has the lowest loss after ``steps`` steps, and
-    ``adam_final_loss`` and the Adam curves are that learning rate's. Every learning rate also
-    runs on to ``adam_steps`` (default ``steps``) so that the speedup -- the fewest steps any
-    learning rate of the grid needs to reach the learned final loss, over ``steps`` -- can be
-    measured above 1 instead of only bounded.
+    evaluated horizon (see :func:`adam_baseline`; pass a cached one as ``baseline`` to skip the
+    sweep). Every learning rate also runs on to ``adam_steps`` (default ``steps``) so that the
+    speedup -- the fewest steps any learning rate of the grid needs to reach the learned final
+    loss, over ``steps`` -- can be measured above 1 instead of only bounded.
 
     Returns a JSON-serializable dict. Summary keys: ``task``, ``learned_optimizer``, ``steps``,
     ``seeds``, ``adam_steps``, ``loss_on``, ``final_window``, ``learned_final_loss``,
@@ -367,45 +442,13 @@ def evaluate(task: Task, learned_opt: LearnedOptimizer, theta: MetaParams, *, st
     ``learned_mean``, ``learned_std``, ``adam_mean``, ``adam_std``. Non-finite numbers
     (diverged runs) are None.
     """
-    adam_steps = int(steps if adam_steps is None else adam_steps)
-    if adam_steps < steps:
-        raise ValueError(f"adam_steps ({adam_steps}) must be at least steps ({steps})")
     learned = CurveResult.from_curves(
         loss_curves(task, learned_opt, theta, steps, seeds, key, loss_on=loss_on), final_window)
-    sweep = tuned_adam(task, adam_steps, seeds, key, adam_learning_rates, loss_on=loss_on,
-                       final_window=final_window)
-    # Adam is tuned at the evaluated horizon: each learning rate's curves cut at ``steps``.
-    at_horizon = sweep.all_curves[:, :, : steps + 1]
-    finals = tuple(final_loss(c, final_window) for c in at_horizon)
-    best = min(range(len(finals)), key=lambda j: _rank_key(finals[j]))
-    best_curves = CurveResult.from_curves(at_horizon[best], final_window)
-    # Steps to match: the fewest any learning rate of the grid needs over the longer horizon.
-    per_lr = [speedup(learned.mean, c, window=final_window) for c in sweep.all_curves]
-    reached = [sp for sp in per_lr if sp.reached]
-    sp = min(reached, key=lambda x: x.speedup) if reached else per_lr[0]
-    return {
-        "task": task.name,
-        "learned_optimizer": learned_opt.name,
-        "steps": int(steps),
-        "seeds": int(seeds),
-        "adam_steps": adam_steps,
-        "loss_on": loss_on,
-        "final_window": int(final_window),
-        "learned_final_loss": _json_float(learned.final_loss),
-        "adam_final_loss": _json_float(best_curves.final_loss),
-        "adam_best_lr": float(sweep.learning_rates[best]),
-        "adam_best_lr_at_grid_edge": best in (0, len(sweep.learning_rates) - 1),
-        "adam_learning_rates": list(sweep.learning_rates),
-        "adam_final_losses": [_json_float(x) for x in finals],
-        "speedup": float(sp.speedup),
-        "speedup_reached": bool(sp.reached),
-        "speedup_str": str(sp),
-        "adam_steps_to_match": sp.adam_steps_to_match,
-        "learned_mean": _json_list(learned.mean),
-        "learned_std": _json_list(learned.std),
-        "adam_mean": _json_list(best_curves.mean),
-        "adam_std": _json_list(best_curves.std),
-    }
+    if baseline is None:
+        baseline = adam_baseline(task, steps=steps, seeds=seeds, key=key,
+                                 adam_learning_rates=adam_learning_rates, adam_steps=adam_steps,
+                                 loss_on=loss_on, final_window=final_window)
+    return {"learned_optimizer": learned_opt.name, **score_against_baseline(learned, baseline)}
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:

@@ -21,23 +21,40 @@ from typing import Any
 from l2o.build import eval_key, task_family_from_config
 from l2o.config import TrainConfig
 from l2o.optimizers.base import LearnedOptimizer
+from l2o.tasks.base import Task
 from l2o.train import Trainer, meta_loss_summary, write_json
-from l2o.types import MetaParams
+from l2o.types import MetaParams, PRNGKey
 
 
-def evaluate_theta(cfg: TrainConfig, learned_opt: LearnedOptimizer,
-                   theta: MetaParams) -> dict[str, Any]:
-    """Score θ on fresh initializations of the eval task against a tuned-Adam sweep."""
+def eval_task_and_key(cfg: TrainConfig) -> tuple[Task, PRNGKey]:
+    """The held-out task evaluation runs on (fresh initializations) and the key it uses."""
     import jax
 
+    k_task, k_run = jax.random.split(eval_key(cfg.seed))
+    return task_family_from_config(cfg.eval_task()).sample_task(k_task), k_run
+
+
+def adam_baseline_for(cfg: TrainConfig) -> dict[str, Any]:
+    """The tuned-Adam baseline of ``cfg``'s evaluation (cacheable: see ``l2o.eval``)."""
+    from l2o.eval import adam_baseline
+
+    task, key = eval_task_and_key(cfg)
+    return adam_baseline(task, steps=cfg.eval.steps, seeds=cfg.eval.seeds, key=key,
+                         adam_learning_rates=tuple(cfg.eval.adam_learning_rates),
+                         adam_steps=cfg.eval.steps * cfg.eval.adam_steps_factor)
+
+
+def evaluate_theta(cfg: TrainConfig, learned_opt: LearnedOptimizer, theta: MetaParams,
+                   baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score θ on fresh initializations of the eval task against tuned Adam.
+
+    ``baseline`` is a cached :func:`adam_baseline_for` result; without it the sweep runs here.
+    """
     from l2o.eval import evaluate
 
-    key = eval_key(cfg.seed)
-    k_task, k_run = jax.random.split(key)
-    task = task_family_from_config(cfg.eval_task()).sample_task(k_task)
+    task, key = eval_task_and_key(cfg)
     return evaluate(task, learned_opt, theta, steps=cfg.eval.steps, seeds=cfg.eval.seeds,
-                    key=k_run, adam_learning_rates=tuple(cfg.eval.adam_learning_rates),
-                    adam_steps=cfg.eval.steps * cfg.eval.adam_steps_factor)
+                    key=key, baseline=baseline or adam_baseline_for(cfg))
 
 
 def load_theta(path: str | Path) -> tuple[LearnedOptimizer, MetaParams, dict[str, Any]]:
@@ -102,13 +119,15 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-def run_local(cfg: TrainConfig, on_log: Callable[[dict[str, float]], None] | None = None,
-              resume: bool = True) -> dict[str, Any]:
-    """Meta-train on this machine, evaluate, write the outputs; the summary dict."""
+def run_local(cfg: TrainConfig,
+              on_log: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Meta-train on this machine (resuming from the run dir), evaluate, write the outputs.
+
+    Returns the summary dict.
+    """
     start = time.monotonic()
     trainer = Trainer(cfg)
-    if resume:
-        trainer.restore()
+    trainer.restore()
     tb = TensorBoardLogger(trainer.run_dir)
 
     def log(entry: dict[str, float]) -> None:

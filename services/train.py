@@ -333,11 +333,13 @@ def run_service(cfg: Any, *, address: str | None = None,
 
         # the final θ is the newest params checkpoint (the learner just wrote it)
         from l2o.checkpoints import latest_checkpoint
-        from l2o.job import EVAL_SUMMARY_KEYS, evaluate_theta, load_theta, write_outputs
+        from l2o.job import EVAL_SUMMARY_KEYS, load_theta, write_outputs
+        from workers.eval_worker import score_checkpoint
 
         final_path = latest_checkpoint(run_dir, "params")
-        lopt, theta, meta = load_theta(final_path)
-        result = evaluate_theta(cfg, lopt, theta) if final_eval else None
+        _, _, meta = load_theta(final_path)
+        # the same evaluation as the single-machine job, reusing the cached Adam baseline
+        result = score_checkpoint(cfg, str(final_path), registry) if final_eval else None
         first, last = meta_loss_first_last(read_metrics(rclient, registry), cfg.log_every)
         stats = [s for s in worker_stats if isinstance(s, dict)]
         summary = {

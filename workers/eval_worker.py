@@ -32,71 +32,32 @@ from workers.unroll import actor_options
 log = logging.getLogger(__name__)
 
 
-def _sweep_to_json(sweep: Any) -> dict[str, Any]:
-    from l2o.eval import _json_list
-
-    return {
-        "best_lr": float(sweep.best_lr),
-        "final_loss": float(sweep.best.final_loss),
-        "final_window": int(sweep.best.final_window),
-        "mean": _json_list(sweep.best.mean),
-        "std": _json_list(sweep.best.std),
-        "learning_rates": list(sweep.learning_rates),
-        "final_losses": [float(x) for x in sweep.final_losses],
-    }
-
-
 def score_checkpoint(cfg: Any, path: str, registry: Any | None = None) -> dict[str, Any]:
     """Score the params checkpoint at ``path`` on ``cfg``'s eval task against tuned Adam.
 
-    ``cfg`` is a :class:`~l2o.config.TrainConfig`. With ``registry`` the Adam sweep is read from
-    (or written to) its cache. Returns a JSON-ready dict with the keys of ``l2o.eval.evaluate``
-    (``learned_final_loss``, ``adam_final_loss``, ``adam_best_lr``, ``speedup``…, curves
-    included) plus ``checkpoint``, ``adam_cached`` and ``eval_seconds``.
+    ``cfg`` is a :class:`~l2o.config.TrainConfig`. The evaluation is the single-machine job's
+    (:func:`l2o.job.evaluate_theta`); with ``registry`` the tuned-Adam baseline is read from (or
+    written to) its cache. Returns the dict of ``l2o.eval.evaluate`` (curves included) plus
+    ``checkpoint``, ``checkpoint_version``, ``adam_task_key``, ``adam_cached``, ``eval_seconds``.
     """
-    import jax
-    import numpy as np
-
-    from l2o.build import eval_key, task_family_from_config
-    from l2o.eval import CurveResult, _json_float, _json_list, loss_curves, speedup, tuned_adam
-    from l2o.job import load_theta
+    from l2o.job import adam_baseline_for, evaluate_theta, load_theta
     from services.registry import task_key
 
     t0 = time.monotonic()
     lopt, theta, meta = load_theta(path)
     ev = cfg.eval
-    k_task, k_run = jax.random.split(eval_key(cfg.seed))
-    task = task_family_from_config(cfg.eval_task()).sample_task(k_task)
-    lrs = [float(x) for x in ev.adam_learning_rates]
-    learned = CurveResult.from_curves(loss_curves(task, lopt, theta, ev.steps, ev.seeds, k_run))
-    key = task_key(cfg.eval_task().model_dump(mode="json"), ev.steps, ev.seeds, lrs,
-                   extra={"seed": cfg.seed, "task": task.name})
-    sweep = registry.get_adam_sweep(key) if registry is not None else None
-    cached = sweep is not None
-    if sweep is None:
-        sweep = _sweep_to_json(tuned_adam(task, ev.steps, ev.seeds, k_run, lrs))
+    key = task_key(cfg.eval_task().model_dump(mode="json"), ev.steps, ev.seeds,
+                   [float(x) for x in ev.adam_learning_rates],
+                   extra={"seed": cfg.seed, "adam_steps_factor": ev.adam_steps_factor})
+    baseline = registry.get_adam_sweep(key) if registry is not None else None
+    cached = baseline is not None
+    if baseline is None:
+        baseline = adam_baseline_for(cfg)
         if registry is not None:
-            registry.set_adam_sweep(key, sweep)
-    adam_mean = np.array([np.nan if v is None else v for v in sweep["mean"]], dtype=np.float64)
-    sp = speedup(learned.mean, adam_mean)
+            registry.set_adam_sweep(key, baseline)
+    result = evaluate_theta(cfg, lopt, theta, baseline=baseline)
     return {
-        "task": task.name,
-        "learned_optimizer": lopt.name,
-        "steps": int(ev.steps),
-        "seeds": int(ev.seeds),
-        "learned_final_loss": _json_float(learned.final_loss),
-        "adam_final_loss": _json_float(sweep["final_loss"]),
-        "adam_best_lr": float(sweep["best_lr"]),
-        "adam_learning_rates": sweep["learning_rates"],
-        "adam_final_losses": [_json_float(x) for x in sweep["final_losses"]],
-        "speedup": float(sp.speedup),
-        "speedup_reached": bool(sp.reached),
-        "speedup_str": str(sp),
-        "adam_steps_to_match": sp.adam_steps_to_match,
-        "learned_mean": _json_list(learned.mean),
-        "learned_std": _json_list(learned.std),
-        "adam_mean": sweep["mean"],
-        "adam_std": sweep["std"],
+        **result,
         "checkpoint": str(path),
         "checkpoint_version": int(meta.get("version", -1)),
         "adam_task_key": key,

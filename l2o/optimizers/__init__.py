@@ -2,6 +2,7 @@
 
 from l2o.optimizers.base import LearnedOptimizer, Optimizer, OptState
 from l2o.optimizers.baselines import BASELINES, OptaxLearnedOptimizer, adam, rmsprop, sgd
+from l2o.optimizers.factored_mlp import FactoredMLPLOpt, FactoredMLPOptimizer, FactoredMLPState
 from l2o.optimizers.learned_adam import AdamState, LearnedAdam, LearnedAdamOptimizer
 from l2o.optimizers.lstm import (
     LSTMLearnedOptimizer,
@@ -10,14 +11,19 @@ from l2o.optimizers.lstm import (
     LSTMOptState,
     log_and_sign,
 )
+from l2o.optimizers.mlp_lopt import MLPLOpt, MLPLOptOptimizer, MLPLOptState, SlabLayout
 from l2o.optimizers.optax_bridge import BridgeState, as_gradient_transformation
 from l2o.optimizers.registry import OPTIMIZERS, make_learned_optimizer
+from l2o.optimizers.rnn_mlp import RNNMLPLOpt, RNNMLPOptimizer, RNNMLPState
 
 __all__ = [
     "BASELINES",
     "OPTIMIZERS",
     "AdamState",
     "BridgeState",
+    "FactoredMLPLOpt",
+    "FactoredMLPOptimizer",
+    "FactoredMLPState",
     "LSTMLearnedOptimizer",
     "LSTMNetState",
     "LSTMOptState",
@@ -25,9 +31,16 @@ __all__ = [
     "LearnedAdam",
     "LearnedAdamOptimizer",
     "LearnedOptimizer",
+    "MLPLOpt",
+    "MLPLOptOptimizer",
+    "MLPLOptState",
     "OptState",
     "OptaxLearnedOptimizer",
     "Optimizer",
+    "RNNMLPLOpt",
+    "RNNMLPOptimizer",
+    "RNNMLPState",
+    "SlabLayout",
     "adam",
     "as_gradient_transformation",
     "log_and_sign",

@@ -1,7 +1,8 @@
 """Learned and hand-designed optimizers by name, as used by configs and the CLI.
 
 ``make_learned_optimizer("lstm", layers=[20, 20])`` builds L2L's LSTM optimizer;
-``"learned_adam"`` is Adam with learned hyperparameters; ``"adam"``, ``"sgd"`` and ``"rmsprop"``
+``"learned_adam"`` is Adam with learned hyperparameters; ``"mlp"``, ``"factored_mlp"`` and
+``"rnn_mlp"`` are the per-parameter MLP optimizers; ``"adam"``, ``"sgd"`` and ``"rmsprop"``
 are the fixed optax baselines (θ = ``{}``).
 """
 
@@ -13,14 +14,20 @@ from typing import Any
 
 from l2o.optimizers.base import LearnedOptimizer
 from l2o.optimizers.baselines import BASELINES
+from l2o.optimizers.factored_mlp import FactoredMLPLOpt
 from l2o.optimizers.learned_adam import LearnedAdam
 from l2o.optimizers.lstm import LSTMLearnedOptimizer
+from l2o.optimizers.mlp_lopt import MLPLOpt
+from l2o.optimizers.rnn_mlp import RNNMLPLOpt
 
 #: Constructors of every known optimizer; keyword arguments are their settings.
 OPTIMIZERS: dict[str, Callable[..., LearnedOptimizer]] = {
     "lstm": LSTMLearnedOptimizer,
     "learned_adam": LearnedAdam,
     **BASELINES,
+    "mlp": MLPLOpt,
+    "factored_mlp": FactoredMLPLOpt,
+    "rnn_mlp": RNNMLPLOpt,
 }
 
 

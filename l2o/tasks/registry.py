@@ -122,6 +122,36 @@ def fashion_mnist_conv(channels: Sequence[int] = (8, 16), activation: str = "rel
     return _conv("fashion_mnist", channels, activation, batch_size, data_dir)
 
 
+def sampled_mlp(dataset: str = "digits", widths: Sequence[int] = (16, 32, 64),
+                depths: Sequence[int] = (1, 2),
+                activations: Sequence[str] = ("relu", "tanh", "sigmoid"),
+                batch_sizes: Sequence[int] = (32, 64, 128),
+                data_dir: str | None = None) -> TaskFamily:
+    """MLPs with width, depth, activation and batch size drawn per problem (masked; digits)."""
+    from l2o.tasks.sampled import SampledMLPFamily
+
+    return SampledMLPFamily(data=_load(dataset, data_dir),
+                            widths=_int_tuple("widths", widths),
+                            depths=_int_tuple("depths", depths),
+                            activations=tuple(activations),
+                            batch_sizes=_int_tuple("batch_sizes", batch_sizes))
+
+
+def reparam(task: str = "sampled_mlp", task_kwargs: dict | None = None,
+            min_scale: float = 1e-2, max_scale: float = 1e2) -> TaskFamily:
+    """A registered task with each parameter tensor rescaled (log-uniform), undone in the loss.
+
+    The scale-invariance augmentation of :mod:`l2o.tasks.augment`: ``task``/``task_kwargs`` name
+    the wrapped task; each tensor's scale is log-uniform in ``[min_scale, max_scale]``.
+    """
+    from l2o.tasks.augment import ReparamFamily
+
+    if task == "reparam":
+        raise ValueError("reparam cannot wrap itself")
+    base = make_task_family(task, **(task_kwargs or {}))
+    return ReparamFamily(base=base, min_scale=float(min_scale), max_scale=float(max_scale))
+
+
 TASKS: dict[str, Callable[..., TaskFamily]] = {
     "quadratic": quadratic,
     "simple": simple,
@@ -132,6 +162,8 @@ TASKS: dict[str, Callable[..., TaskFamily]] = {
     "fashion_mnist_mlp": fashion_mnist_mlp,
     "mnist_conv": mnist_conv,
     "fashion_mnist_conv": fashion_mnist_conv,
+    "sampled_mlp": sampled_mlp,
+    "reparam": reparam,
 }
 
 

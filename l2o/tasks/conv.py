@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from l2o.tasks.base import Task
+from l2o.tasks.classifier import ImageClassifier, get_activation, lecun_normal
 from l2o.tasks.datasets import Dataset
-from l2o.tasks.mlp import get_activation, lecun_normal, softmax_cross_entropy
-from l2o.types import Batch, Params, PRNGKey
+from l2o.types import Params, PRNGKey
 
 
 @struct.dataclass
-class ConvTask(Task):
+class ConvTask(ImageClassifier):
     """Classify ``data`` with strided convolutions and a linear readout."""
 
     data: Dataset
@@ -63,14 +62,6 @@ class ConvTask(Task):
         }
         return params
 
-    def sample_batch(self, key: PRNGKey) -> Batch:
-        """``batch_size`` training examples ``{"x", "y"}``, drawn with replacement."""
-        return self.data.sample_batch(key, self.batch_size, "train")
-
-    def sample_eval_batch(self, key: PRNGKey) -> Batch:
-        """``batch_size`` examples from the test split."""
-        return self.data.sample_batch(key, self.batch_size, "test")
-
     def logits(self, params: Params, x: jax.Array) -> jax.Array:
         """Class logits ``[B, num_classes]`` for ``NHWC`` images ``x``."""
         act = get_activation(self.activation)
@@ -83,15 +74,6 @@ class ConvTask(Task):
             h = act(h + layer["b"])
         h = h.reshape(h.shape[0], -1)
         return h @ params["readout"]["w"] + params["readout"]["b"]
-
-    def loss(self, params: Params, batch: Batch) -> jax.Array:
-        """Softmax cross-entropy, mean over the batch."""
-        return softmax_cross_entropy(self.logits(params, batch["x"]), batch["y"])
-
-    def accuracy(self, params: Params, batch: Batch) -> jax.Array:
-        """Fraction of the batch classified correctly."""
-        pred = jnp.argmax(self.logits(params, batch["x"]), axis=-1)
-        return jnp.mean((pred == batch["y"]).astype(jnp.float32))
 
     @property
     def name(self) -> str:

@@ -8,46 +8,17 @@ The loss is the softmax cross-entropy averaged over the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from l2o.tasks.base import Task
+from l2o.tasks.classifier import ImageClassifier, get_activation, lecun_normal
 from l2o.tasks.datasets import Dataset
-from l2o.types import Batch, Params, PRNGKey
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "sigmoid": jax.nn.sigmoid,
-    "relu": jax.nn.relu,
-    "tanh": jnp.tanh,
-}
-
-
-def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The activation function called ``name`` (one of :data:`ACTIVATIONS`)."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
-
-
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean over the batch of ``-log softmax(logits)[label]``."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
-
-
-def lecun_normal(key: PRNGKey, shape: tuple[int, ...], fan_in: int) -> jax.Array:
-    """Truncated normal (at ±2σ) rescaled to variance ``1 / fan_in``."""
-    # A standard normal truncated to [-2, 2] has std ≈ 0.8796; divide it out.
-    std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978
-    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+from l2o.types import Params, PRNGKey
 
 
 @struct.dataclass
-class MLPTask(Task):
+class MLPTask(ImageClassifier):
     """Classify ``data`` with a fully connected net: flattened input → ``hidden_sizes`` (each
     followed by ``activation``) → linear readout to ``num_classes`` logits."""
 
@@ -61,14 +32,6 @@ class MLPTask(Task):
         get_activation(self.activation)  # fail early on a bad name
         if not isinstance(self.hidden_sizes, tuple):  # static fields must be hashable
             object.__setattr__(self, "hidden_sizes", tuple(self.hidden_sizes))
-
-    @property
-    def input_size(self) -> int:
-        """Number of input features (pixels × channels)."""
-        size = 1
-        for s in self.data.image_shape:
-            size *= int(s)
-        return size
 
     @property
     def layer_sizes(self) -> tuple[int, ...]:
@@ -85,14 +48,6 @@ class MLPTask(Task):
             for i, (k, n_in, n_out) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True))
         }
 
-    def sample_batch(self, key: PRNGKey) -> Batch:
-        """``batch_size`` training examples ``{"x", "y"}``, drawn with replacement."""
-        return self.data.sample_batch(key, self.batch_size, "train")
-
-    def sample_eval_batch(self, key: PRNGKey) -> Batch:
-        """``batch_size`` examples from the test split."""
-        return self.data.sample_batch(key, self.batch_size, "test")
-
     def logits(self, params: Params, x: jax.Array) -> jax.Array:
         """Class logits ``[B, num_classes]`` for images ``x`` ``[B, ...]``."""
         act = get_activation(self.activation)
@@ -104,15 +59,6 @@ class MLPTask(Task):
             if i < n:
                 h = act(h)
         return h
-
-    def loss(self, params: Params, batch: Batch) -> jax.Array:
-        """Softmax cross-entropy, mean over the batch."""
-        return softmax_cross_entropy(self.logits(params, batch["x"]), batch["y"])
-
-    def accuracy(self, params: Params, batch: Batch) -> jax.Array:
-        """Fraction of the batch classified correctly."""
-        pred = jnp.argmax(self.logits(params, batch["x"]), axis=-1)
-        return jnp.mean((pred == batch["y"]).astype(jnp.float32))
 
     @property
     def name(self) -> str:

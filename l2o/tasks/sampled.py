@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from l2o.tasks.base import Task, TaskFamily
+from l2o.tasks.base import TaskFamily
+from l2o.tasks.classifier import ImageClassifier, get_activation, lecun_normal
 from l2o.tasks.datasets import Dataset
-from l2o.tasks.mlp import get_activation, lecun_normal
 from l2o.types import Batch, Params, PRNGKey
 
 
@@ -51,7 +51,7 @@ class SampledMLPConfig:
 
 
 @struct.dataclass
-class MaskedMLPTask(Task):
+class MaskedMLPTask(ImageClassifier):
     """An MLP classifier of sampled width/depth/activation/batch size inside a maximal one.
 
     ``params``: ``{"layer_0": {"w": [in, W], "b": [W]}, …, "layer_<D-1>": {"w": [W, W], …},
@@ -65,14 +65,6 @@ class MaskedMLPTask(Task):
     max_batch: int = struct.field(pytree_node=False, default=128)
     activations: tuple[str, ...] = struct.field(pytree_node=False, default=("relu",))
     num_classes: int = struct.field(pytree_node=False, default=10)
-
-    @property
-    def input_size(self) -> int:
-        """Number of input features."""
-        size = 1
-        for s in self.data.image_shape:
-            size *= int(s)
-        return size
 
     def unit_mask(self) -> jax.Array:
         """``[max_width]`` float mask of the active hidden units."""

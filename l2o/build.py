@@ -35,11 +35,18 @@ def learned_optimizer_from_config(cfg: OptimizerConfig) -> LearnedOptimizer:
 def estimator_from_config(cfg: EstimatorConfig, family: TaskFamily,
                           learned_opt: LearnedOptimizer) -> GradientEstimator:
     """The meta-gradient estimator described by ``cfg``."""
+    from l2o.estimators import PES, FullES, TruncatedES, make_horizon_schedule
+
+    schedule = make_horizon_schedule(
+        cfg.horizon_schedule, cfg.num_steps, cfg.horizon_min, cfg.horizon_max,
+        cfg.horizon_start_min, cfg.horizon_start_max, cfg.horizon_ramp)
     step = TruncatedStep(
         family=family,
         learned_opt=learned_opt,
         num_steps=cfg.num_steps,
         second_derivatives=cfg.second_derivatives,
+        horizon_schedule=schedule,
+        eval_split_loss=cfg.name != "tbptt" and cfg.meta_loss_split == "eval",
     )
     if cfg.name == "tbptt":
         return TruncatedBackprop(
@@ -48,6 +55,18 @@ def estimator_from_config(cfg: EstimatorConfig, family: TaskFamily,
             unroll_length=cfg.unroll_length,
             meta_loss_reduction=cfg.meta_loss_reduction,
         )
+    es_common = {"truncated_step": step, "num_tasks": cfg.num_tasks, "std": cfg.std,
+                 "sign_delta_loss": cfg.sign_delta_loss}
+    if cfg.name == "es":
+        return TruncatedES(**es_common, unroll_length=cfg.unroll_length,
+                           random_initial_offset=cfg.random_initial_offset,
+                           advance=cfg.es_advance)
+    if cfg.name == "pes":
+        return PES(**es_common, unroll_length=cfg.unroll_length,
+                   random_initial_offset=cfg.random_initial_offset)
+    if cfg.name == "full_es":
+        return FullES(**es_common, loss_type=cfg.full_es_loss,
+                      recompute_batches=cfg.full_es_recompute_batches)
     raise ValueError(f"unknown estimator {cfg.name!r}")
 
 

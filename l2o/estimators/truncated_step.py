@@ -5,11 +5,26 @@ state of the optimizer ``opt_fn(θ)`` training it. :meth:`TruncatedStep.step` ad
 inner step and resets it (new task, new initialization, fresh optimizer state) once its horizon
 ``num_steps`` is reached. Estimators ``lax.scan`` this step over a truncation and ``vmap`` it over
 several inner problems; truncated backprop differentiates through it, ES and PES perturb θ.
+
+Optional extensions, all off by default (the behaviour above is then unchanged):
+
+- ``horizon_schedule``: a :class:`~l2o.estimators.schedules.HorizonSchedule`. Each inner problem
+  then draws its own horizon when it (re)starts, stored in :attr:`InnerState.horizon`, instead of
+  using ``num_steps`` (which stays the static horizon handed to ``opt.init``; keep it at least the
+  schedule's ``max_length``). Schedules may depend on a traced meta-iteration (a curriculum),
+  passed as ``iteration`` to :meth:`TruncatedStep.step`, :meth:`~TruncatedStep.unroll` and
+  :meth:`~TruncatedStep.init_states`.
+- ``random_offset`` in :meth:`TruncatedStep.init_states`: the first problems start at a uniformly
+  random step of their horizon, so vmapped problems do not restart in lock-step.
+- ``eval_split_loss``: each step also reports the loss of the *updated* parameters on a batch of
+  the task's evaluation split (``Task.sample_eval_batch``), for meta-losses on held-out data.
+- ``theta_batched`` in :meth:`TruncatedStep.unroll`: θ carries a leading axis (one θ per problem),
+  as ES and PES need for their perturbed copies.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +34,9 @@ from l2o.optimizers.base import LearnedOptimizer
 from l2o.tasks.base import TaskFamily
 from l2o.types import MetaParams, PRNGKey
 
+if TYPE_CHECKING:
+    from l2o.estimators.schedules import HorizonSchedule
+
 
 @struct.dataclass
 class InnerState:
@@ -27,6 +45,12 @@ class InnerState:
     task_cfg: Any
     opt_state: Any
     step: jax.Array  # int32: inner steps done since the last reset
+    #: int32 horizon drawn at the last reset when a horizon schedule is used, else ``None``
+    horizon: jax.Array | None = None
+
+    def limit(self, default: int) -> jax.Array | int:
+        """The step count at which this problem restarts (``default`` without a schedule)."""
+        return default if self.horizon is None else self.horizon
 
 
 @struct.dataclass
@@ -35,6 +59,9 @@ class StepOutput:
 
     loss: jax.Array  # loss of the parameters *before* the update, on this step's batch
     reset: jax.Array  # bool: the problem was re-initialized at the start of this step
+    #: loss of the parameters *after* the update on an evaluation-split batch, when
+    #: ``TruncatedStep.eval_split_loss`` is set; else ``None``
+    eval_loss: jax.Array | None = None
 
 
 def tree_where(cond: jax.Array, a, b):
@@ -53,23 +80,38 @@ class TruncatedStep:
     learned_opt: LearnedOptimizer = struct.field(pytree_node=False)
     num_steps: int = struct.field(pytree_node=False, default=100)
     second_derivatives: bool = struct.field(pytree_node=False, default=False)
+    horizon_schedule: HorizonSchedule | None = struct.field(pytree_node=False, default=None)
+    eval_split_loss: bool = struct.field(pytree_node=False, default=False)
 
-    def init_state(self, theta: MetaParams, key: PRNGKey) -> InnerState:
-        """A fresh inner problem (unbatched; ``vmap`` for several)."""
+    def init_state(self, theta: MetaParams, key: PRNGKey,
+                   iteration: jax.Array | int | None = None) -> InnerState:
+        """A fresh inner problem (unbatched; ``vmap`` for several).
+
+        ``iteration`` (the meta-iteration, possibly traced) only matters to a curriculum schedule.
+        """
         k_task, k_init = jax.random.split(key)
         cfg = self.family.sample(k_task)
         params = self.family.task(cfg).init(k_init)
         opt = self.learned_opt.opt_fn(theta)
         opt_state = opt.init(params, num_steps=self.num_steps, key=k_init)
-        return InnerState(task_cfg=cfg, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
+        horizon = None
+        if self.horizon_schedule is not None:
+            k_h = jax.random.fold_in(key, 0x5C4ED)
+            horizon = self.horizon_schedule.sample(k_h, 0 if iteration is None else iteration)
+        return InnerState(task_cfg=cfg, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
+                          horizon=horizon)
 
-    def step(self, theta: MetaParams, state: InnerState,
-             key: PRNGKey) -> tuple[InnerState, StepOutput]:
+    def step(self, theta: MetaParams, state: InnerState, key: PRNGKey,
+             iteration: jax.Array | int | None = None) -> tuple[InnerState, StepOutput]:
         """Reset the problem if its horizon is reached, then take one inner step."""
         k_reset, k_batch, k_opt = jax.random.split(key, 3)
-        reset = state.step >= self.num_steps
-        state = tree_where(reset, self.init_state(theta, k_reset), state)
+        reset = state.step >= state.limit(self.num_steps)
+        state = tree_where(reset, self.init_state(theta, k_reset, iteration), state)
+        return self._advance(theta, state, reset, k_batch, k_opt)
 
+    def _advance(self, theta: MetaParams, state: InnerState, reset: jax.Array, k_batch: PRNGKey,
+                 k_opt: PRNGKey) -> tuple[InnerState, StepOutput]:
+        """The inner step proper, once a due reset has been applied."""
         task = self.family.task(state.task_cfg)
         opt = self.learned_opt.opt_fn(theta, is_training=True)
         batch = task.sample_batch(k_batch)
@@ -78,29 +120,74 @@ class TruncatedStep:
         if not self.second_derivatives:
             grads = jax.lax.stop_gradient(grads)
         opt_state = opt.update(state.opt_state, grads, loss=loss, key=k_opt)
-        new_state = InnerState(task_cfg=state.task_cfg, opt_state=opt_state, step=state.step + 1)
-        return new_state, StepOutput(loss=loss, reset=reset)
+        new_state = InnerState(task_cfg=state.task_cfg, opt_state=opt_state, step=state.step + 1,
+                               horizon=state.horizon)
+        eval_loss = None
+        if self.eval_split_loss:
+            k_eval = jax.random.fold_in(k_batch, 1)
+            eval_loss = task.loss(opt.params(opt_state), task.sample_eval_batch(k_eval))
+        return new_state, StepOutput(loss=loss, reset=reset, eval_loss=eval_loss)
 
-    def final_loss(self, theta: MetaParams, state: InnerState, key: PRNGKey) -> jax.Array:
-        """Loss of the problem's current parameters on a fresh batch."""
+    def final_loss(self, theta: MetaParams, state: InnerState, key: PRNGKey,
+                   split: str = "train") -> jax.Array:
+        """Loss of the problem's current parameters on a fresh batch (``split``: train or eval)."""
         task = self.family.task(state.task_cfg)
         params = self.learned_opt.opt_fn(theta).params(state.opt_state)
-        return task.loss(params, task.sample_batch(key))
+        batch = task.sample_eval_batch(key) if split == "eval" else task.sample_batch(key)
+        return task.loss(params, batch)
 
-    def init_states(self, theta: MetaParams, key: PRNGKey, num_tasks: int) -> InnerState:
-        """``num_tasks`` fresh inner problems, stacked on a leading axis."""
-        return jax.vmap(self.init_state, in_axes=(None, 0))(theta, jax.random.split(key, num_tasks))
+    def init_states(self, theta: MetaParams, key: PRNGKey, num_tasks: int,
+                    random_offset: bool = False,
+                    iteration: jax.Array | int | None = None) -> InnerState:
+        """``num_tasks`` fresh inner problems, stacked on a leading axis.
 
-    def unroll(self, theta: MetaParams, states: InnerState, key: PRNGKey,
-               length: int) -> tuple[InnerState, StepOutput]:
+        With ``random_offset`` each problem's step counter starts uniformly in
+        ``[0, horizon)``, so the problems reach their horizons (and restart) at different
+        truncations instead of in lock-step. Their parameters are still fresh: the first episode
+        of each problem is just shorter.
+        """
+        keys = jax.random.split(key, num_tasks)
+        states = jax.vmap(self.init_state, in_axes=(None, 0, None))(theta, keys, iteration)
+        if random_offset:
+            limit = states.limit(self.num_steps)
+            u = jax.random.uniform(jax.random.fold_in(key, 0x0FF5E7), (num_tasks,))
+            offset = jnp.floor(u * limit).astype(jnp.int32)
+            states = states.replace(step=jnp.minimum(offset, jnp.asarray(limit) - 1))
+        return states
+
+    def unroll(self, theta: MetaParams, states: InnerState, key: PRNGKey, length: int,
+               theta_batched: bool = False, iteration: jax.Array | int | None = None,
+               key_groups: int = 1) -> tuple[InnerState, StepOutput]:
         """``length`` steps of every stacked problem: ``lax.scan`` over steps, ``vmap`` over tasks.
 
+        Each step is :meth:`step` on every problem, with one difference in cost only: fresh
+        problems are built only at steps where at least one problem restarts (a ``lax.cond`` over
+        the whole batch), not at every step. With ``theta_batched`` θ has a leading axis, one θ
+        per problem. ``key_groups = G`` splits the batch into ``G`` consecutive blocks whose
+        problems ``i``, ``i + N/G``, … receive the same keys (antithetic pairs use ``G = 2``).
         Returns the final states and the per-step outputs with shape ``[length, num_tasks]``.
         """
         num_tasks = jax.tree_util.tree_leaves(states.step)[0].shape[0]
-        batched_step = jax.vmap(self.step, in_axes=(None, 0, 0))
+        if num_tasks % key_groups:
+            raise ValueError(f"{num_tasks} problems do not split into {key_groups} key groups")
+        th_axis = 0 if theta_batched else None
+        init_b = jax.vmap(self.init_state, in_axes=(th_axis, 0, None))
+        advance_b = jax.vmap(self._advance, in_axes=(th_axis, 0, 0, 0, 0))
 
-        def body(carry, k):
-            return batched_step(theta, carry, jax.random.split(k, num_tasks))
+        def body(carry: InnerState, k: PRNGKey):
+            keys = jax.random.split(k, num_tasks // key_groups)
+            if key_groups > 1:
+                keys = jnp.concatenate([keys] * key_groups, axis=0)
+            k3 = jax.vmap(lambda kk: jax.random.split(kk, 3))(keys)
+            k_reset, k_batch, k_opt = k3[:, 0], k3[:, 1], k3[:, 2]
+            reset = carry.step >= carry.limit(self.num_steps)
+
+            def with_resets(st: InnerState) -> InnerState:
+                fresh = init_b(theta, k_reset, iteration)
+                pick = lambda a, b: jnp.where(reset.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+                return jax.tree_util.tree_map(pick, fresh, st)
+
+            carry = jax.lax.cond(jnp.any(reset), with_resets, lambda st: st, carry)
+            return advance_b(theta, carry, reset, k_batch, k_opt)
 
         return jax.lax.scan(body, states, jax.random.split(key, length))

@@ -191,6 +191,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task": {"name": "mnist_mlp"},
         "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100},
     },
+    # The per-parameter MLP optimizer on 64-32-10 ReLU digits MLPs, one preset per estimator.
+    **{
+        f"mlp-{est.replace('_', '')}-digits": {
+            "run_name": f"mlp-{est.replace('_', '')}-digits",
+            "task": {"name": "digits_mlp", "kwargs": {"hidden_sizes": [32], "activation": "relu"}},
+            "optimizer": {"name": "mlp"},
+            "estimator": {
+                "name": est,
+                "num_tasks": 8,
+                "unroll_length": 20,
+                "num_steps": 200,
+                "std": 0.01,
+                "random_initial_offset": est in ("es", "pes"),
+            },
+            "meta_optimizer": {"learning_rate": 1e-3},
+            "eval": {"steps": 200},
+        }
+        for est in ("tbptt", "es", "pes", "full_es")
+    },
 }
 
 

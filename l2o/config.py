@@ -121,6 +121,11 @@ class TrainConfig(_Strict):
     time_budget_s: float | None = Field(200.0, gt=0)
     log_every: PositiveInt = 25
     checkpoint_every: PositiveInt = 500
+    # L2L's evaluation flags (see docs/l2l.md): every evaluation_period meta-steps, score θ by the
+    # learned optimizer's mean final loss over evaluation_epochs seeds of the eval task
+    # (eval.steps inner steps, no Adam sweep) and write checkpoints/best.ckpt when it improves.
+    evaluation_period: PositiveInt | None = None
+    evaluation_epochs: PositiveInt = 10
     task: TaskConfig = Field(default_factory=TaskConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
@@ -209,6 +214,66 @@ PRESETS: dict[str, dict[str, Any]] = {
             "eval": {"steps": 200},
         }
         for est in ("tbptt", "es", "pes", "full_es")
+    },
+    # The L2L problem suite (Andrychowicz et al. 2016) and the λ optimizers; see docs/l2l.md.
+    **{
+        name: {
+            "run_name": name,
+            "evaluation_period": 50,
+            "evaluation_epochs": 20,
+            "estimator": {"num_tasks": 4, "unroll_length": 20, "num_steps": 100},
+            "meta_optimizer": {"learning_rate": 3e-3},
+            **extra,
+        }
+        for name, extra in {
+            "l2l-simple": {"task": {"name": "simple"},
+                           "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100}},
+            "l2l-simple-multi": {
+                "task": {"name": "simple_multi"},
+                "optimizer": {"name": "mixed", "kwargs": {
+                    "learned": "lstm", "learned_paths": "^x_0$",
+                    "fallback": "adam", "fallback_kwargs": {"learning_rate": 0.1}}},
+                "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100},
+            },
+            "l2l-cifar": {"task": {"name": "cifar"},
+                          "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100}},
+            "l2l-cifar-multi": {
+                "task": {"name": "cifar_multi"},
+                "optimizer": {"name": "lstm", "kwargs": {
+                    "net_assignments": [["conv", "conv"], ["fc", "readout"]]}},
+                "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100},
+            },
+            "l2l-digits-conv-multi": {
+                "task": {"name": "digits_conv_multi"},
+                "optimizer": {"name": "lstm", "kwargs": {
+                    "net_assignments": [["conv", "conv"], ["fc", "readout"]]}},
+            },
+            "l2l-fixed-lambda": {"task": {"name": "digits_mlp"},
+                                 "optimizer": {"name": "fixed_lambda", "kwargs": {"lam": 0.5}}},
+            "l2l-learned-lambda": {"task": {"name": "digits_mlp"},
+                                   "optimizer": {"name": "learned_lambda"}},
+        }.items()
+    },
+    # The hierarchical RNN (Wichrowska et al. 2017) on its problem set; see
+    # l2o/optimizers/hierarchical_rnn.py. RMSProp as published, but at 3e-3 rather than the
+    # paper's 1e-6: θ has ~2k weights and these runs take hundreds of meta-steps on one machine,
+    # where 1e-6 would leave θ at its initialization (gradients are clipped to norm 1 first).
+    "hrnn-problem-set": {
+        "run_name": "hrnn-problem-set",
+        "task": {"name": "problem_set"},
+        "optimizer": {"name": "hierarchical_rnn"},
+        "estimator": {"name": "tbptt", "num_tasks": 16, "unroll_length": 10, "num_steps": 200,
+                      "horizon_schedule": "log_uniform", "horizon_min": 20},
+        "meta_optimizer": {"name": "rmsprop", "learning_rate": 3e-3},
+        "eval": {"task": {"name": "digits_mlp"}, "seeds": 5},
+    },
+    "hrnn-digits": {
+        "run_name": "hrnn-digits",
+        "task": {"name": "digits_mlp"},
+        "optimizer": {"name": "hierarchical_rnn"},
+        "estimator": {"name": "tbptt", "num_tasks": 4, "unroll_length": 20, "num_steps": 200,
+                      "horizon_schedule": "log_uniform", "horizon_min": 20},
+        "meta_optimizer": {"name": "rmsprop", "learning_rate": 3e-3},
     },
 }
 

@@ -153,6 +153,7 @@ def run_local(cfg: TrainConfig,
         "wall_seconds": round(time.monotonic() - start, 2),
         "eval": {k: result[k] for k in EVAL_SUMMARY_KEYS if k in result},
         "history": trainer.history,
+        "evaluations": trainer.evaluations,  # cfg.evaluation_period's scores (best.ckpt)
     }
     write_outputs(trainer.run_dir, summary, result)
     return summary

@@ -29,6 +29,7 @@ from flax import struct
 
 from l2o.build import (
     estimator_from_config,
+    eval_key,
     learned_optimizer_from_config,
     meta_optimizer_from_config,
     task_family_from_config,
@@ -103,6 +104,11 @@ class Trainer:
         self.state = init_meta_state(theta, self.meta_tx)
         self.worker_state = self.estimator.init_worker_state(theta, worker_init_key(cfg.seed, 0))
         self.resumed_from: Path | None = None
+        #: periodic evaluations (``cfg.evaluation_period``): ``{"step", "eval_final_loss",
+        #: "improved"}`` each; the best one's θ is in ``checkpoints/best.ckpt``
+        self.evaluations: list[dict[str, Any]] = []
+        self.best_eval: float | None = None
+        self._eval_setup: tuple[Any, jax.Array] | None = None
 
     @property
     def step(self) -> int:
@@ -120,6 +126,8 @@ class Trainer:
             "config": self.cfg.model_dump(mode="json"),
             "skipped_nonfinite": self.skipped_nonfinite,
             "history": self.history,
+            "evaluations": self.evaluations,
+            "best_eval": self.best_eval,
         }
 
     def save(self) -> Path:
@@ -160,6 +168,8 @@ class Trainer:
         self.worker_state = to_jnp(worker_state)
         self.history = list(meta.get("history", []))
         self.skipped_nonfinite = int(meta.get("skipped_nonfinite", 0))
+        self.evaluations = list(meta.get("evaluations", []))
+        self.best_eval = meta.get("best_eval")
         self.resumed_from = path
         return True
 
@@ -190,12 +200,55 @@ class Trainer:
                 window = []
             if step % cfg.checkpoint_every == 0:
                 self.save()
+            if cfg.evaluation_period is not None and step % cfg.evaluation_period == 0:
+                self.evaluate_and_keep_best()
             if budget is not None and time.monotonic() - start > budget:
                 break
         if window:
             self._log(window, self.step, time.monotonic() - start, on_log)
         self.save()
         return self.history
+
+    # --- periodic evaluation (L2L's evaluation_period / evaluation_epochs) ----------------------
+
+    def quick_eval(self) -> float:
+        """The learned optimizer's mean final loss over ``cfg.evaluation_epochs`` fresh seeds of
+        the eval task after ``cfg.eval.steps`` inner steps (``inf`` if it diverged).
+
+        Same task and keys as the end-of-run evaluation (:func:`l2o.job.eval_task_and_key`), but
+        no Adam sweep: one jitted call of :func:`l2o.eval.loss_curves`.
+        """
+        from l2o.eval import loss_curves
+
+        if self._eval_setup is None:
+            k_task, k_run = jax.random.split(eval_key(self.cfg.seed))
+            family = task_family_from_config(self.cfg.eval_task())
+            self._eval_setup = (family.sample_task(k_task), k_run)
+        task, key = self._eval_setup
+        curves = loss_curves(task, self.learned_opt, self.state.theta, steps=self.cfg.eval.steps,
+                             seeds=self.cfg.evaluation_epochs, key=key)
+        final = float(np.mean(curves[:, -1]))
+        return final if math.isfinite(final) else math.inf
+
+    def evaluate_and_keep_best(self) -> dict[str, Any]:
+        """Score θ with :meth:`quick_eval`, record it in :attr:`evaluations` and, when it beats
+        every earlier evaluation, write θ to ``checkpoints/best.ckpt`` (a params checkpoint whose
+        metadata also holds ``eval_final_loss``). Returns the recorded entry."""
+        score = self.quick_eval()
+        improved = self.best_eval is None or score < self.best_eval
+        entry = {"step": self.step, "eval_final_loss": score, "improved": improved}
+        self.evaluations.append(entry)
+        if improved:
+            self.best_eval = score
+            meta = self._metadata()
+            save_checkpoint(self.best_checkpoint_path(), self.state.theta,
+                            {"kind": "params", "eval_final_loss": score,
+                             **{k: meta[k] for k in ("version", "gen_id", "optimizer", "seed")}})
+        return entry
+
+    def best_checkpoint_path(self) -> Path:
+        """``run_dir/checkpoints/best.ckpt``: θ at the best periodic evaluation so far."""
+        return self.run_dir / "checkpoints" / "best.ckpt"
 
     def _log(self, window: list[dict[str, Any]], step: int, elapsed: float,
              on_log: Callable[[dict[str, float]], None] | None) -> None:

@@ -14,11 +14,16 @@ from typing import Any
 
 from l2o.optimizers.base import LearnedOptimizer
 from l2o.optimizers.baselines import BASELINES
+from l2o.optimizers.coordinatewise_rnn import CoordinatewiseRNN
 from l2o.optimizers.factored_mlp import FactoredMLPLOpt
+from l2o.optimizers.hierarchical_rnn import HierarchicalRNN
+from l2o.optimizers.lambda_blend import FixedLambdaLOpt, LearnedLambdaLOpt
 from l2o.optimizers.learned_adam import LearnedAdam
 from l2o.optimizers.lstm import LSTMLearnedOptimizer
+from l2o.optimizers.mixed import mixed
 from l2o.optimizers.mlp_lopt import MLPLOpt
 from l2o.optimizers.rnn_mlp import RNNMLPLOpt
+from l2o.optimizers.simple_trainable import LearnedLRSGD, LearnedMomentum
 
 #: Constructors of every known optimizer; keyword arguments are their settings.
 OPTIMIZERS: dict[str, Callable[..., LearnedOptimizer]] = {
@@ -28,6 +33,14 @@ OPTIMIZERS: dict[str, Callable[..., LearnedOptimizer]] = {
     "mlp": MLPLOpt,
     "factored_mlp": FactoredMLPLOpt,
     "rnn_mlp": RNNMLPLOpt,
+    # L2L extras: a learned optimizer on some leaves and a fixed one on the rest; the λ blends
+    "mixed": mixed,
+    "fixed_lambda": FixedLambdaLOpt,
+    "learned_lambda": LearnedLambdaLOpt,
+    "hierarchical_rnn": HierarchicalRNN,
+    "coordinatewise_rnn": CoordinatewiseRNN,
+    "learned_lr_sgd": LearnedLRSGD,
+    "learned_momentum": LearnedMomentum,
 }
 
 

@@ -152,6 +152,52 @@ def reparam(task: str = "sampled_mlp", task_kwargs: dict | None = None,
     return ReparamFamily(base=base, min_scale=float(min_scale), max_scale=float(max_scale))
 
 
+def simple_multi() -> TaskFamily:
+    """L2L's simple-multi: scalars x_0, x_1 from 1.0, loss x_0² + x_1² (route them apart)."""
+    from l2o.tasks.simple_multi import simple_multi_family
+
+    return simple_multi_family()
+
+
+def cifar(channels: Sequence[int] = (16, 16, 16), kernel_size: int = 5, batch_size: int = 128,
+          data_dir: str | None = None) -> TaskFamily:
+    """Conv net (three 5×5 stride-2 ReLU convs, 16 channels, readout) on CIFAR-10 (needs files)."""
+    from l2o.tasks.cifar import cifar_conv_family, load_cifar10
+
+    return cifar_conv_family(load_cifar10(data_dir), _int_tuple("channels", channels),
+                             _positive_int("kernel_size", kernel_size),
+                             _positive_int("batch_size", batch_size))
+
+
+def cifar_multi(channels: Sequence[int] = (16, 16, 16), kernel_size: int = 5,
+                batch_size: int = 128, data_dir: str | None = None) -> TaskFamily:
+    """L2L's cifar-multi network (= cifar); its preset gives conv and readout separate nets."""
+    return cifar(channels, kernel_size, batch_size, data_dir)
+
+
+def digits_conv_multi(channels: Sequence[int] = (8, 16), activation: str = "relu",
+                      batch_size: int = 128) -> TaskFamily:
+    """Offline stand-in for cifar-multi: digits_conv (its preset routes conv/readout apart)."""
+    return _conv("digits", channels, activation, batch_size)
+
+
+def problem_set(kinds: Sequence[str] | None = None, noise_prob: float = 0.5,
+                rescale_prob: float = 0.25, sum_prob: float = 0.25) -> TaskFamily:
+    """Hierarchical-RNN problem set: quadratics, bowls, Rosenbrock, Beale, logistic, tiny MLPs."""
+    from l2o.tasks.problem_set import KINDS, ProblemSetFamily
+
+    chosen = tuple(KINDS if kinds is None else (kinds,) if isinstance(kinds, str) else kinds)
+    bad = [k for k in chosen if k not in KINDS]
+    if bad or not chosen:
+        raise ValueError(f"problem_set kinds must be among {KINDS}, got {chosen}")
+    for name, p in (("noise_prob", noise_prob), ("rescale_prob", rescale_prob),
+                    ("sum_prob", sum_prob)):
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    return ProblemSetFamily(kinds=chosen, noise_prob=float(noise_prob),
+                            rescale_prob=float(rescale_prob), sum_prob=float(sum_prob))
+
+
 TASKS: dict[str, Callable[..., TaskFamily]] = {
     "quadratic": quadratic,
     "simple": simple,
@@ -164,6 +210,12 @@ TASKS: dict[str, Callable[..., TaskFamily]] = {
     "fashion_mnist_conv": fashion_mnist_conv,
     "sampled_mlp": sampled_mlp,
     "reparam": reparam,
+    # L2L problem suite
+    "simple_multi": simple_multi,
+    "cifar": cifar,
+    "cifar_multi": cifar_multi,
+    "digits_conv_multi": digits_conv_multi,
+    "problem_set": problem_set,
 }
 
 

@@ -31,6 +31,7 @@ from flax import struct
 from l2o.optimizers.base import LearnedOptimizer, Optimizer, zero_iteration
 from l2o.optimizers.mlp_lopt import (
     DEFAULT_TIMESCALES,
+    PerParameterMLPSettings,
     SlabLayout,
     apply_steps,
     init_mlp,
@@ -143,7 +144,7 @@ class FactoredMLPOptimizer(Optimizer):
 
 
 @dataclasses.dataclass(frozen=True)
-class FactoredMLPLOpt(LearnedOptimizer):
+class FactoredMLPLOpt(PerParameterMLPSettings, LearnedOptimizer):
     """Adafactor-style per-parameter MLP learned optimizer (θ = MLP weights and skip).
 
     Args:
@@ -162,20 +163,6 @@ class FactoredMLPLOpt(LearnedOptimizer):
     exp_mult: float = 1e-3
     timescales: tuple[float, ...] = DEFAULT_TIMESCALES
     out_scale: float = 1e-2
-
-    def __post_init__(self):
-        object.__setattr__(self, "hidden_sizes", tuple(int(u) for u in self.hidden_sizes))
-        object.__setattr__(self, "decays", tuple(float(d) for d in self.decays))
-        object.__setattr__(self, "timescales", tuple(float(t) for t in self.timescales))
-        if not self.decays:
-            raise ValueError("decays must name at least one momentum decay")
-        if not self.hidden_sizes:
-            raise ValueError("hidden_sizes must name at least one hidden layer")
-
-    @property
-    def num_features(self) -> int:
-        """``F``: rows of the input slab."""
-        return len(self.decays) + 3
 
     def init(self, key: PRNGKey) -> MetaParams:
         """θ = ``{"mlp": weights, "skip": [F]}`` (skip at the 0.9 momentum's ``m̂ / √v̂``)."""

@@ -396,8 +396,27 @@ class MLPLOptOptimizer(Optimizer):
         return self.config.name
 
 
+class PerParameterMLPSettings:
+    """Settings checks shared by the per-parameter MLP optimizers (frozen dataclasses with
+    ``hidden_sizes``, ``decays`` and ``timescales`` fields): YAML lists become tuples."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden_sizes", tuple(int(u) for u in self.hidden_sizes))
+        object.__setattr__(self, "decays", tuple(float(d) for d in self.decays))
+        object.__setattr__(self, "timescales", tuple(float(t) for t in self.timescales))
+        if not self.decays:
+            raise ValueError("decays must name at least one momentum decay")
+        if not self.hidden_sizes:
+            raise ValueError("hidden_sizes must name at least one hidden layer")
+
+    @property
+    def num_features(self) -> int:
+        """``F``: rows of the input slab."""
+        return len(self.decays) + 3
+
+
 @dataclasses.dataclass(frozen=True)
-class MLPLOpt(LearnedOptimizer):
+class MLPLOpt(PerParameterMLPSettings, LearnedOptimizer):
     """A per-parameter MLP learned optimizer (θ = the MLP's weights and the direction skip).
 
     Args:
@@ -417,20 +436,6 @@ class MLPLOpt(LearnedOptimizer):
     exp_mult: float = 1e-3
     timescales: tuple[float, ...] = DEFAULT_TIMESCALES
     out_scale: float = 1e-2
-
-    def __post_init__(self):
-        object.__setattr__(self, "hidden_sizes", tuple(int(u) for u in self.hidden_sizes))
-        object.__setattr__(self, "decays", tuple(float(d) for d in self.decays))
-        object.__setattr__(self, "timescales", tuple(float(t) for t in self.timescales))
-        if not self.decays:
-            raise ValueError("decays must name at least one momentum decay")
-        if not self.hidden_sizes:
-            raise ValueError("hidden_sizes must name at least one hidden layer")
-
-    @property
-    def num_features(self) -> int:
-        """``F``: rows of the input slab."""
-        return len(self.decays) + 3
 
     def skip_init(self) -> jax.Array:
         """The initial skip: the indicator of the ``m̂ / √v̂`` feature of the decay nearest 0.9."""

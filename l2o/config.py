@@ -118,7 +118,7 @@ class TrainConfig(_Strict):
     meta_steps: PositiveInt = 3000
     # Stop early once this much meta-training time has passed (the default job fits 5 minutes on
     # 2 CPU cores with compilation and evaluation); None: run all meta_steps.
-    time_budget_s: float | None = Field(200.0, gt=0)
+    time_budget_s: float | None = Field(240.0, gt=0)
     log_every: PositiveInt = 25
     checkpoint_every: PositiveInt = 500
     # L2L's evaluation flags (see docs/l2l.md): every evaluation_period meta-steps, score θ by the

@@ -338,8 +338,12 @@ def run_service(cfg: Any, *, address: str | None = None,
 
         final_path = latest_checkpoint(run_dir, "params")
         _, _, meta = load_theta(final_path)
-        # the same evaluation as the single-machine job, reusing the cached Adam baseline
-        result = score_checkpoint(cfg, str(final_path), registry) if final_eval else None
+        # the same evaluation as the single-machine job: the eval pool's result for the final
+        # checkpoint when it has one, else scored here with the cached Adam baseline
+        result = None
+        if final_eval:
+            result = registry.eval_result(int(meta.get("version", -1))) or score_checkpoint(
+                cfg, str(final_path), registry)
         first, last = meta_loss_first_last(read_metrics(rclient, registry), cfg.log_every)
         stats = [s for s in worker_stats if isinstance(s, dict)]
         summary = {

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,15 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_cost import BATCH, SIZES, _call, make_run, random_mnist, time_calls  # noqa: E402
+from step_cost import (  # noqa: E402
+    BATCH,
+    SIZES,
+    _call,
+    make_run,
+    random_mnist,
+    time_calls,
+    write_result,
+)
 
 from l2o.optimizers import adam  # noqa: E402
 from l2o.optimizers.base import LearnedOptimizer  # noqa: E402
@@ -78,18 +83,7 @@ def main(argv: list[str] | None = None) -> None:
               f"  adam {ms['adam']:.3f} ms  hrnn/adam {r['ratio_hrnn_over_adam']:.2f}×"
               f"  lstm/adam {r['ratio_lstm_over_adam']:.2f}×"
               f"  hrnn/lstm {r['ratio_hrnn_over_lstm']:.2f}×")
-    result = {
-        "benchmark": "hrnn_step_cost",
-        "jax_version": jax.__version__,
-        "backend": jax.default_backend(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "repeats": args.repeats,
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, "hrnn_step_cost", args.repeats, rows)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +26,15 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_cost import BATCH, SIZES, _call, make_run, random_mnist, time_calls  # noqa: E402
+from step_cost import (  # noqa: E402
+    BATCH,
+    SIZES,
+    _call,
+    make_run,
+    random_mnist,
+    time_calls,
+    write_result,
+)
 
 from l2o.optimizers import adam  # noqa: E402
 from l2o.optimizers.base import LearnedOptimizer  # noqa: E402
@@ -120,19 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                           f"{r['state_bytes_per_param'][name]:.1f}")
     Console().print(table)
 
-    result = {
-        "benchmark": "lopt_step_cost",
-        "jax_version": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "repeats": args.repeats,
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, "lopt_step_cost", args.repeats, rows)
 
 
 if __name__ == "__main__":

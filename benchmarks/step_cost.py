@@ -123,6 +123,23 @@ def benchmark(repeats: int, steps: int) -> list[dict[str, Any]]:
     return rows
 
 
+def write_result(out: Path, name: str, repeats: int, rows: list[dict[str, Any]]) -> None:
+    """Write a step-cost benchmark's rows and the machine they ran on as JSON to ``out``."""
+    result = {
+        "benchmark": name,
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "repeats": repeats,
+        "results": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -142,19 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{r['ms_per_step']['adam']:.3f}", f"{r['ratio_lstm_over_adam']:.1f}×")
     Console().print(table)
 
-    result = {
-        "benchmark": "step_cost",
-        "jax_version": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "repeats": args.repeats,
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, "step_cost", args.repeats, rows)
 
 
 if __name__ == "__main__":

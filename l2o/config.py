@@ -70,7 +70,7 @@ class MetaOptimizerConfig(_Strict):
     """The optax optimizer that updates θ."""
 
     name: Literal["adam", "rmsprop", "sgd"] = "adam"
-    learning_rate: float = Field(3e-3, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)  # L2L's published meta learning rate
     clip_norm: float | None = Field(1.0, gt=0)
 
 

@@ -3,6 +3,7 @@
 from l2o.estimators.base import GradientEstimator
 from l2o.estimators.es import ESWorkerState, TruncatedES
 from l2o.estimators.full_es import FullES, FullESWorkerState
+from l2o.estimators.imitation import Imitation, ImitationState, imitation_loss
 from l2o.estimators.pes import PES, PESWorkerState
 from l2o.estimators.schedules import (
     ConstantHorizon,
@@ -23,6 +24,8 @@ __all__ = [
     "GradientEstimator",
     "GrowingLogUniformHorizon",
     "HorizonSchedule",
+    "Imitation",
+    "ImitationState",
     "InnerState",
     "LogUniformHorizon",
     "PESWorkerState",
@@ -30,5 +33,6 @@ __all__ = [
     "TruncatedBackprop",
     "TruncatedES",
     "TruncatedStep",
+    "imitation_loss",
     "make_horizon_schedule",
 ]

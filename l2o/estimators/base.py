@@ -17,6 +17,12 @@ from l2o.types import MetaParams, PRNGKey
 WorkerState = Any
 Metrics = dict[str, jax.Array]
 
+#: Metrics every estimator reports (each a scalar; ``inner_steps`` counts inner steps taken).
+CORE_METRICS = ("meta_loss", "inner_loss", "final_inner_loss", "inner_steps")
+#: Scalars some configurations add (curvature penalty, imitation, the unsupervised rule's ridge
+#: readout); logged and streamed whenever an estimator reports them.
+OPTIONAL_METRICS = ("curvature", "imitation_fraction", "imitation_loss", "ridge_accuracy")
+
 
 class GradientEstimator:
     """Estimates ∂(meta-loss)/∂θ from truncated unrolls of inner problems."""

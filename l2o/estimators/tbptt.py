@@ -5,6 +5,19 @@ differentiates the meta-loss with respect to θ. The meta-loss of a truncation i
 of the inner losses seen along it plus the loss of the final parameters on a fresh batch, averaged
 over the vmapped problems. Inner gradients are constants unless ``second_derivatives=True``.
 Inner problems carry over between calls and restart after ``num_steps`` inner steps.
+
+Two additions of L2O-Scale's enhanced training, both off by default (the program is then the plain
+one above):
+
+- ``reg_option`` / ``reg_alpha``: the meta-loss gains ``reg_alpha ×`` a curvature penalty of the
+  inner loss (:mod:`l2o.curvature`: Hessian trace, top eigenvalue or spectrum second moment) at
+  each problem's final parameters of the truncation, on the batch its final loss is measured on,
+  averaged over problems; the meta-gradient reaches θ through those parameters. Reported as the
+  metric ``curvature`` (the unweighted penalty).
+- imitation, switched on by an :class:`~l2o.estimators.imitation.Imitation` on the truncated step:
+  imitated steps contribute their imitation loss instead of their inner loss (rules in
+  :mod:`l2o.estimators.imitation`); reported as ``imitation_fraction`` (the fraction of the
+  truncation's problem-steps that imitated) and ``imitation_loss``.
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from l2o.curvature import REG_OPTIONS, curvature_penalty
 from l2o.estimators.base import GradientEstimator, Metrics
 from l2o.estimators.truncated_step import InnerState, TruncatedStep
 from l2o.types import MetaParams, PRNGKey
@@ -28,8 +42,21 @@ class TruncatedBackprop(GradientEstimator):
     num_tasks: int = struct.field(pytree_node=False, default=8)
     unroll_length: int = struct.field(pytree_node=False, default=20)
     meta_loss_reduction: Literal["mean", "sum"] = struct.field(pytree_node=False, default="mean")
+    #: curvature penalty (``l2o.curvature.REG_OPTIONS``), its weight, the Rademacher probes of the
+    #: trace and spectrum estimates and the power iterations of the top eigenvalue
+    reg_option: str = struct.field(pytree_node=False, default="none")
+    reg_alpha: float = struct.field(pytree_node=False, default=1e-4)
+    reg_num_samples: int = struct.field(pytree_node=False, default=2)
+    reg_num_iters: int = struct.field(pytree_node=False, default=10)
 
     estimator_name = "tbptt"
+
+    def __post_init__(self):
+        if self.reg_option not in REG_OPTIONS:
+            raise ValueError(f"reg_option must be one of {', '.join(REG_OPTIONS)}; "
+                             f"got {self.reg_option!r}")
+        if not self.reg_alpha >= 0:
+            raise ValueError(f"reg_alpha must be >= 0, got {self.reg_alpha}")
 
     def init_worker_state(self, theta: MetaParams, key: PRNGKey) -> InnerState:
         return _init_worker_state(self, theta, key)
@@ -45,20 +72,61 @@ class TruncatedBackprop(GradientEstimator):
         k_unroll, k_final = jax.random.split(key)
         ts = self.truncated_step
         states, out = ts.unroll(theta, states, k_unroll, self.unroll_length)
-        final = jax.vmap(ts.final_loss, in_axes=(None, 0, 0))(
-            theta, states, jax.random.split(k_final, self.num_tasks)
-        )
-        losses = jnp.concatenate([out.loss, final[None]], axis=0)  # [K + 1, num_tasks]
-        per_task = losses.mean(0) if self.meta_loss_reduction == "mean" else losses.sum(0)
+        final_keys = jax.random.split(k_final, self.num_tasks)
+        final = jax.vmap(ts.final_loss, in_axes=(None, 0, 0))(theta, states, final_keys)
+        if out.imitating is None:
+            losses = jnp.concatenate([out.loss, final[None]], axis=0)  # [K + 1, num_tasks]
+            per_task = losses.mean(0) if self.meta_loss_reduction == "mean" else losses.sum(0)
+        else:
+            per_task = self._imitation_per_task(out, final)
         meta_loss = per_task.mean()
+        extra = {}
+        if self.reg_option != "none":
+            curv = jax.vmap(self._curvature, in_axes=(None, 0, 0))(theta, states, final_keys)
+            extra["curvature"] = curv.mean()
+            meta_loss = meta_loss + self.reg_alpha * extra["curvature"]
+        if out.imitating is not None:
+            extra["imitation_fraction"] = out.imitating.mean()
+            n_mt = out.imitating.sum()
+            extra["imitation_loss"] = jnp.where(
+                n_mt > 0, jnp.sum(jnp.where(out.imitating, out.imitation_loss, 0.0))
+                / jnp.maximum(n_mt, 1), 0.0)
         metrics = {
             "meta_loss": meta_loss,
             "inner_loss": out.loss.mean(),
             "final_inner_loss": final.mean(),
             "resets": out.reset.sum(),
             "inner_steps": jnp.asarray(self.unroll_length * self.num_tasks),
+            **extra,
         }
         return meta_loss, (states, metrics)
+
+    def _imitation_per_task(self, out, final: jax.Array) -> jax.Array:
+        """Each problem's meta-loss when imitation is on (``l2o.estimators.imitation``).
+
+        Imitated steps count their imitation loss, the others their inner loss; the final loss
+        counts unless the last step imitated. ``mean`` divides by the number of counted terms.
+        """
+        terms = jnp.where(out.imitating, out.imitation_loss, out.loss)  # [K, num_tasks]
+        keep_final = jnp.logical_not(out.imitating[-1])
+        total = terms.sum(0) + jnp.where(keep_final, final, 0.0)
+        if self.meta_loss_reduction == "sum":
+            return total
+        return total / (terms.shape[0] + keep_final.astype(total.dtype))
+
+    def _curvature(self, theta: MetaParams, state: InnerState, key: PRNGKey) -> jax.Array:
+        """The curvature penalty of one problem's inner loss at its current parameters.
+
+        Measured on the batch :meth:`TruncatedStep.final_loss` draws from ``key`` (train split);
+        the probes use a key derived from it.
+        """
+        ts = self.truncated_step
+        task = ts.family.task(state.task_cfg)
+        params = ts.learned_opt.opt_fn(theta).params(state.opt_state)
+        batch = task.sample_batch(key)
+        return curvature_penalty(self.reg_option, lambda p: task.loss(p, batch), params,
+                                 jax.random.fold_in(key, 0xC0AF), self.reg_num_samples,
+                                 self.reg_num_iters)
 
 
 @jax.jit

@@ -20,6 +20,11 @@ Optional extensions, all off by default (the behaviour above is then unchanged):
   the task's evaluation split (``Task.sample_eval_batch``), for meta-losses on held-out data.
 - ``theta_batched`` in :meth:`TruncatedStep.unroll`: θ carries a leading axis (one θ per problem),
   as ES and PES need for their perturbed copies.
+- ``imitation``: an :class:`~l2o.estimators.imitation.Imitation`. Each problem then draws at every
+  (re)start whether its episode imitates Adam, carries the teacher's state in
+  :attr:`InnerState.imitation`, follows the teacher's steps while imitating and reports
+  :attr:`StepOutput.imitation_loss` and :attr:`StepOutput.imitating` (see that module for the
+  exact definition).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from l2o.tasks.base import TaskFamily
 from l2o.types import MetaParams, PRNGKey
 
 if TYPE_CHECKING:
+    from l2o.estimators.imitation import Imitation
     from l2o.estimators.schedules import HorizonSchedule
 
 
@@ -47,6 +53,8 @@ class InnerState:
     step: jax.Array  # int32: inner steps done since the last reset
     #: int32 horizon drawn at the last reset when a horizon schedule is used, else ``None``
     horizon: jax.Array | None = None
+    #: :class:`~l2o.estimators.imitation.ImitationState` when imitation is on, else ``None``
+    imitation: Any = None
 
     def limit(self, default: int) -> jax.Array | int:
         """The step count at which this problem restarts (``default`` without a schedule)."""
@@ -62,6 +70,10 @@ class StepOutput:
     #: loss of the parameters *after* the update on an evaluation-split batch, when
     #: ``TruncatedStep.eval_split_loss`` is set; else ``None``
     eval_loss: jax.Array | None = None
+    #: with imitation on: ``0.5·Σ(Δ_teacher − Δ_learned)²`` of this step (computed for every
+    #: step), and whether the step imitated (its parameters then moved by ``Δ_teacher``)
+    imitation_loss: jax.Array | None = None
+    imitating: jax.Array | None = None
 
 
 def tree_where(cond: jax.Array, a, b):
@@ -82,6 +94,7 @@ class TruncatedStep:
     second_derivatives: bool = struct.field(pytree_node=False, default=False)
     horizon_schedule: HorizonSchedule | None = struct.field(pytree_node=False, default=None)
     eval_split_loss: bool = struct.field(pytree_node=False, default=False)
+    imitation: Imitation | None = struct.field(pytree_node=False, default=None)
 
     def init_state(self, theta: MetaParams, key: PRNGKey,
                    iteration: jax.Array | int | None = None) -> InnerState:
@@ -98,8 +111,16 @@ class TruncatedStep:
         if self.horizon_schedule is not None:
             k_h = jax.random.fold_in(key, 0x5C4ED)
             horizon = self.horizon_schedule.sample(k_h, 0 if iteration is None else iteration)
+        imitation = None
+        if self.imitation is not None:
+            from l2o.estimators.imitation import ImitationState
+
+            k_mt = jax.random.fold_in(key, 0x1A17A7E)
+            imitation = ImitationState(
+                active=jax.random.bernoulli(k_mt, self.imitation.ratio),
+                teacher=self.imitation.teacher().init(params))
         return InnerState(task_cfg=cfg, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
-                          horizon=horizon)
+                          horizon=horizon, imitation=imitation)
 
     def step(self, theta: MetaParams, state: InnerState, key: PRNGKey,
              iteration: jax.Array | int | None = None) -> tuple[InnerState, StepOutput]:
@@ -120,13 +141,41 @@ class TruncatedStep:
         if not self.second_derivatives:
             grads = jax.lax.stop_gradient(grads)
         opt_state = opt.update(state.opt_state, grads, loss=loss, key=k_opt)
+        imitation = mt_loss = imitating = None
+        if self.imitation is not None:
+            opt_state, imitation, mt_loss, imitating = self._imitate(
+                opt, state, params, grads, opt_state)
         new_state = InnerState(task_cfg=state.task_cfg, opt_state=opt_state, step=state.step + 1,
-                               horizon=state.horizon)
+                               horizon=state.horizon, imitation=imitation)
         eval_loss = None
         if self.eval_split_loss:
             k_eval = jax.random.fold_in(k_batch, 1)
             eval_loss = task.loss(opt.params(opt_state), task.sample_eval_batch(k_eval))
-        return new_state, StepOutput(loss=loss, reset=reset, eval_loss=eval_loss)
+        return new_state, StepOutput(loss=loss, reset=reset, eval_loss=eval_loss,
+                                     imitation_loss=mt_loss, imitating=imitating)
+
+    def _imitate(self, opt, state: InnerState, params, grads, opt_state):
+        """The teacher's step at the same point: the imitation loss, and the teacher's trajectory.
+
+        Returns the learned optimizer's new state with its parameters moved by the teacher's step
+        when this step imitates, the teacher's new state, the imitation loss and the flag.
+        """
+        from l2o.estimators.imitation import imitation_loss, tree_sub
+        from l2o.optimizers.mixed import MixedState
+
+        if isinstance(opt_state, MixedState) or not hasattr(opt_state, "params"):
+            raise TypeError(f"imitation needs an optimizer state holding the whole parameters in "
+                            f"a `params` field; {type(opt_state).__name__} does not (the mixed "
+                            f"optimizer keeps copies per side)")
+        mt = state.imitation
+        d_teacher, teacher = self.imitation.teacher().update(grads, mt.teacher, params)
+        learned_params = opt.params(opt_state)
+        loss = imitation_loss(d_teacher, tree_sub(learned_params, params))
+        imitating = jnp.logical_and(mt.active, state.step < self.imitation.steps)
+        new_params = tree_where(imitating, jax.tree_util.tree_map(jnp.add, params, d_teacher),
+                                learned_params)
+        opt_state = opt_state.replace(params=new_params)
+        return opt_state, mt.replace(teacher=teacher), loss, imitating
 
     def final_loss(self, theta: MetaParams, state: InnerState, key: PRNGKey,
                    split: str = "train") -> jax.Array:

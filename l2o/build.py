@@ -35,8 +35,30 @@ def learned_optimizer_from_config(cfg: OptimizerConfig) -> LearnedOptimizer:
 def estimator_from_config(cfg: EstimatorConfig, family: TaskFamily,
                           learned_opt: LearnedOptimizer) -> GradientEstimator:
     """The meta-gradient estimator described by ``cfg``."""
-    from l2o.estimators import PES, FullES, TruncatedES, make_horizon_schedule
+    if cfg.name != "tbptt":  # L2O-Scale's enhancements are defined on truncated backprop only
+        if cfg.reg_option != "none":
+            raise ValueError(f"estimator.reg_option={cfg.reg_option!r} needs estimator.name "
+                             f"'tbptt' (got {cfg.name!r}); set reg_option: none")
+        if cfg.mt_ratio > 0:
+            raise ValueError(f"estimator.mt_ratio={cfg.mt_ratio} (imitation) needs estimator.name "
+                             f"'tbptt' (got {cfg.name!r}); set mt_ratio: 0")
+    if cfg.name == "unsupervised":  # the unsupervised update rule: l2o.unsupervised.estimator
+        from l2o.unsupervised.estimator import unsupervised_estimator
 
+        return unsupervised_estimator(family, learned_opt, cfg.num_tasks, cfg.unroll_length,
+                                      cfg.num_steps)
+    from l2o.estimators import PES, FullES, TruncatedES, make_horizon_schedule
+    from l2o.estimators.imitation import Imitation
+
+    imitation = None
+    if cfg.mt_ratio > 0:
+        from l2o.optimizers.mixed import MixedOptimizer
+
+        if isinstance(learned_opt, MixedOptimizer):
+            raise ValueError("estimator.mt_ratio > 0 (imitation) does not support the 'mixed' "
+                             "optimizer; set mt_ratio: 0")
+        imitation = Imitation(ratio=cfg.mt_ratio, steps=cfg.mt_k * cfg.unroll_length,
+                              teacher_lr=cfg.mt_teacher_lr)
     schedule = make_horizon_schedule(
         cfg.horizon_schedule, cfg.num_steps, cfg.horizon_min, cfg.horizon_max,
         cfg.horizon_start_min, cfg.horizon_start_max, cfg.horizon_ramp)
@@ -47,6 +69,7 @@ def estimator_from_config(cfg: EstimatorConfig, family: TaskFamily,
         second_derivatives=cfg.second_derivatives,
         horizon_schedule=schedule,
         eval_split_loss=cfg.name != "tbptt" and cfg.meta_loss_split == "eval",
+        imitation=imitation,
     )
     if cfg.name == "tbptt":
         return TruncatedBackprop(
@@ -54,6 +77,8 @@ def estimator_from_config(cfg: EstimatorConfig, family: TaskFamily,
             num_tasks=cfg.num_tasks,
             unroll_length=cfg.unroll_length,
             meta_loss_reduction=cfg.meta_loss_reduction,
+            reg_option=cfg.reg_option,
+            reg_alpha=cfg.reg_alpha,
         )
     es_common = {"truncated_step": step, "num_tasks": cfg.num_tasks, "std": cfg.std,
                  "sign_delta_loss": cfg.sign_delta_loss}
@@ -90,7 +115,7 @@ def _meta_optimizer(name: str, learning_rate: float,
 
 
 # The key schedule. Purpose tags keep the streams independent of each other.
-_THETA, _WORKER_INIT, _TRUNCATION, _EVAL = 0, 1, 2, 3
+_THETA, _WORKER_INIT, _TRUNCATION, _EVAL, _VALIDATION = 0, 1, 2, 3, 4
 
 
 def theta_key(seed: int) -> PRNGKey:
@@ -113,3 +138,19 @@ def truncation_key(seed: int, worker_index: int, seq: int) -> PRNGKey:
 def eval_key(seed: int) -> PRNGKey:
     """The key evaluation draws fresh initializations from."""
     return jax.random.fold_in(jax.random.PRNGKey(seed), _EVAL)
+
+
+def validation_key(seed: int) -> PRNGKey:
+    """The key periodic evaluations draw initializations from when they *select* θ (the best
+    checkpoint of ``evaluation_period``, the curriculum's best of a stage).
+
+    Disjoint from :func:`eval_key`, so the reported evaluation is never the one θ was chosen on.
+    """
+    return jax.random.fold_in(jax.random.PRNGKey(seed), _VALIDATION)
+
+
+def validation_task_and_run_key(seed: int, family) -> tuple:
+    """``(task, key)`` for selecting θ: the eval task of :func:`eval_key` (same problem), with
+    fresh initializations and batches from :func:`validation_key`."""
+    k_task, _ = jax.random.split(eval_key(seed))
+    return family.sample_task(k_task), validation_key(seed)

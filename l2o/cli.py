@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from l2o.config import PRESETS, ConfigError, TrainConfig, load_config, preset
+from l2o.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_config, preset
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Meta-train learned optimizers, evaluate them, inspect runs.")
@@ -28,12 +28,14 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _load(config: Path | None, preset_name: str | None, overrides: dict[str, Any]) -> TrainConfig:
+def _load(config: Path | None, preset_name: str | None, overrides: dict[str, Any],
+          assignments: list[str] | None = None) -> TrainConfig:
     if config is not None and preset_name is not None:
         _fail("give --config or --preset, not both")
     try:
         cfg = load_config(config) if config is not None else preset(preset_name or "default")
-        return cfg.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        cfg = cfg.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        return apply_overrides(cfg, assignments) if assignments else cfg
     except ConfigError as e:
         _fail(str(e))
         raise  # unreachable
@@ -45,7 +47,7 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("value", justify="right")
     rows = [(k, summary[k]) for k in ("mode", "meta_steps", "updates", "meta_loss_first",
                                        "meta_loss_last", "wall_seconds") if k in summary]
-    rows += [(f"eval.{k}", v) for k, v in summary.get("eval", {}).items()]
+    rows += [(f"eval.{k}", v) for k, v in (summary.get("eval") or {}).items()]
     for name, value in rows:
         table.add_row(name, f"{value:.6g}" if isinstance(value, float) else str(value))
     return table
@@ -62,10 +64,15 @@ def train(
                                               "Redis).")] = False,
     fresh: Annotated[bool, typer.Option(help="Start over: an existing run dir is renamed "
                                               "aside (RUN.TIMESTAMP), not deleted.")] = False,
+    assignments: Annotated[list[str] | None, typer.Option(
+        "--set", help="KEY=VALUE override of any config field, dotted and YAML-valued "
+                      "(e.g. --set estimator.num_tasks=8 --set time_budget_s=60); "
+                      "repeatable.")] = None,
 ) -> None:
     """Meta-train a learned optimizer, evaluate it against tuned Adam, write summary.json."""
     cfg = _load(config, preset_name,
-                {"run_name": run_name, "run_dir": run_dir, "meta_steps": meta_steps})
+                {"run_name": run_name, "run_dir": run_dir, "meta_steps": meta_steps},
+                assignments)
     if fresh and cfg.run_path().exists():
         aside = cfg.run_path().with_name(f"{cfg.run_name}.{time.strftime('%Y%m%d-%H%M%S')}")
         cfg.run_path().rename(aside)
@@ -99,6 +106,10 @@ def train(
                 f"{s.get('gradients_per_second', 0):.1f} grads/s, "
                 f"staleness {s.get('staleness_mean', 0):.2f}"))
     console.print(_summary_table(summary))
+    if (summary.get("eval") or {}).get("kind") == "unsupervised_rule":
+        from l2o.unsupervised.evaluation import format_result
+
+        console.print(format_result(summary["eval"]), markup=False)
     console.print(f"wrote {cfg.run_path() / 'summary.json'}")
 
 
@@ -109,9 +120,18 @@ def eval_cmd(
     steps: Annotated[int, typer.Option(help="Inner steps.")] = 100,
     seeds: Annotated[int, typer.Option(help="Fresh initializations.")] = 5,
     out: Annotated[Path | None, typer.Option(help="Write the result JSON and a PNG here.")] = None,
+    suite: Annotated[str | None, typer.Option(
+        help="'l2o-scale': every L2O-Scale evaluation problem in turn (instead of --task); "
+             "see docs/l2o_scale.md.")] = None,
+    offline: Annotated[bool, typer.Option(
+        help="With --suite: the digits stand-ins instead of MNIST / CIFAR-10.")] = False,
 ) -> None:
-    """Score a checkpoint's optimizer on a task against tuned Adam."""
+    """Score a checkpoint's optimizer on a task (or a suite of tasks) against tuned Adam."""
     import jax
+
+    if suite is not None:
+        _eval_suite(checkpoint, suite, offline, steps, seeds, out)
+        return
 
     from l2o.build import task_family_from_config
     from l2o.checkpoints import CheckpointError
@@ -137,6 +157,57 @@ def eval_cmd(
 
         write_outputs(out, summary, result)
         console.print(f"wrote {out / 'summary.json'}")
+
+
+def _eval_suite(checkpoint: Path, suite: str, offline: bool, steps: int, seeds: int,
+                out: Path | None) -> None:
+    """``l2o eval --suite``: each problem of the suite; a missing dataset skips its problem."""
+    import jax
+
+    from l2o.build import task_family_from_config
+    from l2o.checkpoints import CheckpointError
+    from l2o.config import TaskConfig
+    from l2o.eval import evaluate
+    from l2o.job import load_theta
+    from l2o.tasks.datasets import DataNotFoundError
+    from l2o.tasks.registry import L2O_SCALE_EVAL_TASKS
+    from l2o.train import write_json
+
+    if suite != "l2o-scale":
+        _fail(f"unknown suite {suite!r}; known: l2o-scale")
+    try:
+        lopt, theta, _ = load_theta(checkpoint)
+    except (CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    results: dict[str, Any] = {}
+    table = Table("problem", "task", "learned", "tuned Adam", "speedup", title=f"{suite} suite")
+    for label, (real, standin) in L2O_SCALE_EVAL_TASKS.items():
+        name = standin if offline else real
+        try:
+            family = task_family_from_config(TaskConfig(name=name))
+        except DataNotFoundError as e:
+            console.print(f"[yellow]skipped {label}:[/] {e}")
+            results[label] = {"task_name": name, "error": str(e)}
+            continue
+        k_task, k_run = jax.random.split(jax.random.PRNGKey(0))
+        res = evaluate(family.sample_task(k_task), lopt, theta, steps=steps, seeds=seeds,
+                       key=k_run, adam_learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+                       adam_steps=5 * steps)
+        results[label] = {"task_name": name, **{k: v for k, v in res.items()
+                                                if not isinstance(v, list | dict)}}
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+        table.add_row(label, name, fmt(res.get("learned_final_loss")),
+                      fmt(res.get("adam_final_loss")), fmt(res.get("speedup")))
+    console.print(table)
+    if all("error" in r for r in results.values()):
+        _fail("no problem of the suite could be built (see above); --offline uses the digits "
+              "stand-ins")
+    if out is not None:
+        write_json(Path(out) / "suite.json", {"checkpoint": str(checkpoint), "suite": suite,
+                                              "steps": steps, "seeds": seeds,
+                                              "results": results})
+        console.print(f"wrote {Path(out) / 'suite.json'}")
 
 
 @app.command()

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -40,7 +48,9 @@ class OptimizerConfig(_Strict):
 class EstimatorConfig(_Strict):
     """The meta-gradient estimator and its truncation."""
 
-    name: Literal["tbptt", "es", "pes", "full_es"] = "tbptt"
+    # "unsupervised": truncated backprop of the ridge meta-objective through the unsupervised
+    # update rule (l2o.unsupervised.estimator; task unsupervised_*, optimizer unsupervised_rule)
+    name: Literal["tbptt", "es", "pes", "full_es", "unsupervised"] = "tbptt"
     num_tasks: PositiveInt = 4
     unroll_length: PositiveInt = 20
     num_steps: PositiveInt = 100
@@ -64,6 +74,24 @@ class EstimatorConfig(_Strict):
     horizon_start_min: PositiveInt | None = None
     horizon_start_max: PositiveInt | None = None
     horizon_ramp: PositiveInt = 1000
+    # L2O-Scale's enhancements (l2o.curvature, l2o.estimators.imitation; TBPTT only): meta-loss
+    # += reg_alpha × a curvature term of the inner loss at the truncation's final parameters, and
+    # imitation of Adam(mt_teacher_lr) for the first mt_k truncations of an episode chosen with
+    # probability mt_ratio
+    reg_option: Literal["none", "hessian-trace", "hessian-top", "hessian-esd"] = "none"
+    reg_alpha: float = Field(1e-4, ge=0)
+    mt_ratio: float = Field(0.0, ge=0, le=1)
+    mt_k: PositiveInt = 1
+    mt_teacher_lr: float = Field(0.01, gt=0)
+
+    @model_validator(mode="after")
+    def _l2o_scale_needs_tbptt(self) -> EstimatorConfig:
+        for field, on in (("reg_option", self.reg_option != "none"),
+                          ("mt_ratio", self.mt_ratio > 0)):
+            if on and self.name != "tbptt":
+                raise ValueError(f"estimator.{field}={getattr(self, field)!r} is supported by "
+                                 f"estimator.name 'tbptt' only, got {self.name!r}")
+        return self
 
 
 class MetaOptimizerConfig(_Strict):
@@ -109,6 +137,32 @@ class ServiceConfig(_Strict):
     eval_idle_ms: PositiveInt = 30_000
 
 
+class CurriculumConfig(_Strict):
+    """L2O-Scale's curriculum over the training horizon (``l2o.curriculum``; docs/l2o_scale.md).
+
+    Stage i trains with ``estimator.num_steps = stages[i]`` (``unroll_length`` unchanged) and is
+    scored every ``eval_period`` meta-steps by the learned optimizer's mean final loss over
+    ``eval_seeds`` fresh problems of the eval task at the next stage's horizon (the last stage: its
+    own); after ``patience`` scores without a new best of the stage, the stage's best θ is
+    restored (fresh meta-optimizer state) and the next stage starts. It replaces
+    ``estimator.num_steps``, so it needs ``estimator.horizon_schedule: constant``.
+    """
+
+    stages: list[PositiveInt] = Field(default_factory=lambda: [100, 200, 500, 1000])
+    patience: PositiveInt = 3
+    eval_period: PositiveInt = 50
+    eval_seeds: PositiveInt = 5
+
+    @field_validator("stages")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("list at least one horizon")
+        if any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError(f"horizons must increase strictly, got {v}")
+        return v
+
+
 class TrainConfig(_Strict):
     """A whole meta-training run."""
 
@@ -132,6 +186,15 @@ class TrainConfig(_Strict):
     meta_optimizer: MetaOptimizerConfig = Field(default_factory=MetaOptimizerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
+    curriculum: CurriculumConfig | None = None  # L2O-Scale's if_cl (docs/l2o_scale.md)
+
+    @model_validator(mode="after")
+    def _curriculum_horizon(self) -> TrainConfig:
+        if self.curriculum is not None and self.estimator.horizon_schedule != "constant":
+            raise ValueError("curriculum sets estimator.num_steps per stage; it needs "
+                             "estimator.horizon_schedule 'constant', not "
+                             f"{self.estimator.horizon_schedule!r}")
+        return self
 
     def eval_task(self) -> TaskConfig:
         """The task evaluation runs on (the training task unless set)."""
@@ -275,6 +338,68 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "horizon_schedule": "log_uniform", "horizon_min": 20},
         "meta_optimizer": {"name": "rmsprop", "learning_rate": 3e-3},
     },
+    # The learned unsupervised update rule (Metz et al. 2018; docs/unsupervised.md), sized for 2
+    # CPU cores. The seed: 14×14 MNIST, base model 196-128×4-32, rule networks of 64 channels
+    # (3 + 2 layers), inner lr 1e-4, a meta-batch of 256 examples, eval after 3000 applications.
+    # Here: 8×8 digits (offline), base model 64-16-8, rule networks of 8 channels (no extra
+    # layers), inner lr 0.3 (so two applications per truncation move the features), 4 base models
+    # × 30-example batches per worker restarting every 10 applications, ridge fit and scored on 10
+    # examples per class each (as the seed), eval after 200 applications on 2 base models.
+    "unsupervised-rule": {
+        "run_name": "unsupervised-rule",
+        "meta_steps": 600,
+        "time_budget_s": 600.0,  # counts compilation (minutes on a busy 2-core machine)
+        "log_every": 50,
+        "checkpoint_every": 200,
+        "task": {"name": "unsupervised_digits", "kwargs": {
+            "hidden_sizes": [16], "output_size": 8, "batch_per_class": 3,
+            "samples_per_class": 10}},
+        "optimizer": {"name": "unsupervised_rule", "kwargs": {
+            "output_size": 8, "top_delta_size": 8, "top_delta_layers": 0, "compute_h_size": 8,
+            "compute_h_layers": 0, "delta_dim": 4, "num_grad_channels": 2, "inner_lr": 0.3}},
+        "estimator": {"name": "unsupervised", "num_tasks": 4, "unroll_length": 2,
+                      "num_steps": 10},
+        "meta_optimizer": {"learning_rate": 1e-2},
+        "eval": {"steps": 200, "seeds": 2},
+    },
+    # L2O-Scale and its enhanced versions (Chen et al. 2020; docs/l2o_scale.md): the hierarchical
+    # RNN meta-trained on one MLP problem with a fixed unroll of 20 (the seed's flags), on the
+    # offline digits stand-in of its MNIST MLP, scored over a long horizon (1000 inner steps).
+    **{
+        name: deep_merge({
+            "run_name": name,
+            "meta_steps": 500,
+            "log_every": 10,
+            "checkpoint_every": 100,
+            "evaluation_period": 50,
+            "evaluation_epochs": 5,
+            "task": {"name": "digits_mlp"},
+            "optimizer": {"name": "hierarchical_rnn"},
+            "estimator": {"name": "tbptt", "num_tasks": 1, "unroll_length": 20,
+                          "num_steps": 100, "horizon_schedule": "constant",
+                          "second_derivatives": False},
+            "meta_optimizer": {"name": "rmsprop", "learning_rate": 3e-3},
+            "eval": {"steps": 1000, "seeds": 5, "adam_steps_factor": 2,
+                     "adam_learning_rates": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]},
+        }, extra)
+        for name, extra in {
+            "l2o-scale": {},
+            "l2o-scale-curriculum": {
+                "meta_steps": 3000, "evaluation_period": None,
+                "curriculum": {"stages": [100, 200, 500, 1000], "patience": 3,
+                               "eval_period": 25, "eval_seeds": 5}},
+            "l2o-scale-imitation": {
+                "estimator": {"mt_ratio": 0.1, "mt_k": 1, "mt_teacher_lr": 0.01}},
+            "l2o-scale-hessian": {
+                "estimator": {"reg_option": "hessian-esd", "reg_alpha": 1e-4}},
+            "l2o-scale-enhanced": {
+                "meta_steps": 3000, "evaluation_period": None,
+                "curriculum": {"stages": [100, 200, 500, 1000], "patience": 3,
+                               "eval_period": 25, "eval_seeds": 5},
+                "estimator": {"mt_ratio": 0.1, "mt_k": 1, "mt_teacher_lr": 0.01,
+                              "reg_option": "hessian-esd", "reg_alpha": 1e-4}},
+        }.items()
+    },
 }
 
 
@@ -283,3 +408,27 @@ def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return config_from_dict(PRESETS[name], f"preset {name}")
+
+
+def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
+    """``cfg`` with ``KEY=VALUE`` assignments applied and validated again.
+
+    ``KEY`` is a dotted path (``estimator.num_tasks``); ``VALUE`` is read as YAML, so ``8``,
+    ``1e-3``, ``true``, ``null`` and ``[100, 200]`` get their types. A bad key or value raises
+    :class:`ConfigError` naming it.
+    """
+    data = cfg.model_dump(mode="json")
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form KEY=VALUE")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
+        *parents, leaf = key.strip().split(".")
+        patch: dict[str, Any] = {leaf: value}
+        for p in reversed(parents):
+            patch = {p: patch}
+        data = deep_merge(data, patch)
+    return config_from_dict(data, "overrides " + " ".join(assignments))

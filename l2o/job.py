@@ -35,7 +35,13 @@ def eval_task_and_key(cfg: TrainConfig) -> tuple[Task, PRNGKey]:
 
 
 def adam_baseline_for(cfg: TrainConfig) -> dict[str, Any]:
-    """The tuned-Adam baseline of ``cfg``'s evaluation (cacheable: see ``l2o.eval``)."""
+    """The tuned-Adam baseline of ``cfg``'s evaluation (cacheable: see ``l2o.eval``).
+
+    Empty for the unsupervised update rule, which is compared with random-init and supervised
+    features instead (:func:`evaluate_theta`).
+    """
+    if is_unsupervised(cfg):
+        return {}
     from l2o.eval import adam_baseline
 
     task, key = eval_task_and_key(cfg)
@@ -44,12 +50,25 @@ def adam_baseline_for(cfg: TrainConfig) -> dict[str, Any]:
                          adam_steps=cfg.eval.steps * cfg.eval.adam_steps_factor)
 
 
+def is_unsupervised(cfg: TrainConfig) -> bool:
+    """Whether ``cfg`` meta-trains the unsupervised update rule (``l2o.unsupervised``)."""
+    return cfg.estimator.name == "unsupervised" or cfg.optimizer.name == "unsupervised_rule"
+
+
 def evaluate_theta(cfg: TrainConfig, learned_opt: LearnedOptimizer, theta: MetaParams,
-                   baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+                   baseline: dict[str, Any] | None = None,
+                   figures_dir: str | Path | None = None) -> dict[str, Any]:
     """Score θ on fresh initializations of the eval task against tuned Adam.
 
     ``baseline`` is a cached :func:`adam_baseline_for` result; without it the sweep runs here.
+    For the unsupervised rule: ``l2o.unsupervised.evaluation.evaluate_config`` instead (rule vs
+    random-init vs supervised features, no Adam), its PNGs written to ``figures_dir`` (default
+    the run dir).
     """
+    if is_unsupervised(cfg):
+        from l2o.unsupervised.evaluation import evaluate_config
+
+        return evaluate_config(cfg, learned_opt, theta, figures_dir=figures_dir or cfg.run_path())
     from l2o.eval import evaluate
 
     task, key = eval_task_and_key(cfg)
@@ -84,14 +103,26 @@ def load_theta(path: str | Path) -> tuple[LearnedOptimizer, MetaParams, dict[str
 
 EVAL_SUMMARY_KEYS = ("task", "steps", "seeds", "learned_final_loss", "adam_final_loss",
                      "adam_best_lr", "adam_best_lr_at_grid_edge", "speedup", "speedup_reached",
-                     "adam_steps_to_match", "adam_steps")
+                     "adam_steps_to_match", "adam_steps",
+                     # the unsupervised rule's evaluation (l2o.unsupervised.evaluation)
+                     "kind", "supervised_steps", "readout_samples_per_class", "test_examples",
+                     *(f"{m}_{f}" for m in ("rule", "random", "supervised") for f in (
+                         "ridge_accuracy", "ridge_mse", "logistic_accuracy", "logistic_log_loss")),
+                     "supervised_head_accuracy", "leaderboard_score", "figures")
 
 
 def write_outputs(run_dir: str | Path, summary: dict[str, Any],
                   eval_result: dict[str, Any] | None) -> Path:
     """Write ``summary.json`` (and ``curves.png`` when there is an eval result); its path."""
     run_dir = Path(run_dir)
-    if eval_result is not None:
+    if eval_result is not None and eval_result.get("kind") == "unsupervised_rule":
+        import shutil  # its PNGs (receptive fields, activations) go to the run dir, no curves
+
+        for fig in eval_result.get("figures") or []:
+            if Path(fig).is_file() and Path(fig).resolve().parent != run_dir.resolve():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(fig, run_dir / Path(fig).name)
+    elif eval_result is not None:
         from l2o.plots import plot_curves
 
         plot_curves(eval_result, run_dir / "curves.png")

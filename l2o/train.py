@@ -9,6 +9,15 @@ Checkpoints go to ``run_dir/checkpoints``: a full one (θ, meta-optimizer state,
 config) and a params-only one (θ, version) every ``checkpoint_every`` steps. The trainer also keeps
 its inner problems in ``worker_XXXXXXXX.ckpt`` beside them: that is local-side state, stored apart
 from θ, and only used so a resumed single-machine run continues exactly where it stopped.
+
+With ``cfg.curriculum`` set (L2O-Scale's curriculum, :mod:`l2o.curriculum`), each stage builds its
+estimator with ``num_steps`` = the stage's horizon (one recompile per stage) and draws fresh inner
+problems. Every ``curriculum.eval_period`` meta-steps θ is scored at the next stage's horizon; a
+new best of the stage goes to ``checkpoints/best_stage{i}.ckpt``. When the stage runs out of
+patience its best θ is loaded back from that file, the meta-optimizer state is reset (its moments
+belong to the discarded steps) and the version counter keeps counting up; then the next stage
+starts or, after the last stage, training stops. The curriculum state is in the full checkpoint's
+metadata, so a resumed run continues in the same stage.
 """
 
 from __future__ import annotations
@@ -29,22 +38,34 @@ from flax import struct
 
 from l2o.build import (
     estimator_from_config,
-    eval_key,
     learned_optimizer_from_config,
     meta_optimizer_from_config,
     task_family_from_config,
     theta_key,
     truncation_key,
+    validation_task_and_run_key,
     worker_init_key,
 )
 from l2o.checkpoints import (
+    CheckpointError,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from l2o.config import TrainConfig
-from l2o.estimators.base import GradientEstimator
+from l2o.curriculum import (
+    Action,
+    CurriculumState,
+    best_checkpoint_name,
+    curriculum_init,
+    curriculum_update,
+    eval_horizon,
+    stage_config,
+    stage_worker_key,
+    train_horizon,
+)
+from l2o.estimators.base import OPTIONAL_METRICS, GradientEstimator
 from l2o.types import MetaParams
 
 
@@ -91,18 +112,25 @@ def meta_step(est: GradientEstimator, meta_tx: optax.GradientTransformation, sta
 class Trainer:
     """Meta-trains ``cfg.optimizer`` on ``cfg.task`` with ``cfg.estimator`` on this machine."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None, *,
+                 scorer: Callable[[Trainer, int], float] | None = None):
+        """``scorer(trainer, eval_steps)`` replaces :meth:`quick_eval` as the curriculum's score
+        (tests script it); by default θ is scored with :meth:`quick_eval`."""
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_path()
         self.family = task_family_from_config(cfg.task)
         self.learned_opt = learned_optimizer_from_config(cfg.optimizer)
-        self.estimator = estimator_from_config(cfg.estimator, self.family, self.learned_opt)
+        #: the curriculum's state (``None`` without ``cfg.curriculum``)
+        self.curriculum: CurriculumState | None = (
+            curriculum_init() if cfg.curriculum is not None else None)
+        self.scorer = scorer
+        self.estimator = self._stage_estimator()
         self.meta_tx = meta_optimizer_from_config(cfg.meta_optimizer)
         self.history: list[dict[str, float]] = []
         self.skipped_nonfinite = 0
         theta = self.learned_opt.init(theta_key(cfg.seed))
         self.state = init_meta_state(theta, self.meta_tx)
-        self.worker_state = self.estimator.init_worker_state(theta, worker_init_key(cfg.seed, 0))
+        self.worker_state = self.estimator.init_worker_state(theta, self._worker_key())
         self.resumed_from: Path | None = None
         #: periodic evaluations (``cfg.evaluation_period``): ``{"step", "eval_final_loss",
         #: "improved"}`` each; the best one's θ is in ``checkpoints/best.ckpt``
@@ -114,6 +142,19 @@ class Trainer:
     def step(self) -> int:
         """Meta-updates applied so far."""
         return int(self.state.version)
+
+    @property
+    def stage(self) -> int:
+        """The curriculum stage being trained (0 without a curriculum)."""
+        return self.curriculum.stage if self.curriculum is not None else 0
+
+    def _stage_estimator(self, stage: int | None = None) -> GradientEstimator:
+        est_cfg = stage_config(self.cfg, self.stage if stage is None else stage).estimator
+        return estimator_from_config(est_cfg, self.family, self.learned_opt)
+
+    def _worker_key(self, stage: int | None = None) -> jax.Array:
+        return stage_worker_key(worker_init_key(self.cfg.seed, 0),
+                                self.stage if stage is None else stage)
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -128,6 +169,7 @@ class Trainer:
             "history": self.history,
             "evaluations": self.evaluations,
             "best_eval": self.best_eval,
+            "curriculum": self.curriculum.to_json() if self.curriculum is not None else None,
         }
 
     def save(self) -> Path:
@@ -155,13 +197,28 @@ class Trainer:
         target = {"theta": self.state.theta, "opt_state": self.state.opt_state}
         tree, meta = load_checkpoint(path, target)
         step = int(meta["version"])
+        curriculum, estimator, worker_state = self.curriculum, self.estimator, self.worker_state
+        saved = meta.get("curriculum")
+        service_file = self.run_dir / "checkpoints" / "curriculum.json"
+        if saved is None and service_file.exists():  # a run dir written by the service
+            saved = json.loads(service_file.read_text())["state"]
+        if self.cfg.curriculum is not None and saved is not None:
+            curriculum = CurriculumState.from_json(saved)
+            if curriculum.stage >= len(self.cfg.curriculum.stages):
+                raise CheckpointError(
+                    f"checkpoint {path} is in curriculum stage {curriculum.stage}; the config "
+                    f"has {len(self.cfg.curriculum.stages)} stages")
+            if curriculum.stage != self.stage:  # the stage's estimator, a worker-state template
+                estimator = self._stage_estimator(curriculum.stage)
+                worker_state = estimator.init_worker_state(
+                    tree["theta"], self._worker_key(curriculum.stage))
+        stage = curriculum.stage if curriculum is not None else 0
         worker_path = checkpoint_path(self.run_dir, "worker", step)
-        worker_state = self.worker_state
         if worker_path.exists():
-            worker_state, _ = load_checkpoint(worker_path, self.worker_state)
+            worker_state, _ = load_checkpoint(worker_path, worker_state)
         else:  # a run dir written by the service: fresh inner problems
-            worker_state = self.estimator.init_worker_state(
-                tree["theta"], worker_init_key(self.cfg.seed, 0))
+            worker_state = estimator.init_worker_state(tree["theta"], self._worker_key(stage))
+        self.curriculum, self.estimator = curriculum, estimator
         to_jnp = lambda t: jax.tree_util.tree_map(jnp.asarray, t)
         self.state = MetaState(theta=to_jnp(tree["theta"]), opt_state=to_jnp(tree["opt_state"]),
                                version=jnp.asarray(step, jnp.int32))
@@ -180,8 +237,9 @@ class Trainer:
               time_budget_s: float | None = None) -> list[dict[str, float]]:
         """Run meta-updates until ``num_steps`` (default ``cfg.meta_steps``) have been applied.
 
-        Stops early once ``time_budget_s`` (default ``cfg.time_budget_s``) has elapsed, after
-        writing a checkpoint. Returns the logged history (one entry per ``log_every`` steps).
+        With a curriculum, also stops when its last stage has finished. Stops early once
+        ``time_budget_s`` (default ``cfg.time_budget_s``) has elapsed, after writing a
+        checkpoint. Returns the logged history (one entry per ``log_every`` steps).
         """
         cfg = self.cfg
         total = cfg.meta_steps if num_steps is None else num_steps
@@ -189,7 +247,7 @@ class Trainer:
         start = time.monotonic()
         self._last_log = start
         window: list[dict[str, Any]] = []
-        while self.step < total:
+        while self.step < total and not (self.curriculum is not None and self.curriculum.done):
             key = truncation_key(cfg.seed, 0, self.step)
             self.state, self.worker_state, metrics = meta_step(
                 self.estimator, self.meta_tx, self.state, self.worker_state, key)
@@ -198,10 +256,15 @@ class Trainer:
             if step % cfg.log_every == 0 or step == total:
                 self._log(window, step, time.monotonic() - start, on_log)
                 window = []
+            # before the checkpoint, so that a run resumed from it has this evaluation
+            if cfg.curriculum is not None and step % cfg.curriculum.eval_period == 0:
+                self.curriculum_step()
             if step % cfg.checkpoint_every == 0:
                 self.save()
             if cfg.evaluation_period is not None and step % cfg.evaluation_period == 0:
                 self.evaluate_and_keep_best()
+            if self.curriculum is not None and self.curriculum.done:
+                break
             if budget is not None and time.monotonic() - start > budget:
                 break
         if window:
@@ -211,22 +274,25 @@ class Trainer:
 
     # --- periodic evaluation (L2L's evaluation_period / evaluation_epochs) ----------------------
 
-    def quick_eval(self) -> float:
-        """The learned optimizer's mean final loss over ``cfg.evaluation_epochs`` fresh seeds of
-        the eval task after ``cfg.eval.steps`` inner steps (``inf`` if it diverged).
+    def quick_eval(self, steps: int | None = None, seeds: int | None = None) -> float:
+        """The learned optimizer's mean final loss over ``seeds`` (default
+        ``cfg.evaluation_epochs``) fresh seeds of the eval task after ``steps`` (default
+        ``cfg.eval.steps``) inner steps (``inf`` if it diverged).
 
-        Same task and keys as the end-of-run evaluation (:func:`l2o.job.eval_task_and_key`), but
-        no Adam sweep: one jitted call of :func:`l2o.eval.loss_curves`.
+        The end-of-run evaluation's task (:func:`l2o.job.eval_task_and_key`) on *validation*
+        seeds (:func:`l2o.build.validation_key`), so θ chosen by these scores is then reported on
+        seeds it was not chosen on; no Adam sweep: one jitted call of
+        :func:`l2o.eval.loss_curves`.
         """
         from l2o.eval import loss_curves
 
         if self._eval_setup is None:
-            k_task, k_run = jax.random.split(eval_key(self.cfg.seed))
             family = task_family_from_config(self.cfg.eval_task())
-            self._eval_setup = (family.sample_task(k_task), k_run)
+            self._eval_setup = validation_task_and_run_key(self.cfg.seed, family)
         task, key = self._eval_setup
-        curves = loss_curves(task, self.learned_opt, self.state.theta, steps=self.cfg.eval.steps,
-                             seeds=self.cfg.evaluation_epochs, key=key)
+        curves = loss_curves(task, self.learned_opt, self.state.theta,
+                             steps=self.cfg.eval.steps if steps is None else steps,
+                             seeds=self.cfg.evaluation_epochs if seeds is None else seeds, key=key)
         final = float(np.mean(curves[:, -1]))
         return final if math.isfinite(final) else math.inf
 
@@ -246,6 +312,63 @@ class Trainer:
                              **{k: meta[k] for k in ("version", "gen_id", "optimizer", "seed")}})
         return entry
 
+    # --- curriculum (L2O-Scale's if_cl; l2o.curriculum) ---------------------------------------
+
+    def curriculum_step(self) -> dict[str, Any]:
+        """Score θ at the current stage's evaluation horizon and act on the curriculum's decision
+        (save the stage's best, or restore it and advance / finish). Returns the entry recorded
+        in :attr:`evaluations` (``stage``, ``eval_steps``, ``eval_final_loss``, ``curriculum``:
+        the action, ``improved``, and for a stage change ``restored_version``/``next_stage``)."""
+        cur = self.cfg.curriculum
+        state = self.curriculum
+        if cur is None or state is None:
+            raise ValueError("curriculum_step needs cfg.curriculum")
+        steps = eval_horizon(cur.stages, state.stage)
+        if self.scorer is not None:
+            score = float(self.scorer(self, steps))
+        else:
+            score = self.quick_eval(steps=steps, seeds=cur.eval_seeds)
+        new_state, decision = curriculum_update(cur.stages, cur.patience, state, score,
+                                                self.step)
+        entry: dict[str, Any] = {
+            "step": self.step, "stage": state.stage, "train_steps": train_horizon(
+                cur.stages, state.stage), "eval_steps": steps, "eval_final_loss": score,
+            "curriculum": decision.action.value,
+            "improved": decision.action is Action.NEW_BEST}
+        if decision.action is Action.NEW_BEST:
+            meta = self._metadata()
+            save_checkpoint(self.stage_best_path(state.stage), self.state.theta,
+                            {"kind": "params", "eval_final_loss": score, "eval_steps": steps,
+                             "stage": state.stage,
+                             **{k: meta[k] for k in ("version", "gen_id", "optimizer", "seed")}})
+        elif decision.action in (Action.ADVANCE, Action.FINISHED):
+            if decision.restore_version is not None:
+                self._restore_theta(self.stage_best_path(state.stage), decision.restore_version)
+                entry["restored_version"] = decision.restore_version
+            if decision.action is Action.ADVANCE:
+                entry["next_stage"] = decision.stage
+                self.estimator = self._stage_estimator(decision.stage)
+                self.worker_state = self.estimator.init_worker_state(
+                    self.state.theta, self._worker_key(decision.stage))
+        self.curriculum = new_state
+        self.evaluations.append(entry)
+        return entry
+
+    def _restore_theta(self, path: Path, version: int) -> None:
+        """θ := the stage-best checkpoint at ``path`` (which must hold ``version``), with a fresh
+        meta-optimizer state; the version counter is left as it is."""
+        tree, meta = load_checkpoint(path, self.state.theta)
+        if int(meta.get("version", -1)) != int(version):
+            raise CheckpointError(f"{path} holds θ version {meta.get('version')}, the curriculum "
+                                  f"expected {version}")
+        theta = jax.tree_util.tree_map(jnp.asarray, tree)
+        self.state = MetaState(theta=theta, opt_state=self.meta_tx.init(theta),
+                               version=self.state.version)
+
+    def stage_best_path(self, stage: int) -> Path:
+        """``run_dir/checkpoints/best_stage{stage}.ckpt``: the best θ of a curriculum stage."""
+        return self.run_dir / "checkpoints" / best_checkpoint_name(stage)
+
     def best_checkpoint_path(self) -> Path:
         """``run_dir/checkpoints/best.ckpt``: θ at the best periodic evaluation so far."""
         return self.run_dir / "checkpoints" / "best.ckpt"
@@ -256,8 +379,12 @@ class Trainer:
         finite = [bool(m["grad_finite"]) for m in host]
         self.skipped_nonfinite += finite.count(False)
         entry = {"step": step, "elapsed_s": round(elapsed, 3), "truncations": len(host)}
-        for name in ("meta_loss", "inner_loss", "final_inner_loss"):
-            entry[name] = float(np.mean([float(m[name]) for m in host]))
+        if self.curriculum is not None:
+            entry["stage"] = self.stage
+            entry["num_steps"] = train_horizon(self.cfg.curriculum.stages, self.stage)
+        for name in ("meta_loss", "inner_loss", "final_inner_loss", *OPTIONAL_METRICS):
+            if name in host[0]:
+                entry[name] = float(np.mean([float(m[name]) for m in host]))
         now = time.monotonic()
         inner_steps = sum(int(m["inner_steps"]) for m in host)
         entry["inner_steps_per_s"] = inner_steps / max(now - self._last_log, 1e-9)

@@ -156,6 +156,26 @@ class LearnerProcess:
             raise RuntimeError("the learner has not started")
         return str(self.learner.save_checkpoint()[1])
 
+    def restore_theta(self, path: str, version: int | None = None) -> dict[str, Any]:
+        """Adopt the θ of the params checkpoint at ``path`` as a new generation (the curriculum's
+        restore of a stage's best, :class:`l2o.curriculum.ServiceCurriculum`): version and
+        ``gen_id`` go up, buffered gradients are dropped, the meta-optimizer state is fresh.
+        ``version``: the θ version the file must hold. The new θ is checkpointed at once. Returns
+        ``{"version", "gen_id", "checkpoint"}`` (the new version and its params checkpoint)."""
+        from l2o.checkpoints import load_checkpoint, read_checkpoint
+
+        if self.learner is None:
+            raise RuntimeError("the learner has not started")
+        _, _, template = self.learner.snapshot()
+        tree, meta = load_checkpoint(path, template)
+        if version is not None and int(meta.get("version", -1)) != int(version):
+            raise CheckpointError(f"{path} holds θ version {meta.get('version')}, not {version}")
+        gen_id = self.learner.new_generation(tree)
+        # checkpoint it at once: a restarted learner resumes from the restored θ
+        _, params_path = self.learner.save_checkpoint()
+        return {"version": int(read_checkpoint(params_path)[1]["version"]), "gen_id": gen_id,
+                "checkpoint": str(params_path)}
+
     def stop(self, checkpoint: bool = True, grace: float = 2.0) -> dict[str, Any]:
         """Stop serving, stop the learner (checkpointing unless told not to); its final status."""
         if self.server is not None:

@@ -19,13 +19,17 @@ key                                        contents
 ``l2o:{run}:eval_errors``                  hash: stream id → last error of that job
 ``l2o:{run}:leaderboard``                  sorted set: version → score (this run)
 ``l2o:{run}:seq:{worker_id}``              integer: seqs handed out to that worker so far
+``l2o:{run}:curriculum``                   string: the curriculum's stage record (JSON; workers
+                                           train at its ``num_steps``; ``l2o.curriculum``)
 ``l2o:leaderboard``                        sorted set: ``{run}@{version}`` → score (all runs)
 ``l2o:adam:{task_key}``                    string: a cached tuned-Adam sweep (JSON)
 ========================================  =========================================================
 
 **Leaderboard score**: ``learned_final_loss / adam_final_loss`` on the held-out eval task, i.e. the
 learned optimizer's final loss as a fraction of the tuned Adam's. **Lower is better**; below 1
-the learned optimizer beats tuned Adam. Ranking reads the sorted sets in ascending order.
+the learned optimizer beats tuned Adam. Ranking reads the sorted sets in ascending order. The
+unsupervised update rule has no Adam comparison: its score is ``1 − logistic-regression accuracy``
+of its features on the test split (``leaderboard_score`` of its result; also lower is better).
 
 **Eval queue semantics.** :meth:`Registry.claim_eval` first takes over (``XAUTOCLAIM``) a job that
 has sat unacknowledged for more than ``eval_idle_ms`` — its consumer is presumed dead — and
@@ -189,6 +193,16 @@ class Registry:
     def clear_learner_address(self) -> None:
         """Forget the learner's address (it is going away)."""
         self.r.delete(self.key("learner"))
+
+    # ---- curriculum (l2o.curriculum.ServiceCurriculum) -----------------------------------------
+    def set_curriculum(self, info: dict) -> None:
+        """Publish the curriculum's stage record (``stage``, ``num_steps``, ``eval_steps``, …)."""
+        self.r.set(self.key("curriculum"), dumps(info))
+
+    def curriculum(self) -> dict | None:
+        """The curriculum's stage record, or ``None`` (no curriculum, or not published yet)."""
+        raw = self.r.get(self.key("curriculum"))
+        return json.loads(raw) if raw else None
 
     # ---- worker sequence numbers --------------------------------------------------------------
     def next_seq(self, worker_id: str) -> int:
@@ -360,7 +374,15 @@ class Registry:
     # ---- results and leaderboard --------------------------------------------------------------
     @staticmethod
     def score(result: dict) -> float:
-        """Leaderboard score of a result: learned / Adam final loss (lower is better)."""
+        """Leaderboard score of a result: learned / Adam final loss (lower is better).
+
+        A result carrying its own ``leaderboard_score`` (the unsupervised update rule's: 1 − the
+        logistic-regression accuracy of its features, see ``l2o.unsupervised.evaluation``) is
+        ranked by that instead.
+        """
+        if "leaderboard_score" in result:
+            own = float(result["leaderboard_score"])
+            return own if math.isfinite(own) else math.inf
         learned = float(result["learned_final_loss"])
         adam = float(result["adam_final_loss"])
         if not math.isfinite(learned) or not math.isfinite(adam):

@@ -2,8 +2,10 @@
 
 This is the ``ray job submit`` entrypoint and what ``l2o train`` runs through. :func:`run_service`
 
-1. connects to Ray: the cluster at ``address`` / ``$RAY_ADDRESS``, else a running local cluster
-   (``address="auto"``), else a fresh local Ray instance (stopped again at the end);
+1. connects to Ray: the cluster at ``address`` / ``$RAY_ADDRESS`` (``auto``: the running local
+   ``ray start`` cluster; jobs submitted with ``ray job submit`` have it set), else a fresh private
+   local Ray instance, stopped again at the end (never another job's instance: attaching to one
+   would tie this run to that job's lifetime);
 2. opens Redis (``service.redis_url``, ``$REDIS_URL``, else an embedded server on a unix socket),
    writes the run manifest and marks the run ``starting``;
 3. starts the learner (``services.learner.LearnerActor``: the gRPC server around
@@ -64,12 +66,46 @@ def needed_cpus(cfg: Any) -> float:
     return (1 + svc.num_unroll_workers + svc.num_eval_workers) * svc.worker_num_cpus
 
 
+def check_resources(cfg: Any, total: dict[str, float], strict: bool = True) -> None:
+    """Raise a clear error when the run's actors can never all be placed on the cluster.
+
+    ``total`` is ``ray.cluster_resources()``. Unroll and eval workers each ask for
+    ``worker_num_cpus``/``worker_num_gpus``; an actor that does not fit would wait forever. With
+    ``strict=False`` (a cluster this run did not start, which may still scale up) it only logs.
+    """
+    try:
+        _check_resources(cfg, total)
+    except RuntimeError as e:
+        if strict:
+            raise
+        logging.getLogger(__name__).warning("%s (waiting in case the cluster scales up)", e)
+
+
+def _check_resources(cfg: Any, total: dict[str, float]) -> None:
+    svc = cfg.service
+    gpus = (svc.num_unroll_workers + svc.num_eval_workers) * svc.worker_num_gpus
+    have = float(total.get("GPU", 0.0))
+    if gpus > have + 1e-9:
+        raise RuntimeError(
+            f"service.worker_num_gpus={svc.worker_num_gpus} for {svc.num_unroll_workers} unroll "
+            f"+ {svc.num_eval_workers} eval workers needs {gpus:g} GPUs; the Ray cluster has "
+            f"{have:g}. Lower worker_num_gpus or the number of workers.")
+    cpus = needed_cpus(cfg)
+    have_cpus = float(total.get("CPU", 0.0))
+    if cpus > have_cpus + 1e-9:
+        raise RuntimeError(
+            f"the run's actors need {cpus:g} logical CPUs (learner + {svc.num_unroll_workers} "
+            f"unroll + {svc.num_eval_workers} eval workers × worker_num_cpus="
+            f"{svc.worker_num_cpus}); the Ray cluster has {have_cpus:g}.")
+
+
 def init_ray(cfg: Any, address: str | None = None) -> bool:
     """Connect to (or start) Ray for ``cfg``; whether this call started a local instance.
 
-    ``address`` or ``$RAY_ADDRESS`` selects a cluster; otherwise a running local cluster is used
-    if there is one (``ray start --head``), else a local instance with enough logical CPUs for the
-    run's actors is started.
+    ``address`` or ``$RAY_ADDRESS`` selects a cluster (``"auto"``: the local ``ray start``
+    cluster); otherwise a private local instance with enough logical CPUs for the run's actors is
+    started. A Ray instance that another driver started with ``ray.init()`` is never joined
+    implicitly: it goes away when that driver ends, taking this run's actors with it.
     """
     import ray
 
@@ -79,14 +115,9 @@ def init_ray(cfg: Any, address: str | None = None) -> bool:
     if addr:
         ray.init(address=addr, logging_level=logging.WARNING)
         return False
-    try:
-        ray.init(address="auto", logging_level=logging.WARNING)
-        return False
-    except (ConnectionError, RuntimeError, ValueError):
-        pass
     cpus = max(os.cpu_count() or 1, math.ceil(needed_cpus(cfg)))
     gpus = None
-    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
              logging_level=logging.WARNING)
     return True
 
@@ -150,13 +181,15 @@ def start_learner(cfg: Any, run_id: str, run_dir: Path, token: str, redis_url: s
 
 def read_metrics(redis_client: Any, registry: Any) -> list[dict[str, Any]]:
     """Every truncation record the workers appended to the run's metrics stream, oldest first."""
+    from l2o.estimators.base import CORE_METRICS, OPTIONAL_METRICS
+
     out = []
     for _id, fields in redis_client.xrange(registry.key("metrics")):
         rec: dict[str, Any] = dict(fields)
-        for k in ("meta_loss", "inner_loss", "final_inner_loss", "inner_steps", "t"):
+        for k in (*CORE_METRICS, *OPTIONAL_METRICS, "t"):
             if k in rec:
                 rec[k] = float(rec[k])
-        for k in ("seq", "version"):
+        for k in ("seq", "version", "stage", "num_steps"):
             if k in rec:
                 rec[k] = int(rec[k])
         out.append(rec)
@@ -216,14 +249,18 @@ def run_service(cfg: Any, *, address: str | None = None,
                 progress: Callable[[dict[str, Any]], None] | None = None,
                 redis_url: str | None = None, poll_s: float = 0.25,
                 eval_drain_timeout_s: float = 600.0, final_eval: bool = True,
-                keep_actors: bool = False) -> dict[str, Any]:
+                keep_actors: bool = False,
+                curriculum_scorer: Callable[[Any, int, int], float] | None = None
+                ) -> dict[str, Any]:
     """Meta-train ``cfg`` (a :class:`~l2o.config.TrainConfig`) on Ray; the summary dict.
 
     ``progress`` is called after each status poll with the learner's figures (``version``,
     ``updates``, ``accepted``, ``dropped_stale``, ``gradients_per_second``, ``last_meta_loss``…).
     ``redis_url`` overrides ``cfg.service.redis_url``. The summary is also written to
     ``run_dir/summary.json``. With ``keep_actors`` the actors are left running (tests inspect
-    them; the caller kills them).
+    them; the caller kills them). With ``cfg.curriculum`` the driver runs the curriculum
+    (:class:`l2o.curriculum.ServiceCurriculum`; ``curriculum_scorer(θ, version, eval_steps)``
+    replaces its score) and the run ends when its last stage has finished.
     """
     import ray
 
@@ -261,6 +298,7 @@ def run_service(cfg: Any, *, address: str | None = None,
         rclient.delete(registry.key("metrics"))
         registry.ensure_group()
         started_ray = init_ray(cfg, address)
+        check_resources(cfg, ray.cluster_resources(), strict=started_ray)
         add_path = not _ships_code()
         alive = [n for n in ray.nodes() if n.get("Alive")]
         if url.startswith("unix://") and len(alive) > 1:
@@ -275,6 +313,10 @@ def run_service(cfg: Any, *, address: str | None = None,
         # a resumed learner remembers the seqs it took; never hand them out again
         for worker_id, last in (client.status().get("worker_last_seq") or {}).items():
             registry.ensure_seq_at_least(worker_id, int(last) + 1)
+        curriculum = None
+        if cfg.curriculum is not None:  # before the workers start: they read its stage
+            curriculum = _start_curriculum(cfg, run_dir, client, learner, registry,
+                                           curriculum_scorer)
         config_dump = cfg.model_dump(mode="json")
         for i in range(svc.num_unroll_workers):
             unroll.append(create_unroll_worker(
@@ -316,12 +358,19 @@ def run_service(cfg: Any, *, address: str | None = None,
                 log.info("time budget of %.0f s spent", budget)
                 break
             _check_workers(run_refs)
+            if curriculum is not None:
+                curriculum.poll(status)
+                if curriculum.done:
+                    log.info("curriculum finished")
+                    break
             time.sleep(poll_s)
         train_seconds = time.monotonic() - t_train
 
         # wind down: workers first, then a final checkpoint (its eval job is queued), then evals
         registry.set_status("stopping")
         _wait_refs(list(run_refs), timeout=120.0)
+        if curriculum is not None:  # a finished curriculum: its best θ, with no worker left
+            curriculum.finish()
         worker_stats = [_safe_get(w.stats.remote()) for w in unroll]
         final = ray.get(learner.stop.remote(checkpoint=True), timeout=120.0)
         status = final or status
@@ -375,6 +424,8 @@ def run_service(cfg: Any, *, address: str | None = None,
             "final_checkpoint": str(final_path),
             "history": history,
         }
+        if curriculum is not None:
+            summary["curriculum"] = curriculum.summary()
         if summary["best_checkpoint"]:
             from l2o.eval import CURVE_KEYS
 
@@ -409,6 +460,29 @@ def run_service(cfg: Any, *, address: str | None = None,
             ray.shutdown()
         if owns_redis:
             redis_server.shutdown_embedded()
+
+
+def _start_curriculum(cfg: Any, run_dir: Path, client: Any, learner: Any, registry: Any,
+                      scorer: Any) -> Any:
+    """The run's :class:`l2o.curriculum.ServiceCurriculum`: θ fetched over gRPC, restored through
+    the learner actor, the stage published in the registry."""
+    import ray
+
+    from l2o.build import learned_optimizer_from_config, theta_key
+    from l2o.curriculum import ServiceCurriculum
+    from workers.unroll import as_template
+
+    template = learned_optimizer_from_config(cfg.optimizer).init(theta_key(cfg.seed))
+
+    def fetch() -> tuple[int, Any]:
+        r = client.fetch(have_version=-1, like=template)
+        return int(r.version), as_template(r.theta, template)
+
+    def restore(path: Path, version: int) -> dict[str, Any]:
+        return ray.get(learner.restore_theta.remote(str(path), int(version)), timeout=120.0)
+
+    return ServiceCurriculum(cfg, run_dir, fetch, restore, registry.set_curriculum, scorer,
+                             updates=int(client.status().get("updates", 0)))
 
 
 def _safe_get(ref: Any, timeout: float = 30.0) -> Any:
@@ -448,7 +522,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['gradients_rejected']} rejected",
         f"meta-loss: {summary['meta_loss_first']:.4g} -> {summary['meta_loss_last']:.4g}",
     ]
-    if ev:
+    if ev.get("kind") == "unsupervised_rule":  # rule vs random-init vs supervised features
+        from l2o.unsupervised.evaluation import format_result
+
+        lines.append(format_result(ev))
+    elif ev:
         lines.append(
             f"eval on {ev.get('task')} ({ev.get('steps')} steps): learned "
             f"{ev.get('learned_final_loss')} vs tuned Adam {ev.get('adam_final_loss')} "
@@ -469,8 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-name")
     p.add_argument("--run-dir")
     p.add_argument("--meta-steps", type=int)
-    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, a running cluster, or "
-                                     "a new local instance)")
+    p.add_argument("--address", help="Ray address ('auto': the local `ray start` cluster; "
+                                     "default: $RAY_ADDRESS, else a new private local instance)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:

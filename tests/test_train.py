@@ -180,3 +180,34 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(f)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_overrides_are_typed_validated_and_named_when_wrong():
+    from l2o.config import apply_overrides, preset
+
+    cfg = apply_overrides(preset("default"), ["estimator.num_tasks=8", "time_budget_s=null",
+                                              "eval.adam_learning_rates=[0.1, 0.01]"])
+    assert cfg.estimator.num_tasks == 8 and cfg.time_budget_s is None
+    assert cfg.eval.adam_learning_rates == [0.1, 0.01]
+    assert preset("default").estimator.num_tasks != 8  # the preset itself is untouched
+    with pytest.raises(ConfigError, match=r"estimator\.nope"):
+        apply_overrides(preset("default"), ["estimator.nope=1"])
+    with pytest.raises(ConfigError, match=r"estimator\.num_tasks"):
+        apply_overrides(preset("default"), ["estimator.num_tasks=abc"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides(preset("default"), ["estimator.num_tasks"])
+
+
+def test_service_refuses_a_run_whose_actors_cannot_all_be_placed():
+    from l2o.config import apply_overrides, preset
+    from services.train import check_resources
+
+    cfg = apply_overrides(preset("default"), ["service.num_unroll_workers=2",
+                                              "service.num_eval_workers=1",
+                                              "service.worker_num_gpus=0.5"])
+    with pytest.raises(RuntimeError, match=r"needs 1\.5 GPUs; the Ray cluster has 1"):
+        check_resources(cfg, {"CPU": 16.0, "GPU": 1.0})
+    with pytest.raises(RuntimeError, match="need 4 logical CPUs"):
+        check_resources(cfg, {"CPU": 2.0, "GPU": 2.0})
+    check_resources(cfg, {"CPU": 4.0, "GPU": 1.5})  # fits exactly
+    check_resources(cfg, {"CPU": 1.0}, strict=False)  # a cluster we did not start: only a warning

@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -40,11 +41,18 @@ def score_checkpoint(cfg: Any, path: str, registry: Any | None = None) -> dict[s
     written to) its cache. Returns the dict of ``l2o.eval.evaluate`` (curves included) plus
     ``checkpoint``, ``checkpoint_version``, ``adam_task_key``, ``adam_cached``, ``eval_seconds``.
     """
-    from l2o.job import adam_baseline_for, evaluate_theta, load_theta
+    from l2o.job import adam_baseline_for, evaluate_theta, is_unsupervised, load_theta
     from services.registry import task_key
 
     t0 = time.monotonic()
     lopt, theta, meta = load_theta(path)
+    if is_unsupervised(cfg):  # no Adam sweep: rule vs random-init vs supervised features;
+        # PNGs in RUN_DIR/figures/version_N (the checkpoint sits in RUN_DIR/checkpoints)
+        version = int(meta.get("version", -1))
+        figures = Path(path).resolve().parent.parent / "figures" / f"version_{version:08d}"
+        result = evaluate_theta(cfg, lopt, theta, figures_dir=figures)
+        return {**result, "checkpoint": str(path), "checkpoint_version": version,
+                "eval_seconds": round(time.monotonic() - t0, 3)}
     ev = cfg.eval
     key = task_key(cfg.eval_task().model_dump(mode="json"), ev.steps, ev.seeds,
                    [float(x) for x in ev.adam_learning_rates],
@@ -160,8 +168,10 @@ class EvalWorker:
 
     def stats(self) -> dict[str, Any]:
         """This worker's counters and the job it holds (if any)."""
+        from workers.unroll import placement
+
         return {"consumer": self.consumer, "current": self.current, "pid": os.getpid(),
-                **self.counts}
+                **placement(), **self.counts}
 
     def ping(self) -> str:
         """Liveness check: the consumer name."""

@@ -102,6 +102,20 @@ def actor_options(num_cpus: float, num_gpus: float = 0.0, *,
 # Helpers
 
 
+def placement() -> dict[str, Any]:
+    """Where this process computes: JAX's backend and devices, and the GPUs Ray assigned it."""
+    import jax
+
+    try:
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        gpu_ids = []
+    return {"jax_backend": jax.default_backend(),
+            "jax_devices": [str(d) for d in jax.devices()],
+            "ray_gpu_ids": gpu_ids,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
 def as_template(tree: Any, template: Any) -> Any:
     """``tree`` rearranged into ``template``'s structure, matching leaves by tree path.
 
@@ -203,7 +217,12 @@ class UnrollWorker:
                                  eval_idle_ms=svc.eval_idle_ms)
         self.family = task_family_from_config(self.cfg.task)
         self.learned_opt = learned_optimizer_from_config(self.cfg.optimizer)
-        self.estimator = estimator_from_config(self.cfg.estimator, self.family, self.learned_opt)
+        from l2o.curriculum import stage_config
+
+        #: the curriculum stage this worker trains at (``l2o.curriculum``; 0 without one)
+        self.stage = 0
+        self.estimator = estimator_from_config(stage_config(self.cfg, 0).estimator, self.family,
+                                               self.learned_opt)
         self.template = self.learned_opt.init(theta_key(self.cfg.seed))
         self.wait_for_update = (svc.max_staleness == 0
                                 and svc.batch_size <= svc.num_unroll_workers)
@@ -216,7 +235,7 @@ class UnrollWorker:
         self.theta = None
         self.counts: dict[str, int] = {"truncations": 0, "accepted": 0, "stale": 0,
                                        "duplicate": 0, "rejected": 0, "reconnects": 0,
-                                       "refetch_full": 0}
+                                       "refetch_full": 0, "stage_changes": 0}
         self.last_reason: str | None = None
         self.host = socket.gethostname()
         self.started_at = time.time()
@@ -337,9 +356,12 @@ class UnrollWorker:
             self._refresh_theta()
             if self.theta is None:
                 continue
+            self._sync_stage()  # after θ: a restored θ is published after its stage
             if self.worker_state is None:
+                from l2o.curriculum import stage_worker_key
+
                 self.worker_state = self.estimator.init_worker_state(
-                    self.theta, worker_init_key(seed, self.index))
+                    self.theta, stage_worker_key(worker_init_key(seed, self.index), self.stage))
             seq = self.registry.next_seq(self.worker_id)
             version, theta = self.version, self.theta
             grad, self.worker_state, metrics = self.estimator.compute_gradient_estimate(
@@ -374,6 +396,25 @@ class UnrollWorker:
         self._close_client()
         return self.stats()
 
+    def _sync_stage(self) -> None:
+        """Follow the curriculum's stage in the registry: on a change, rebuild the estimator with
+        the stage's ``num_steps`` and drop the inner problems (fresh ones are drawn)."""
+        if self.cfg.curriculum is None:
+            return
+        from l2o.build import estimator_from_config
+        from l2o.curriculum import stage_config
+
+        info = self.registry.curriculum()
+        stage = int(info["stage"]) if info else 0
+        if stage != self.stage:
+            self.stage = stage
+            self.estimator = estimator_from_config(stage_config(self.cfg, stage).estimator,
+                                                   self.family, self.learned_opt)
+            self.worker_state = None
+            self.counts["stage_changes"] += 1
+            log.info("%s: curriculum stage %d, num_steps %d", self.worker_id, stage,
+                     self.cfg.curriculum.stages[stage])
+
     def _skip_known_seqs(self) -> None:
         """Move this worker's seq counter past the highest seq the learner has seen from it."""
         try:
@@ -400,7 +441,12 @@ class UnrollWorker:
         """Append this truncation's metrics to the run's metrics stream in Redis."""
         rec = {"worker": self.worker_id, "seq": seq, "version": version, "reason": reason,
                "t": repr(time.time())}
-        for k in ("meta_loss", "inner_loss", "final_inner_loss", "inner_steps"):
+        if self.cfg.curriculum is not None:  # the stage and horizon this truncation ran at
+            rec["stage"] = self.stage
+            rec["num_steps"] = self.cfg.curriculum.stages[self.stage]
+        from l2o.estimators.base import CORE_METRICS, OPTIONAL_METRICS
+
+        for k in (*CORE_METRICS, *OPTIONAL_METRICS):
             if k in metrics:
                 rec[k] = repr(float(metrics[k]))
         try:
@@ -418,7 +464,9 @@ class UnrollWorker:
         """Counters of this incarnation of the worker."""
         return {"worker_id": self.worker_id, "index": self.index, "version": self.version,
                 "host": self.host, "pid": os.getpid(), "last_reason": self.last_reason,
-                "next_seq": self.registry.peek_seq(self.worker_id), **self.counts}
+                "next_seq": self.registry.peek_seq(self.worker_id), "stage": self.stage,
+                **placement(),
+                **self.counts}
 
     def ping(self) -> str:
         """Liveness check: the worker id."""

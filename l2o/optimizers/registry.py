@@ -24,6 +24,7 @@ from l2o.optimizers.mixed import mixed
 from l2o.optimizers.mlp_lopt import MLPLOpt
 from l2o.optimizers.rnn_mlp import RNNMLPLOpt
 from l2o.optimizers.simple_trainable import LearnedLRSGD, LearnedMomentum
+from l2o.unsupervised.update_rule import UnsupervisedUpdateRule
 
 #: Constructors of every known optimizer; keyword arguments are their settings.
 OPTIMIZERS: dict[str, Callable[..., LearnedOptimizer]] = {
@@ -41,6 +42,7 @@ OPTIMIZERS: dict[str, Callable[..., LearnedOptimizer]] = {
     "coordinatewise_rnn": CoordinatewiseRNN,
     "learned_lr_sgd": LearnedLRSGD,
     "learned_momentum": LearnedMomentum,
+    "unsupervised_rule": UnsupervisedUpdateRule,  # updates base models, not by gradients
 }
 
 

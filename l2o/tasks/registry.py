@@ -181,6 +181,74 @@ def digits_conv_multi(channels: Sequence[int] = (8, 16), activation: str = "relu
     return _conv("digits", channels, activation, batch_size)
 
 
+# L2O-Scale's evaluation problems (Chen et al. 2020; docs/l2o_scale.md) and offline stand-ins with
+# the same architecture on scikit-learn's digits.
+
+
+def mnist_mlp_relu(hidden_sizes: Sequence[int] = (20,), activation: str = "relu",
+                   batch_size: int = 128, data_dir: str | None = None) -> TaskFamily:
+    """L2O-Scale's ReLU MLP: 784-20-10 relu on MNIST, batch 128 (needs the MNIST files)."""
+    return _mlp("mnist", hidden_sizes, activation, batch_size, data_dir)
+
+
+def mnist_mlp_deeper(hidden_sizes: Sequence[int] = (20, 20), activation: str = "sigmoid",
+                     batch_size: int = 128, data_dir: str | None = None) -> TaskFamily:
+    """L2O-Scale's deeper MLP: 784-20-20-10 sigmoid on MNIST, batch 128 (needs the MNIST files)."""
+    return _mlp("mnist", hidden_sizes, activation, batch_size, data_dir)
+
+
+def digits_mlp_deeper(hidden_sizes: Sequence[int] = (20, 20), activation: str = "sigmoid",
+                      batch_size: int = 128) -> TaskFamily:
+    """Offline stand-in for mnist_mlp_deeper: 64-20-20-10 sigmoid on 8×8 digits, batch 128."""
+    return _mlp("digits", hidden_sizes, activation, batch_size)
+
+
+def digits_cifar_conv(channels: Sequence[int] = (16, 16, 16), kernel_size: int = 5,
+                      batch_size: int = 128) -> TaskFamily:
+    """Offline stand-in for cifar: its conv net (three 5×5 stride-2 ReLU convs) on 8×8 digits."""
+    from l2o.tasks.cifar import cifar_conv_family
+    from l2o.tasks.datasets import load_digits
+
+    return cifar_conv_family(load_digits(), _int_tuple("channels", channels),
+                             _positive_int("kernel_size", kernel_size),
+                             _positive_int("batch_size", batch_size))
+
+
+#: L2O-Scale's evaluation problems: name → (task on the real data, offline digits stand-in with
+#: the same architecture). ``l2o eval CKPT --suite l2o-scale [--offline]`` scores all of them.
+L2O_SCALE_EVAL_TASKS: dict[str, tuple[str, str]] = {
+    "mnist_mlp": ("mnist_mlp", "digits_mlp"),
+    "mnist_mlp_relu": ("mnist_mlp_relu", "digits_mlp_relu"),
+    "mnist_mlp_deeper": ("mnist_mlp_deeper", "digits_mlp_deeper"),
+    "mnist_conv": ("mnist_conv", "digits_conv"),
+    "cifar10_conv": ("cifar", "digits_cifar_conv"),
+}
+
+
+def unsupervised_digits(hidden_sizes: Sequence[int] = (128, 128, 128, 128), output_size: int = 32,
+                        shuffle_input: bool = False, batch_per_class: int = 10,
+                        samples_per_class: int = 10, ridge_factor: float = 0.1,
+                        hinge_loss: bool = False) -> TaskFamily:
+    """Base models for the unsupervised update rule on 8×8 digits, class-balanced (offline)."""
+    from l2o.unsupervised.data import unsupervised_family
+
+    return unsupervised_family("digits", hidden_sizes, output_size, shuffle_input,
+                               batch_per_class, samples_per_class, ridge_factor, hinge_loss)
+
+
+def unsupervised_tiny_mnist(hidden_sizes: Sequence[int] = (128, 128, 128, 128),
+                            output_size: int = 32, shuffle_input: bool = False,
+                            batch_per_class: int = 10, samples_per_class: int = 10,
+                            ridge_factor: float = 0.1, hinge_loss: bool = False,
+                            data_dir: str | None = None) -> TaskFamily:
+    """Base models for the unsupervised update rule on MNIST at 14×14 (needs the MNIST files)."""
+    from l2o.unsupervised.data import unsupervised_family
+
+    return unsupervised_family("tiny_mnist", hidden_sizes, output_size, shuffle_input,
+                               batch_per_class, samples_per_class, ridge_factor, hinge_loss,
+                               data_dir)
+
+
 def problem_set(kinds: Sequence[str] | None = None, noise_prob: float = 0.5,
                 rescale_prob: float = 0.25, sum_prob: float = 0.25) -> TaskFamily:
     """Hierarchical-RNN problem set: quadratics, bowls, Rosenbrock, Beale, logistic, tiny MLPs."""
@@ -216,6 +284,14 @@ TASKS: dict[str, Callable[..., TaskFamily]] = {
     "cifar_multi": cifar_multi,
     "digits_conv_multi": digits_conv_multi,
     "problem_set": problem_set,
+    # the learned unsupervised update rule (l2o.unsupervised; estimator "unsupervised")
+    "unsupervised_digits": unsupervised_digits,
+    "unsupervised_tiny_mnist": unsupervised_tiny_mnist,
+    # L2O-Scale's evaluation problems (L2O_SCALE_EVAL_TASKS)
+    "mnist_mlp_relu": mnist_mlp_relu,
+    "mnist_mlp_deeper": mnist_mlp_deeper,
+    "digits_mlp_deeper": digits_mlp_deeper,
+    "digits_cifar_conv": digits_cifar_conv,
 }
 
 

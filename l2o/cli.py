@@ -140,7 +140,10 @@ def eval_cmd(
     from l2o.job import load_theta
 
     try:
-        lopt, theta, _ = load_theta(checkpoint)
+        lopt, theta, meta = load_theta(checkpoint)
+        if lopt.name == "unsupervised_rule":  # scored by its features, not against Adam
+            _eval_unsupervised(checkpoint, lopt, theta, meta, steps, seeds, out)
+            return
         family = task_family_from_config(TaskConfig(name=task))
     except (CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
         _fail(str(e))
@@ -156,6 +159,35 @@ def eval_cmd(
         from l2o.job import write_outputs
 
         write_outputs(out, summary, result)
+        console.print(f"wrote {out / 'summary.json'}")
+
+
+def _eval_unsupervised(checkpoint: Path, lopt: Any, theta: Any, meta: dict[str, Any], steps: int,
+                       seeds: int, out: Path | None) -> None:
+    """``l2o eval`` of an unsupervised-rule checkpoint: its run's base model and data, rule
+    features vs random-init vs supervised (``l2o.unsupervised.evaluation``)."""
+    from l2o.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint
+    from l2o.config import TrainConfig
+    from l2o.job import evaluate_theta
+    from l2o.unsupervised.evaluation import format_result
+
+    config = meta.get("config")
+    if config is None:  # a params checkpoint: the run's config is in a full one beside it
+        full = latest_checkpoint(checkpoint.resolve().parent.parent, "full")
+        config = read_checkpoint(full)[1].get("config") if full is not None else None
+    if config is None:
+        raise CheckpointError(f"{checkpoint}: the unsupervised rule needs its run's base model "
+                              "and data; give a full checkpoint or one inside its run directory")
+    cfg = TrainConfig.model_validate(config)
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"steps": steps,
+                                                                     "seeds": seeds})})
+    figures = out if out is not None else checkpoint.resolve().parent
+    result = evaluate_theta(cfg, lopt, theta, figures_dir=figures)
+    console.print(format_result(result))
+    if out is not None:
+        from l2o.train import write_json
+
+        write_json(out / "summary.json", {"run": str(checkpoint), "eval": result})
         console.print(f"wrote {out / 'summary.json'}")
 
 

@@ -305,6 +305,20 @@ def test_estimator_metrics_resets_and_checkpoint_leaves(tmp_path):
     worker_raw, _ = read_checkpoint(latest_checkpoint(trainer.run_dir, "worker"))
     assert set(worker_raw) == {"params", "step"}
 
+    # `l2o eval` of the params checkpoint: the run's base model and data, scored by features
+    from typer.testing import CliRunner
+
+    from l2o.cli import app
+
+    out = tmp_path / "cli_eval"
+    res = CliRunner().invoke(app, ["eval", str(latest_checkpoint(trainer.run_dir, "params")),
+                                   "--steps", "3", "--seeds", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    scored = json.loads((out / "summary.json").read_text())["eval"]
+    assert scored["kind"] == "unsupervised_rule" and scored["steps"] == 3
+    assert 0.0 <= scored["rule_logistic_accuracy"] <= 1.0
+    assert (out / "receptive_fields.png").is_file()
+
 
 @pytest.mark.slow  # compiles the rule (a minute or more on 2 busy cores)
 def test_evaluation_returns_every_key_and_writes_pngs(tmp_path):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
@@ -13,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -24,8 +26,25 @@ console = Console()
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    # escaped: a message's brackets (e.g. 'l2o[service]') are text, not markup; one line in logs
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+# What the distributed service imports (installed by ``pip install 'l2o[service]'``): checked
+# before a service command starts, so a library-only install gets the hint, not a traceback.
+SERVICE_MODULES = ("ray", "grpc", "grpc_health.v1.health", "grpc_reflection.v1alpha.reflection",
+                   "google.protobuf", "redis")
+REGISTRY_MODULES = ("redis",)
+
+
+def _require_service(what: str, modules: tuple[str, ...]) -> None:
+    """Fail with the install hint unless ``modules`` import."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            _fail(f"{what} needs the service dependencies ({e}): pip install 'l2o[service]'")
 
 
 def _load(config: Path | None, preset_name: str | None, overrides: dict[str, Any],
@@ -73,6 +92,8 @@ def train(
     cfg = _load(config, preset_name,
                 {"run_name": run_name, "run_dir": run_dir, "meta_steps": meta_steps},
                 assignments)
+    if not local:
+        _require_service("l2o train (without --local)", SERVICE_MODULES)
     if fresh and cfg.run_path().exists():
         aside = cfg.run_path().with_name(f"{cfg.run_name}.{time.strftime('%Y%m%d-%H%M%S')}")
         cfg.run_path().rename(aside)
@@ -263,7 +284,7 @@ def presets() -> None:
 
 
 def _registry_client(redis_url: str | None):
-    from services.redis_server import redis_connection
+    from services.redis_server import redis_connection  # after _require_service: needs redis
 
     try:
         client, _ = redis_connection(redis_url, reuse_running=True)
@@ -280,6 +301,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """A run's state, counters, checkpoints and latest evaluation, from the registry."""
+    _require_service("l2o status", REGISTRY_MODULES)
     from services.registry import list_runs, run_status
 
     client = _registry_client(redis_url)
@@ -319,6 +341,7 @@ def leaderboard_cmd(
                                                         "else the embedded server).")] = None,
 ) -> None:
     """The best scored checkpoints (learned / tuned-Adam final loss; lower is better)."""
+    _require_service("l2o leaderboard", REGISTRY_MODULES)
     from services.registry import leaderboard
 
     rows = leaderboard(_registry_client(redis_url), top=top, run_id=run)

@@ -181,6 +181,10 @@ class TrainConfig(_Strict):
     evaluation_period: PositiveInt | None = None
     evaluation_epochs: PositiveInt = 10
     task: TaskConfig = Field(default_factory=TaskConfig)
+    # Through the service, unroll worker i meta-trains on worker_tasks[i % len(worker_tasks)]
+    # instead of `task` (the learner averages their gradients: the meta-objective is the
+    # mixture). Empty: every worker uses `task`. The single-machine trainer uses the first.
+    worker_tasks: list[TaskConfig] = Field(default_factory=list)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
     meta_optimizer: MetaOptimizerConfig = Field(default_factory=MetaOptimizerConfig)
@@ -195,6 +199,12 @@ class TrainConfig(_Strict):
                              "estimator.horizon_schedule 'constant', not "
                              f"{self.estimator.horizon_schedule!r}")
         return self
+
+    def worker_task(self, worker_index: int) -> TaskConfig:
+        """The task unroll worker ``worker_index`` meta-trains on."""
+        if not self.worker_tasks:
+            return self.task
+        return self.worker_tasks[worker_index % len(self.worker_tasks)]
 
     def eval_task(self) -> TaskConfig:
         """The task evaluation runs on (the training task unless set)."""
@@ -243,6 +253,18 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
         out[k] = deep_merge(out[k], v) if nested else v
     return out
 
+
+#: The meta-training families of preset ``general``: sampled MLPs over digits and over a
+#: synthetic problem, each tensor rescaled by a log-uniform factor in [0.1, 10].
+GENERAL_TASKS: list[dict[str, Any]] = [
+    {"name": "reparam", "kwargs": {
+        "task": "sampled_mlp",
+        "task_kwargs": {"dataset": dataset, "widths": [8, 16, 32, 64], "depths": [1, 2, 3],
+                        "activations": ["relu", "tanh", "sigmoid"],
+                        "batch_sizes": [16, 32, 64, 128]},
+        "min_scale": 0.1, "max_scale": 10.0}}
+    for dataset in ("digits", "synthetic")
+]
 
 #: Named starting points for ``l2o train --preset NAME``; each is a partial config.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -316,6 +338,28 @@ PRESETS: dict[str, dict[str, Any]] = {
             "l2l-learned-lambda": {"task": {"name": "digits_mlp"},
                                    "optimizer": {"name": "learned_lambda"}},
         }.items()
+    },
+    # The general-purpose recipe (docs/pretrained.md): the normalized-momentum MLP optimizer
+    # meta-trained by PES with log-uniform horizons on sampled MLPs (width, depth, activation,
+    # batch size) over digits and a synthetic 64-feature problem, one family per unroll worker,
+    # each tensor rescaled at random (reparameterization augmentation). Disjoint from the held-out
+    # suite (l2o.suite); θ is chosen on validation seeds of the synthetic family. About an hour on
+    # 2 CPU cores.
+    "general": {
+        "run_name": "general",
+        "meta_steps": 100_000,
+        "time_budget_s": 3300.0,
+        "log_every": 50,
+        "checkpoint_every": 500,
+        "task": GENERAL_TASKS[0],
+        "worker_tasks": GENERAL_TASKS,
+        "optimizer": {"name": "normalized_mlp"},
+        "estimator": {"name": "pes", "num_tasks": 8, "unroll_length": 20, "num_steps": 1000,
+                      "std": 0.02, "random_initial_offset": True,
+                      "horizon_schedule": "log_uniform", "horizon_min": 50, "horizon_max": 1000},
+        "meta_optimizer": {"learning_rate": 3e-3},
+        "eval": {"task": {"name": "sampled_mlp", "kwargs": {"dataset": "synthetic"}},
+                 "steps": 300, "seeds": 5},
     },
     # The hierarchical RNN (Wichrowska et al. 2017) on its problem set; see
     # l2o/optimizers/hierarchical_rnn.py. RMSProp as published, but at 3e-3 rather than the

@@ -118,7 +118,7 @@ class Trainer:
         (tests script it); by default θ is scored with :meth:`quick_eval`."""
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_path()
-        self.family = task_family_from_config(cfg.task)
+        self.family = task_family_from_config(cfg.worker_task(0))
         self.learned_opt = learned_optimizer_from_config(cfg.optimizer)
         #: the curriculum's state (``None`` without ``cfg.curriculum``)
         self.curriculum: CurriculumState | None = (

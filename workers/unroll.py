@@ -215,7 +215,7 @@ class UnrollWorker:
         self.redis, self.redis_url = redis_connection(redis_url)
         self.registry = Registry(self.redis, run_id, eval_max_deliveries=svc.eval_max_deliveries,
                                  eval_idle_ms=svc.eval_idle_ms)
-        self.family = task_family_from_config(self.cfg.task)
+        self.family = task_family_from_config(self.cfg.worker_task(self.index))
         self.learned_opt = learned_optimizer_from_config(self.cfg.optimizer)
         from l2o.curriculum import stage_config
 

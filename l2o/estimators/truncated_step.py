@@ -10,8 +10,9 @@ Optional extensions, all off by default (the behaviour above is then unchanged):
 
 - ``horizon_schedule``: a :class:`~l2o.estimators.schedules.HorizonSchedule`. Each inner problem
   then draws its own horizon when it (re)starts, stored in :attr:`InnerState.horizon`, instead of
-  using ``num_steps`` (which stays the static horizon handed to ``opt.init``; keep it at least the
-  schedule's ``max_length``). Schedules may depend on a traced meta-iteration (a curriculum),
+  using ``num_steps`` (which stays the static upper bound; keep it at least the schedule's
+  ``max_length``); ``opt.init`` is then told the drawn horizon (a traced int32). Schedules may
+  depend on a traced meta-iteration (a curriculum),
   passed as ``iteration`` to :meth:`TruncatedStep.step`, :meth:`~TruncatedStep.unroll` and
   :meth:`~TruncatedStep.init_states`.
 - ``random_offset`` in :meth:`TruncatedStep.init_states`: the first problems start at a uniformly
@@ -105,12 +106,14 @@ class TruncatedStep:
         k_task, k_init = jax.random.split(key)
         cfg = self.family.sample(k_task)
         params = self.family.task(cfg).init(k_init)
-        opt = self.learned_opt.opt_fn(theta)
-        opt_state = opt.init(params, num_steps=self.num_steps, key=k_init)
         horizon = None
         if self.horizon_schedule is not None:
             k_h = jax.random.fold_in(key, 0x5C4ED)
             horizon = self.horizon_schedule.sample(k_h, 0 if iteration is None else iteration)
+        # the optimizer is told the horizon this problem will actually run (traced when sampled)
+        opt = self.learned_opt.opt_fn(theta)
+        opt_state = opt.init(params, num_steps=self.num_steps if horizon is None else horizon,
+                             key=k_init)
         imitation = None
         if self.imitation is not None:
             from l2o.estimators.imitation import ImitationState

@@ -22,6 +22,7 @@ from l2o.optimizers.learned_adam import LearnedAdam
 from l2o.optimizers.lstm import LSTMLearnedOptimizer
 from l2o.optimizers.mixed import mixed
 from l2o.optimizers.mlp_lopt import MLPLOpt
+from l2o.optimizers.normalized_mlp import NormalizedMLP
 from l2o.optimizers.rnn_mlp import RNNMLPLOpt
 from l2o.optimizers.simple_trainable import LearnedLRSGD, LearnedMomentum
 from l2o.unsupervised.update_rule import UnsupervisedUpdateRule
@@ -34,6 +35,7 @@ OPTIMIZERS: dict[str, Callable[..., LearnedOptimizer]] = {
     "mlp": MLPLOpt,
     "factored_mlp": FactoredMLPLOpt,
     "rnn_mlp": RNNMLPLOpt,
+    "normalized_mlp": NormalizedMLP,  # the general-purpose recipe (preset general)
     # L2L extras: a learned optimizer on some leaves and a fixed one on the rest; the λ blends
     "mixed": mixed,
     "fixed_lambda": FixedLambdaLOpt,

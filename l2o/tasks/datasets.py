@@ -160,6 +160,25 @@ def load_digits(test_fraction: float = 0.2) -> Dataset:
                         name="digits", scale=16.0, num_classes=10)
 
 
+def load_synthetic(num_examples: int = 4000, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """A synthetic 10-class problem shaped like digits (8×8 "images" of 64 features).
+
+    scikit-learn's ``make_classification`` (16 informative features, 2 clusters per class,
+    fixed ``seed``), each feature min-max scaled to ``[0, 1]`` with the training split's range.
+    Meant for meta-training: it shares digits' input size, so one sampled-MLP family covers both.
+    """
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(n_samples=num_examples, n_features=64, n_informative=16,
+                               n_redundant=16, n_classes=10, n_clusters_per_class=2,
+                               class_sep=1.5, random_state=seed)
+    n_train = num_examples - int(round(test_fraction * num_examples))
+    lo, hi = x[:n_train].min(axis=0), x[:n_train].max(axis=0)
+    x = np.clip((x - lo) / (hi - lo), 0.0, 1.0).reshape(-1, 8, 8)
+    return make_dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:],
+                        name="synthetic", scale=1.0, num_classes=10)
+
+
 # ---------------------------------------------------------------------------------------------
 # IDX files
 

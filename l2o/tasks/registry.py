@@ -39,6 +39,8 @@ def _load(dataset: str, data_dir: str | None):
 
     if dataset == "digits":
         return datasets.load_digits()
+    if dataset == "synthetic":
+        return datasets.load_synthetic()
     if dataset == "mnist":
         return datasets.load_mnist(data_dir)
     if dataset == "fashion_mnist":

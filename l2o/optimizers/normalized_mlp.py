@@ -11,7 +11,7 @@ For every parameter tensor ``p`` with gradient ``g`` (all per coordinate unless 
     v   ← β₂ v + (1 − β₂) g²               second moment (bias-corrected: v̂)
     x   = [m̂_1, …, m̂_K, g] / (√v̂ + ε)      features: Adam-like, invariant to the gradient scale
     d   = Σ_f a_f x_f + W₂ᵀ relu(W₁ᵀ x)     direction: a learned linear blend + a bias-free MLP
-    s   = max(rms(p), ρ)                    the tensor's scale (its RMS, floored at ρ)
+    s   = max(rms(p₀), ρ)                   the tensor's scale (its RMS at initialization, ≥ ρ)
     Δp  = − η · λ(t / T) · s · d
 
 Learned (θ): the blend ``a``, the MLP ``W₁``, ``W₂``, the global step size ``η``, the floor
@@ -21,9 +21,12 @@ Learned (θ): the blend ``a``, the MLP ``W₁``, ``W₂``, the global step size 
 - **Zero in, zero out.** Every feature is a multiple of the gradient history, and the MLP has no
   biases (``relu(0) = 0``), so a zero gradient from the start gives an exactly zero update, and the
   step shrinks with the momenta (``d`` is positively homogeneous in ``x``).
-- **No per-task learning rate.** The step is relative to each tensor's own scale (as in
-  Adafactor's relative step size), which carries over across initializations and
-  reparameterizations; the floor ``ρ`` covers tensors that start at zero (biases).
+- **No per-task learning rate.** The step is relative to each tensor's scale at initialization
+  (its initializer encodes the fan-in and the user's choice of scale), which carries over across
+  architectures and reparameterizations; the floor ``ρ`` covers tensors that start at zero
+  (biases). The scale is frozen at initialization on purpose: relative to the *current* RMS
+  (Adafactor, LARS), a run of same-signed steps grows the tensor, which grows the steps, and
+  parameters can blow up geometrically once the gradient vanishes.
 - **The horizon is an explicit argument.** ``num_steps`` (``T``) is the length of training the
   user plans; ``λ`` starts as a short warm-up and a cosine decay. With ``num_steps=None`` the
   schedule is off (``λ = 1``, the peak step size throughout).
@@ -31,9 +34,9 @@ Learned (θ): the blend ``a``, the MLP ``W₁``, ``W₂``, the global step size 
   relative steps and warm-up/cosine: meta-training improves on a working optimizer rather than
   on noise.
 
-The state is an ``optax`` state (``flax.struct``): step count, momenta ``[K, *shape]`` and second
-moments in the parameters' tree, and the horizon ``T`` as an array (so meta-training can draw a
-different horizon per inner problem under ``vmap``).
+The state is an ``optax`` state (``flax.struct``): step count, momenta ``[K, *shape]``, second
+moments and initial RMS in the parameters' tree, and the horizon ``T`` as an array (so
+meta-training can draw a different horizon per inner problem under ``vmap``).
 """
 
 from __future__ import annotations
@@ -71,14 +74,13 @@ def initial_schedule(knots: tuple[float, ...] = SCHEDULE_KNOTS,
 
 @struct.dataclass
 class NormalizedMLPState:
-    """The optax state: step count, momenta ``[K, *shape]`` and ``v`` per leaf, horizon ``T``.
-
-    ``horizon`` ≤ 0 means "unknown": the schedule is off.
-    """
+    """The optax state: step count; per leaf momenta ``[K, *shape]``, ``v`` and the RMS at
+    initialization; the horizon ``T`` (≤ 0: unknown, the schedule is off)."""
 
     count: jax.Array
     momenta: Params
     second_moment: Params
+    initial_rms: Params
     horizon: jax.Array
 
 
@@ -99,7 +101,7 @@ def leaf_direction(theta: MetaParams, x: jax.Array) -> jax.Array:
     return jnp.einsum("f,fn->n", theta["blend"], x) + jnp.einsum("h,hn->n", mlp["w2"], hidden)
 
 
-def _leaf_update(theta: MetaParams, cfg: NormalizedMLP, p: jax.Array, g: jax.Array,
+def _leaf_update(theta: MetaParams, cfg: NormalizedMLP, rms0: jax.Array, g: jax.Array,
                  m: jax.Array, v: jax.Array, count: jax.Array,
                  multiplier: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(update, momenta, v)`` of one parameter tensor."""
@@ -112,9 +114,9 @@ def _leaf_update(theta: MetaParams, cfg: NormalizedMLP, p: jax.Array, g: jax.Arr
     v_hat = v / (1.0 - jnp.float32(cfg.rms_decay) ** t)
     inv = 1.0 / (jnp.sqrt(v_hat) + _EPS)
     x = jnp.concatenate([m_hat * inv[None], (g32 * inv)[None]], axis=0)
-    scale = jnp.maximum(_rms(p), jnp.exp(theta["log_floor"]))
+    scale = jnp.maximum(rms0, jnp.exp(theta["log_floor"]))
     step = multiplier * scale * leaf_direction(theta, x)
-    return (-step).reshape(p.shape).astype(p.dtype), m.reshape((-1,) + p.shape), v.reshape(p.shape)
+    return (-step).reshape(g.shape).astype(g.dtype), m.reshape((-1,) + g.shape), v.reshape(g.shape)
 
 
 def scale_by_normalized_mlp(theta: MetaParams, num_steps: int | None = None,
@@ -122,8 +124,8 @@ def scale_by_normalized_mlp(theta: MetaParams, num_steps: int | None = None,
                             ) -> optax.GradientTransformationExtraArgs:
     """The learned optimizer with weights ``theta`` as an optax transformation.
 
-    ``updates`` are the steps to add to the parameters (``optax.apply_updates``); ``update``
-    needs ``params`` (steps are relative to each tensor's scale). ``num_steps`` is the planned
+    ``updates`` are the steps to add to the parameters (``optax.apply_updates``); steps are
+    relative to each tensor's RMS in the ``params`` given to ``init``. ``num_steps`` is the planned
     length of training, which the learned schedule is a function of; ``None`` turns the schedule
     off. Works on any pytree of float arrays and under ``jit``.
     """
@@ -138,20 +140,19 @@ def scale_by_normalized_mlp(theta: MetaParams, num_steps: int | None = None,
             momenta=jax.tree_util.tree_map(lambda p: jnp.zeros((k,) + jnp.shape(p), jnp.float32),
                                            params),
             second_moment=jax.tree_util.tree_map(zeros, params),
+            initial_rms=jax.tree_util.tree_map(_rms, params),
             horizon=jnp.asarray(horizon, jnp.float32))
 
     def update_fn(updates: Params, state: NormalizedMLPState, params: Params | None = None,
                   **extra: Any) -> tuple[Params, NormalizedMLPState]:
-        if params is None:
-            raise ValueError("the normalized-MLP optimizer needs params in update() "
-                             "(its steps are relative to each tensor's scale)")
         progress = jnp.clip(state.count.astype(jnp.float32) / jnp.maximum(state.horizon, 1.0),
                             0.0, 1.0)
         lam = jnp.where(state.horizon > 0, schedule_value(theta, progress), 1.0)
         multiplier = jnp.exp(theta["log_lr"]) * lam
         treedef = jax.tree_util.tree_structure(updates)
-        flat = [_leaf_update(theta, cfg, p, g, m, v, state.count, multiplier)
-                for p, g, m, v in zip(treedef.flatten_up_to(params), treedef.flatten_up_to(updates),
+        flat = [_leaf_update(theta, cfg, r, g, m, v, state.count, multiplier)
+                for r, g, m, v in zip(treedef.flatten_up_to(state.initial_rms),
+                                      treedef.flatten_up_to(updates),
                                       treedef.flatten_up_to(state.momenta),
                                       treedef.flatten_up_to(state.second_moment))]
         out = jax.tree_util.tree_unflatten(treedef, [f[0] for f in flat])
@@ -159,7 +160,7 @@ def scale_by_normalized_mlp(theta: MetaParams, num_steps: int | None = None,
             count=state.count + 1,
             momenta=jax.tree_util.tree_unflatten(treedef, [f[1] for f in flat]),
             second_moment=jax.tree_util.tree_unflatten(treedef, [f[2] for f in flat]),
-            horizon=state.horizon)
+            initial_rms=state.initial_rms, horizon=state.horizon)
         return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

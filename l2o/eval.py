@@ -66,8 +66,10 @@ CURVE_KEYS: tuple[str, ...] = ("learned_mean", "learned_std", "adam_mean", "adam
 
 
 def _run_one(task: Task, theta: MetaParams, key: PRNGKey, eval_batch: Any, *,
-             learned_opt: LearnedOptimizer, steps: int, loss_on: LossOn) -> jax.Array:
-    """One seed's curve, shape ``[steps + 1]`` (unbatched; see the module docstring)."""
+             learned_opt: LearnedOptimizer, steps: int,
+             loss_on: LossOn) -> tuple[jax.Array, Any]:
+    """One seed's curve, shape ``[steps + 1]`` (unbatched; see the module docstring), and its
+    final parameters."""
     k_init, k_run = jax.random.split(key)
     opt: Optimizer = learned_opt.opt_fn(theta, is_training=False)
     params = task.init(k_init)
@@ -88,7 +90,7 @@ def _run_one(task: Task, theta: MetaParams, key: PRNGKey, eval_batch: Any, *,
     state, losses = jax.lax.scan(body, state, jnp.arange(steps))
     k_last, _ = jax.random.split(jax.random.fold_in(k_run, steps))
     last = measure(opt.params(state), task.sample_batch(k_last))
-    return jnp.concatenate([losses, last[None].astype(losses.dtype)])
+    return jnp.concatenate([losses, last[None].astype(losses.dtype)]), opt.params(state)
 
 
 def _run_seeds(task, theta, keys, eval_key, *, learned_opt, steps, loss_on):
@@ -103,14 +105,37 @@ _STATIC = ("learned_opt", "steps", "loss_on")
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _curves_jit(task, theta, keys, eval_key, *, learned_opt, steps, loss_on):
     return _run_seeds(task, theta, keys, eval_key, learned_opt=learned_opt, steps=steps,
-                      loss_on=loss_on)
+                      loss_on=loss_on)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("learned_opt", "steps"))
+def _test_accuracy_jit(task, theta, keys, *, learned_opt, steps):
+    _, params = _run_seeds(task, theta, keys, None, learned_opt=learned_opt, steps=steps,
+                           loss_on="batch")
+    test = {"x": task.data.test_x, "y": task.data.test_y}
+    return jax.vmap(task.accuracy, in_axes=(0, None))(params, test)
+
+
+def final_test_accuracy(task: Task, learned_opt: LearnedOptimizer, theta: MetaParams, steps: int,
+                  seeds: int, key: PRNGKey) -> np.ndarray | None:
+    """Accuracy on the whole test split after ``steps`` steps, per seed (``[seeds]``).
+
+    Same seeds and batches as :func:`loss_curves` with the same ``key``. ``None`` for tasks that
+    are not classifiers of a dataset with a test split.
+    """
+    if not (hasattr(task, "accuracy") and hasattr(getattr(task, "data", None), "test_x")):
+        return None
+    _check_counts(steps, seeds)
+    keys = jax.random.split(key, int(seeds))
+    return np.asarray(_test_accuracy_jit(task, theta, keys, learned_opt=learned_opt,
+                                         steps=int(steps)), dtype=np.float64)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _curves_many_jit(task, thetas, keys, eval_key, *, learned_opt, steps, loss_on):
     """Curves for a stack of θ (leading axis), shape ``[num_theta, seeds, steps + 1]``."""
     run = functools.partial(_run_seeds, learned_opt=learned_opt, steps=steps, loss_on=loss_on)
-    return jax.vmap(run, in_axes=(None, 0, None, None))(task, thetas, keys, eval_key)
+    return jax.vmap(run, in_axes=(None, 0, None, None))(task, thetas, keys, eval_key)[0]
 
 
 def _check_loss_on(loss_on: str) -> None:
@@ -448,7 +473,17 @@ def evaluate(task: Task, learned_opt: LearnedOptimizer, theta: MetaParams, *, st
         baseline = adam_baseline(task, steps=steps, seeds=seeds, key=key,
                                  adam_learning_rates=adam_learning_rates, adam_steps=adam_steps,
                                  loss_on=loss_on, final_window=final_window)
-    return {"learned_optimizer": learned_opt.name, **score_against_baseline(learned, baseline)}
+    result = {"learned_optimizer": learned_opt.name, **score_against_baseline(learned, baseline)}
+    # the test metric next to the train loss: accuracy on the held-out split, same seeds
+    acc = final_test_accuracy(task, learned_opt, theta, steps, seeds, key)
+    if acc is not None:
+        adam_acc = final_test_accuracy(task, _AdamLR(), {"lr": jnp.float32(baseline["best_lr"])},
+                                 steps, seeds, key)
+        result.update(learned_test_accuracy=float(acc.mean()),
+                      learned_test_accuracy_std=float(acc.std()),
+                      adam_test_accuracy=float(adam_acc.mean()),
+                      adam_test_accuracy_std=float(adam_acc.std()))
+    return result
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:

@@ -104,6 +104,9 @@ def load_theta(path: str | Path) -> tuple[LearnedOptimizer, MetaParams, dict[str
 EVAL_SUMMARY_KEYS = ("task", "steps", "seeds", "learned_final_loss", "adam_final_loss",
                      "adam_best_lr", "adam_best_lr_at_grid_edge", "speedup", "speedup_reached",
                      "adam_steps_to_match", "adam_steps",
+                     # the test metric of classifier tasks (l2o.eval.final_test_accuracy)
+                     "learned_test_accuracy", "learned_test_accuracy_std", "adam_test_accuracy",
+                     "adam_test_accuracy_std",
                      # the unsupervised rule's evaluation (l2o.unsupervised.evaluation)
                      "kind", "supervised_steps", "readout_samples_per_class", "test_examples",
                      *(f"{m}_{f}" for m in ("rule", "random", "supervised") for f in (

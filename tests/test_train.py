@@ -185,11 +185,11 @@ def test_config_errors_name_the_field(tmp_path):
 def test_cli_overrides_are_typed_validated_and_named_when_wrong():
     from l2o.config import apply_overrides, preset
 
-    cfg = apply_overrides(preset("default"), ["estimator.num_tasks=8", "time_budget_s=null",
+    cfg = apply_overrides(preset("default"), ["estimator.num_tasks=13", "time_budget_s=null",
                                               "eval.adam_learning_rates=[0.1, 0.01]"])
-    assert cfg.estimator.num_tasks == 8 and cfg.time_budget_s is None
+    assert cfg.estimator.num_tasks == 13 and cfg.time_budget_s is None
     assert cfg.eval.adam_learning_rates == [0.1, 0.01]
-    assert preset("default").estimator.num_tasks != 8  # the preset itself is untouched
+    assert preset("default").estimator.num_tasks != 13  # the preset itself is untouched
     with pytest.raises(ConfigError, match=r"estimator\.nope"):
         apply_overrides(preset("default"), ["estimator.nope=1"])
     with pytest.raises(ConfigError, match=r"estimator\.num_tasks"):

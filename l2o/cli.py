@@ -143,15 +143,24 @@ def eval_cmd(
     out: Annotated[Path | None, typer.Option(help="Write the result JSON and a PNG here.")] = None,
     suite: Annotated[str | None, typer.Option(
         help="'l2o-scale': every L2O-Scale evaluation problem in turn (instead of --task); "
-             "see docs/l2o_scale.md.")] = None,
+             "see docs/l2o_scale.md. 'heldout': the held-out suite, each task at its own "
+             "horizon against cached tuned baselines (--steps is ignored); writes report.md, "
+             "curves.png and suite.json to --out (default: <checkpoint dir>/suite-heldout).")
+    ] = None,
     offline: Annotated[bool, typer.Option(
-        help="With --suite: the digits stand-ins instead of MNIST / CIFAR-10.")] = False,
+        help="With --suite l2o-scale: the digits stand-ins instead of MNIST / CIFAR-10.")
+    ] = False,
+    tasks: Annotated[str | None, typer.Option(
+        help="With --suite heldout: only these tasks (comma-separated names).")] = None,
 ) -> None:
     """Score a checkpoint's optimizer on a task (or a suite of tasks) against tuned Adam."""
     import jax
 
-    if suite is not None:
+    if suite == "l2o-scale":
         _eval_suite(checkpoint, suite, offline, steps, seeds, out)
+        return
+    if suite is not None:
+        _eval_heldout(checkpoint, suite, seeds, out, _split_names(tasks))
         return
 
     from l2o.build import task_family_from_config
@@ -261,6 +270,102 @@ def _eval_suite(checkpoint: Path, suite: str, offline: bool, steps: int, seeds: 
                                               "steps": steps, "seeds": seeds,
                                               "results": results})
         console.print(f"wrote {Path(out) / 'suite.json'}")
+
+
+def _split_names(names: str | None) -> list[str] | None:
+    """``"a,b"`` -> ``["a", "b"]``; ``None`` or empty -> ``None``."""
+    out = [n.strip() for n in (names or "").split(",") if n.strip()]
+    return out or None
+
+
+def _suite_log(line: str) -> None:
+    console.print(line, markup=False, highlight=False)
+
+
+def _heldout_table(result: dict[str, Any]) -> Table:
+    """The rich table of an ``evaluate_on_suite`` result."""
+    from l2o.suite.report import fmt, fmt_pm, fmt_speedup
+
+    table = Table("task", "metric", f"{result['label']} train loss", "tuned Adam train loss",
+                  f"{result['label']} test", "tuned Adam test", "speedup vs Adam",
+                  "vs default Adam", title=f"suite {result['suite']} "
+                                           f"({result['suite_version']})")
+    for t in result["tasks"]:
+        lrn, adam = t["learned"], t["baselines"]["adam"]
+        table.add_row(t["task"], t["metric"],
+                      fmt_pm(lrn["final_train_loss_mean"], lrn["final_train_loss_std"]),
+                      fmt_pm(adam["final_train_loss_mean"], adam["final_train_loss_std"]),
+                      fmt_pm(lrn["test_metric_mean"], lrn["test_metric_std"]),
+                      fmt_pm(adam["test_metric_mean"], adam["test_metric_std"]),
+                      fmt_speedup(t["vs"]["adam"]), fmt_speedup(t["vs"].get("adam_default", {})))
+    s = result["summary"]
+    table.caption = (f"IQM speedup vs tuned Adam {fmt(s.get('iqm_speedup_vs_adam'), 3)}, "
+                     f"vs default Adam {fmt(s.get('iqm_speedup_vs_adam_default'), 3)}; "
+                     f"median loss ratio vs tuned Adam "
+                     f"{fmt(s.get('median_final_loss_ratio_vs_adam'), 3)}; beats on test: "
+                     + ", ".join(f"{k} {v:.0%}" for k, v in s["fraction_beats_on_test"].items())
+                     + f"; divergences {s['divergences']}")
+    return table
+
+
+def _eval_heldout(checkpoint: Path, suite: str, seeds: int, out: Path | None,
+                  names: list[str] | None) -> None:
+    """``l2o eval --suite heldout``: the checkpoint's optimizer (as an optax transformation) on
+    the held-out suite (``l2o.suite.evaluate.evaluate_on_suite``)."""
+    from l2o.checkpoints import CheckpointError
+    from l2o.job import load_theta
+    from l2o.optimizers.optax_bridge import as_gradient_transformation
+    from l2o.suite.evaluate import evaluate_on_suite
+
+    try:
+        lopt, theta, _ = load_theta(checkpoint)
+    except (CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    out = out if out is not None else checkpoint.resolve().parent / f"suite-{suite}"
+    try:
+        result = evaluate_on_suite(
+            lambda n: as_gradient_transformation(lopt, theta, num_steps=n), suite, tasks=names,
+            seeds=seeds, out_dir=out, label=checkpoint.name, log=_suite_log)
+    except ValueError as e:  # an unknown suite or task name
+        _fail(f"{e} (l2o eval also knows the suite l2o-scale)")
+        return
+    console.print(_heldout_table(result))
+    console.print(f"wrote {out / 'report.md'}, {out / 'curves.png'} and {out / 'suite.json'}")
+
+
+def _tuned_lr(baselines: dict[str, Any], name: str) -> str:
+    """A tuned learning rate for a table, with its grid-edge flag."""
+    if name not in baselines:
+        return "–"
+    b = baselines[name]
+    edge = f" ({b['lr_at_grid_edge']} edge)" if b.get("lr_at_grid_edge") else ""
+    return f"{b['lr']:.3g}{edge}"
+
+
+@app.command("suite-baselines")
+def suite_baselines(
+    suite: Annotated[str, typer.Option(help="The suite (see l2o.suite.tasks).")] = "heldout",
+    tasks: Annotated[str | None, typer.Option(
+        help="Only these tasks (comma-separated names).")] = None,
+    refresh: Annotated[bool, typer.Option(help="Recompute even what is cached.")] = False,
+) -> None:
+    """Tune and run the baselines of a held-out suite and cache them ($L2O_CACHE_DIR)."""
+    from l2o.suite.evaluate import precompute_baselines
+
+    try:
+        records = precompute_baselines(suite, tasks=_split_names(tasks), refresh=refresh,
+                                       log=_suite_log)
+    except ValueError as e:
+        _fail(str(e))
+        return
+    table = Table("task", "N", "Adam lr", "AdamW cosine lr", "SGDm lr", "seconds", "cache",
+                  title=f"baselines of suite {suite}")
+    for name, r in records.items():
+        lrs = [_tuned_lr(r["baselines"], k) for k in ("adam", "adamw_cosine", "sgdm")]
+        table.add_row(name, str(r["horizon"]), *lrs, f"{r.get('seconds', 0.0):.1f}",
+                      "hit" if r["from_cache"] else "computed")
+    console.print(table)
 
 
 @app.command()

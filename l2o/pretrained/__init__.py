@@ -1,0 +1,102 @@
+"""Learned optimizers shipped inside the package, ready for your own optax training loop.
+
+::
+
+    import optax
+    from l2o import pretrained
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), pretrained.load("general-v1", num_steps=1000))
+    opt_state = tx.init(params)
+    updates, opt_state = tx.update(grads, opt_state, params)   # params are required
+    params = optax.apply_updates(params, updates)
+
+Each optimizer is two files in this folder: ``NAME.ckpt`` (θ, an l2o params checkpoint with its
+optimizer config in the metadata) and ``NAME.json`` (how it was trained and its held-out suite
+results; see ``docs/pretrained.md``). Loading needs JAX, optax and flax only: no Ray, gRPC or Redis.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import optax
+from flax import serialization
+
+from l2o.optimizers.base import LearnedOptimizer
+from l2o.types import MetaParams
+
+_HERE = Path(__file__).resolve().parent
+
+
+def names() -> list[str]:
+    """The names of the shipped optimizers."""
+    return sorted(p.stem for p in _HERE.glob("*.ckpt"))
+
+
+def _path(name: str, suffix: str) -> Path:
+    if name not in names():
+        raise ValueError(f"unknown pretrained optimizer {name!r}; known: {', '.join(names())}")
+    return _HERE / f"{name}{suffix}"
+
+
+def info(name: str) -> dict[str, Any]:
+    """The model card's data of ``name``: training config and command, suite results."""
+    path = _path(name, ".json")
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@functools.lru_cache(maxsize=8)
+def load_theta(name: str) -> tuple[LearnedOptimizer, MetaParams]:
+    """``(learned optimizer, θ)`` of the shipped optimizer ``name``."""
+    from l2o.checkpoints import CheckpointError, read_checkpoint
+    from l2o.optimizers.registry import make_learned_optimizer
+
+    raw, meta = read_checkpoint(_path(name, ".ckpt"))
+    opt_cfg = meta.get("optimizer")
+    if not isinstance(opt_cfg, dict) or "name" not in opt_cfg:
+        raise CheckpointError(f"pretrained {name!r}: its checkpoint does not name its optimizer")
+    lopt = make_learned_optimizer(opt_cfg["name"], **opt_cfg.get("kwargs", {}))
+    stored = raw["theta"] if meta.get("kind") == "full" else raw
+    theta = serialization.from_state_dict(lopt.init(jax.random.PRNGKey(0)), stored)
+    return lopt, jax.tree_util.tree_map(jax.numpy.asarray, theta)
+
+
+def load(name: str = "general-v1", num_steps: int | None = None
+         ) -> optax.GradientTransformationExtraArgs:
+    """The shipped optimizer ``name`` as an optax transformation.
+
+    ``num_steps`` is the number of steps you plan to train for: the learned step-size schedule
+    spans it (warm-up, then decay). ``None`` keeps the peak step size throughout. ``update``
+    must be given ``params``.
+    """
+    lopt, theta = load_theta(name)
+    as_optax = getattr(lopt, "as_optax", None)
+    if as_optax is not None:
+        return as_optax(theta, num_steps)
+    from l2o.optimizers.optax_bridge import as_gradient_transformation
+
+    return as_gradient_transformation(lopt, theta, num_steps=num_steps)
+
+
+def export(checkpoint: str | Path, name: str, card: dict[str, Any],
+           folder: str | Path = _HERE) -> Path:
+    """Write θ of a run's checkpoint as the shipped optimizer ``name`` (``NAME.ckpt`` and
+    ``NAME.json``, the model card's data) into ``folder``; the checkpoint's path.
+
+    Only θ and the optimizer config are kept: no service settings, run ids or addresses.
+    """
+    from l2o.checkpoints import read_checkpoint, save_checkpoint
+
+    raw, meta = read_checkpoint(checkpoint)
+    stored = raw["theta"] if meta.get("kind") == "full" else raw
+    folder = Path(folder)
+    path = save_checkpoint(folder / f"{name}.ckpt", stored,
+                           {"kind": "params", "optimizer": meta["optimizer"],
+                            "version": meta.get("version"), "name": name})
+    (folder / f"{name}.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    load_theta.cache_clear()
+    return path

@@ -190,3 +190,42 @@ def write_report(result: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
     os.replace(tmp, paths["report"])
     plot_curves(data, paths["curves"])
     return paths
+
+
+def comparison(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """A markdown table comparing several optimizers' suite results (label → result of
+    ``evaluate_on_suite`` on the same suite): per task the speedup over tuned Adam (test metric
+    in brackets, tuned Adam's beside it), then each optimizer's suite summary."""
+    labels = list(results)
+    first = next(iter(results.values()))
+    tasks = [t["task"] for t in first["tasks"]]
+    by = {lab: {t["task"]: t for t in r["tasks"]} for lab, r in results.items()}
+    lines = [f"Suite `{first['suite']}` ({first['suite_version']}): speedup over tuned Adam "
+             "(test metric of the optimizer / of tuned Adam); ≥: Adam never reached it in 10·N.",
+             "", "| task | N | metric | " + " | ".join(labels) + " |",
+             "|---|---:|---|" + "---:|" * len(labels)]
+    for name in tasks:
+        ref = by[labels[0]][name]
+        cells = [name, str(ref["horizon"]), ref["metric"]]
+        for lab in labels:
+            t = by[lab].get(name)
+            if t is None:
+                cells.append("–")
+                continue
+            adam_test = t["baselines"]["adam"]["test_metric_mean"]
+            div = " (diverged)" if t["learned"]["diverged"] else ""
+            test = fmt(t["learned"]["test_metric_mean"], 3)
+            cells.append(f"{fmt_speedup(t['vs']['adam'])} ({test} / {fmt(adam_test, 3)}){div}")
+        lines.append("| " + " | ".join(cells) + " |")
+    rows = [("IQM speedup vs tuned Adam", lambda s: fmt(s.get("iqm_speedup_vs_adam"), 3)),
+            ("IQM speedup vs default Adam",
+             lambda s: fmt(s.get("iqm_speedup_vs_adam_default"), 3)),
+            ("median final-loss ratio vs tuned Adam",
+             lambda s: fmt(s.get("median_final_loss_ratio_vs_adam"), 3)),
+            *((f"beats {n} on test", lambda s, n=n: f"{s['fraction_beats_on_test'].get(n, 0):.0%}")
+              for n in BASELINE_ORDER),
+            ("divergences", lambda s: str(s.get("divergences", 0)))]
+    for title, cell in rows:
+        lines.append(f"| **{title}** | | | " + " | ".join(cell(r["summary"]) for r in
+                                                            results.values()) + " |")
+    return "\n".join(lines) + "\n"

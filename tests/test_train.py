@@ -211,3 +211,12 @@ def test_service_refuses_a_run_whose_actors_cannot_all_be_placed():
         check_resources(cfg, {"CPU": 2.0, "GPU": 2.0})
     check_resources(cfg, {"CPU": 4.0, "GPU": 1.5})  # fits exactly
     check_resources(cfg, {"CPU": 1.0}, strict=False)  # a cluster we did not start: only a warning
+
+
+def test_the_written_out_default_config_is_the_default_job():
+    from pathlib import Path
+
+    from l2o.config import load_config, preset
+
+    written = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+    assert written == preset("default")

@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import serialization
+
+from l2o.atomic import atomic_write
 
 MAGIC = b"L2OCKPT1"
 _HEADER = len(MAGIC) + 32 + 8
@@ -43,20 +44,13 @@ def _to_numpy(tree: Any) -> Any:
 def save_checkpoint(path: str | os.PathLike, tree: Any, metadata: dict | None = None) -> Path:
     """Write ``tree`` (a pytree of arrays) and ``metadata`` to ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"tree": serialization.to_state_dict(_to_numpy(tree)), "metadata": metadata or {}}
     payload = serialization.msgpack_serialize(state)
     digest = hashlib.sha256(payload).digest()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + digest + len(payload).to_bytes(8, "little") + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write(MAGIC + digest + len(payload).to_bytes(8, "little") + payload)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

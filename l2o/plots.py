@@ -7,7 +7,6 @@ threads) and written atomically: to a temporary file in the target directory, th
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,26 +15,20 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from l2o.atomic import atomic_write
+
 
 def _array(values: Any) -> np.ndarray:
     """A float array; ``None`` entries (non-finite values in JSON results) become NaN."""
     return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
-def _save_atomic(fig: Figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save ``fig`` as a PNG at ``path`` atomically (:func:`l2o.atomic.atomic_write`)."""
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(path)
 
 
 def _use_log_scale(*arrays: np.ndarray) -> bool:
@@ -83,7 +76,7 @@ def plot_curves(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 def plot_meta_loss(history: Sequence[float] | Sequence[Mapping[str, Any]],
@@ -117,4 +110,4 @@ def plot_meta_loss(history: Sequence[float] | Sequence[Mapping[str, Any]],
     ax.set_title("meta-training loss")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    return _save_atomic(fig, path)
+    return save_png(fig, path)

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +38,7 @@ import jax
 import numpy as np
 import optax
 
+from l2o.atomic import atomic_write
 from l2o.suite.base import SuiteTask
 from l2o.suite.runner import (
     OptimizerFactory,
@@ -283,18 +283,9 @@ def json_safe(obj: Any) -> Any:
 def write_json_atomic(path: Path, data: Any) -> Path:
     """Write ``data`` as strict JSON (:func:`json_safe`) to ``path`` via a temporary file in the
     same folder and ``os.replace`` (readers never see a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(data), f, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path, "w") as f:
+        json.dump(json_safe(data), f, indent=1, allow_nan=False)
+    return Path(path)
 
 
 def _read_cache(path: Path) -> dict[str, Any] | None:

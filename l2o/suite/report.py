@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from l2o.plots import save_png
 from l2o.suite.baselines import json_safe, write_json_atomic
 from l2o.suite.runner import RunResult
 from l2o.suite.scores import seed_mean_curve
@@ -129,20 +129,6 @@ def markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_png(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def plot_curves(result: Mapping[str, Any], path: Path) -> Path:
     """One panel per task: seed-mean train loss (log y) against steps for the learned optimizer
     and the baselines (to N), test metric in the legend; written atomically to ``path``."""
@@ -173,7 +159,7 @@ def plot_curves(result: Mapping[str, Any], path: Path) -> Path:
         ax.legend(fontsize=6)
     fig.suptitle(f"suite {result['suite']} ({result['suite_version']}): {result['label']}")
     fig.tight_layout()
-    return _save_png(fig, path)
+    return save_png(fig, path, dpi=110)
 
 
 def write_report(result: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:

@@ -152,15 +152,23 @@ def eval_cmd(
     ] = False,
     tasks: Annotated[str | None, typer.Option(
         help="With --suite heldout: only these tasks (comma-separated names).")] = None,
+    pool: Annotated[int, typer.Option(
+        help="With --suite heldout: shard the tasks over this many eval workers (Ray actors, "
+             "one job per task on a Redis stream; local Ray and the embedded Redis unless "
+             "$RAY_ADDRESS / $REDIS_URL). 0: score them in this process.")] = 0,
 ) -> None:
     """Score a checkpoint's optimizer on a task (or a suite of tasks) against tuned Adam."""
     import jax
 
+    if pool < 0:
+        _fail("--pool must be 0 or more")
+    if pool and suite in (None, "l2o-scale"):
+        _fail("--pool shards a held-out suite: give --suite heldout")
     if suite == "l2o-scale":
         _eval_suite(checkpoint, suite, offline, steps, seeds, out)
         return
     if suite is not None:
-        _eval_heldout(checkpoint, suite, seeds, out, _split_names(tasks))
+        _eval_heldout(checkpoint, suite, seeds, out, _split_names(tasks), pool)
         return
 
     from l2o.build import task_family_from_config
@@ -309,14 +317,17 @@ def _heldout_table(result: dict[str, Any]) -> Table:
 
 
 def _eval_heldout(checkpoint: Path, suite: str, seeds: int, out: Path | None,
-                  names: list[str] | None) -> None:
+                  names: list[str] | None, pool: int = 0) -> None:
     """``l2o eval --suite heldout``: the checkpoint's optimizer (as an optax transformation) on
-    the held-out suite (``l2o.suite.evaluate.evaluate_on_suite``)."""
+    the held-out suite (``l2o.suite.evaluate.evaluate_on_suite``; with ``pool``, sharded over
+    that many eval workers: ``workers.eval_worker.evaluate_on_suite_with_pool``)."""
     from l2o.checkpoints import CheckpointError
     from l2o.job import load_theta
     from l2o.optimizers.optax_bridge import as_gradient_transformation
     from l2o.suite.evaluate import evaluate_on_suite
 
+    if pool:
+        _require_service("l2o eval --pool", SERVICE_MODULES)
     try:
         lopt, theta, _ = load_theta(checkpoint)
     except (CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
@@ -324,11 +335,21 @@ def _eval_heldout(checkpoint: Path, suite: str, seeds: int, out: Path | None,
         return
     out = out if out is not None else checkpoint.resolve().parent / f"suite-{suite}"
     try:
-        result = evaluate_on_suite(
-            lambda n: as_gradient_transformation(lopt, theta, num_steps=n), suite, tasks=names,
-            seeds=seeds, out_dir=out, label=checkpoint.name, log=_suite_log)
+        if pool:
+            from workers.eval_worker import evaluate_on_suite_with_pool
+
+            result = evaluate_on_suite_with_pool(checkpoint, suite, pool, tasks=names,
+                                                 seeds=seeds, out_dir=out, label=checkpoint.name,
+                                                 log_line=_suite_log)
+        else:
+            result = evaluate_on_suite(
+                lambda n: as_gradient_transformation(lopt, theta, num_steps=n), suite,
+                tasks=names, seeds=seeds, out_dir=out, label=checkpoint.name, log=_suite_log)
     except ValueError as e:  # an unknown suite or task name
         _fail(f"{e} (l2o eval also knows the suite l2o-scale)")
+        return
+    except RuntimeError as e:  # a pool's failed tasks
+        _fail(str(e))
         return
     console.print(_heldout_table(result))
     console.print(f"wrote {out / 'report.md'}, {out / 'curves.png'} and {out / 'suite.json'}")

@@ -14,10 +14,15 @@ key                                        contents
 ``l2o:{run}:learner``                      hash: ``address``, ``updated_at`` (learner discovery)
 ``l2o:{run}:checkpoints``                  hash: version → params checkpoint path
 ``l2o:{run}:evalq``                        stream of eval jobs, consumer group ``evalers``
+                                           (two kinds: a checkpoint on the run's eval task, and
+                                           a checkpoint on one task of a held-out suite)
 ``l2o:{run}:evalq:dead``                   stream: jobs that failed ``max_deliveries`` times
 ``l2o:{run}:evals``                        hash: version → eval result (JSON)
 ``l2o:{run}:eval_errors``                  hash: stream id → last error of that job
 ``l2o:{run}:leaderboard``                  sorted set: version → score (this run)
+``l2o:{run}:suite:{suite}:{ckpt}:{task}``  string: a suite-task job's result (JSON; ``ckpt`` is
+                                           :func:`checkpoint_id`: ``v{version}`` or a hash of
+                                           the checkpoint's path)
 ``l2o:{run}:seq:{worker_id}``              integer: seqs handed out to that worker so far
 ``l2o:{run}:curriculum``                   string: the curriculum's stage record (JSON; workers
                                            train at its ``num_steps``; ``l2o.curriculum``)
@@ -38,6 +43,19 @@ result is stored. :meth:`Registry.fail_eval` re-queues a failed job at once, and
 delivered ``eval_max_deliveries`` times (failures and reclaims both count) it goes to the
 dead-letter stream instead and is acknowledged. A job reclaimed with its deliveries exhausted is
 dead-lettered by ``claim_eval`` itself (a job that kills its worker every time cannot loop).
+A failure known to be permanent (an unknown suite task, an unreadable checkpoint) is dead-lettered
+at its first delivery (``fail_eval(..., permanent=True)``).
+
+**Suite-task jobs** (:meth:`Registry.enqueue_suite_eval`; field ``kind`` = :data:`SUITE_JOB`)
+shard the evaluation of one checkpoint on a held-out suite (``l2o.suite``) over the eval pool: one
+job per task, each taken by whichever eval worker is free. Besides ``run_id``, ``path``,
+``version``, ``attempts`` and ``enqueued_at`` (as every job) a job carries ``checkpoint_id``,
+``suite`` (a suite name of ``l2o.suite.tasks.SUITES``), ``suite_version`` (the worker refuses a
+different one), ``task``, ``seeds`` (the learned optimizer runs seeds ``0 .. seeds-1``),
+``label``, ``settings`` (``BaselineSettings.to_json()`` as JSON; empty: the defaults) and
+``cache_dir`` (the baseline cache; empty: the worker's ``$L2O_CACHE_DIR``). Its result goes to
+``l2o:{run}:suite:{suite}:{ckpt}:{task}``; :meth:`Registry.suite_results` and
+:meth:`Registry.suite_failures` tell who waits when every task is in.
 """
 
 from __future__ import annotations
@@ -47,12 +65,17 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis
 
 PREFIX = "l2o"
 GROUP = "evalers"
+#: ``kind`` of the eval jobs that score a checkpoint on one task of a held-out suite
+SUITE_JOB = "suite_task"
+#: ``kind`` of the (original) eval jobs that score a checkpoint on the run's eval task
+CHECKPOINT_JOB = "checkpoint"
 RUNS_KEY = f"{PREFIX}:runs"
 GLOBAL_LEADERBOARD = f"{PREFIX}:leaderboard"
 
@@ -96,6 +119,20 @@ class EvalJob:
     version: int
     deliveries: int = 1
     fields: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """:data:`SUITE_JOB` or :data:`CHECKPOINT_JOB` (jobs without a ``kind`` field)."""
+        return self.fields.get("kind") or CHECKPOINT_JOB
+
+
+def checkpoint_id(path: str, version: int = -1) -> str:
+    """How suite results name a checkpoint: ``v{version}`` for a run's θ version (``>= 0``),
+    else ``p`` + 16 hex digits of the SHA-256 of its absolute path."""
+    if int(version) >= 0:
+        return f"v{int(version)}"
+    digest = hashlib.sha256(str(Path(path).expanduser().absolute()).encode()).hexdigest()
+    return f"p{digest[:16]}"
 
 
 def task_key(task: dict, steps: int, seeds: int, learning_rates: list[float],
@@ -325,13 +362,14 @@ class Registry:
         pipe.xdel(self.eval_stream, job.id)
         pipe.execute()
 
-    def fail_eval(self, job: EvalJob, error: str) -> bool:
-        """Record a failure of ``job``: re-queue it, or dead-letter it after k deliveries.
+    def fail_eval(self, job: EvalJob, error: str, permanent: bool = False) -> bool:
+        """Record a failure of ``job``: re-queue it, or dead-letter it after k deliveries (at
+        once when the failure is ``permanent``: retrying cannot help).
 
         Returns ``True`` when the job went to the dead-letter stream.
         """
         self.r.hset(self.key("eval_errors"), job.id, error[-2000:])
-        if job.deliveries >= self.eval_max_deliveries:
+        if permanent or job.deliveries >= self.eval_max_deliveries:
             self._dead_letter(job, error)
             return True
         fields = dict(job.fields)
@@ -370,6 +408,46 @@ class Registry:
         """Jobs queued or in flight."""
         b = self.eval_backlog()
         return b["queued"] + b["pending"]
+
+    # ---- suite-task jobs ----------------------------------------------------------------------
+    def suite_result_key(self, ckpt_id: str, suite: str, task: str) -> str:
+        """``l2o:{run}:suite:{suite}:{ckpt_id}:{task}``: where a suite-task result is stored."""
+        return self.key("suite", suite, ckpt_id, task)
+
+    def enqueue_suite_eval(self, path: str, suite: str, suite_version: str, tasks: list[str], *,
+                           seeds: int, label: str, version: int = -1,
+                           settings: dict | None = None, cache_dir: str | None = None
+                           ) -> dict[str, str]:
+        """Queue one :data:`SUITE_JOB` per task of ``tasks``: score the checkpoint at ``path``
+        on that task of ``suite``. ``settings`` is ``BaselineSettings.to_json()`` (``None``: the
+        defaults). A result stored earlier for the same task is deleted first. Returns task →
+        job stream id."""
+        ckpt = checkpoint_id(path, version)
+        common = {"kind": SUITE_JOB, "checkpoint_id": ckpt, "suite": suite,
+                  "suite_version": suite_version, "seeds": int(seeds), "label": label,
+                  "settings": dumps(settings) if settings is not None else "",
+                  "cache_dir": str(cache_dir) if cache_dir is not None else ""}
+        if tasks:
+            self.r.delete(*(self.suite_result_key(ckpt, suite, t) for t in tasks))
+        return {t: self.enqueue_eval(path, version, **common, task=t) for t in tasks}
+
+    def store_suite_result(self, ckpt_id: str, suite: str, task: str, result: dict) -> None:
+        """Store the result of a suite-task job (``{"result": ..., "job": ...}``)."""
+        self.r.set(self.suite_result_key(ckpt_id, suite, task),
+                   dumps({**result, "stored_at": time.time()}))
+
+    def suite_results(self, ckpt_id: str, suite: str, tasks: list[str]) -> dict[str, dict]:
+        """The stored results of those of ``tasks`` that are in, by task (in ``tasks`` order)."""
+        if not tasks:
+            return {}
+        raw = self.r.mget([self.suite_result_key(ckpt_id, suite, t) for t in tasks])
+        return {t: json.loads(v) for t, v in zip(tasks, raw, strict=True) if v}
+
+    def suite_failures(self, ckpt_id: str, suite: str) -> dict[str, dict[str, str]]:
+        """The dead-lettered suite-task jobs of checkpoint ``ckpt_id`` on ``suite``, by task."""
+        return {d.get("task", ""): d for d in self.dead_letters()
+                if d.get("kind") == SUITE_JOB and d.get("checkpoint_id") == ckpt_id
+                and d.get("suite") == suite}
 
     # ---- results and leaderboard --------------------------------------------------------------
     @staticmethod

@@ -107,6 +107,12 @@ def init_ray(cfg: Any, address: str | None = None) -> bool:
     started. A Ray instance that another driver started with ``ray.init()`` is never joined
     implicitly: it goes away when that driver ends, taking this run's actors with it.
     """
+    return connect_ray(needed_cpus(cfg), address)
+
+
+def connect_ray(min_cpus: float, address: str | None = None) -> bool:
+    """:func:`init_ray` for actors that need ``min_cpus`` logical CPUs in all (the eval pool of
+    ``workers.eval_worker.evaluate_on_suite_with_pool`` uses it too)."""
     import ray
 
     if ray.is_initialized():
@@ -115,7 +121,7 @@ def init_ray(cfg: Any, address: str | None = None) -> bool:
     if addr:
         ray.init(address=addr, logging_level=logging.WARNING)
         return False
-    cpus = max(os.cpu_count() or 1, math.ceil(needed_cpus(cfg)))
+    cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
     gpus = None
     ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
              logging_level=logging.WARNING)

@@ -126,16 +126,48 @@ def evaluate_on_suite(make_learned: Callable[[int], optax.GradientTransformation
         record = load_or_compute_baselines(st, settings, version=version, fingerprint=fp(st),
                                            cache_dir=cache_dir, log=log)
         results.append(evaluate_task(st, make_learned, record, seeds=seeds, label=label, log=log))
-    result = {"suite": name, "suite_version": version, "label": label,
-              "seeds": list(range(seeds)),
-              "baseline_settings": (settings or BaselineSettings()).to_json(),
-              "tasks": results, "summary": suite_summary(results),
-              "seconds": time.perf_counter() - start}
+    result = assemble_suite_result(results, name, version, label, seeds, settings=settings,
+                                   seconds=time.perf_counter() - start)
     if out_dir is not None:
-        from l2o.suite.report import write_report
-
-        result["files"] = {k: str(v) for k, v in write_report(result, out_dir).items()}
+        write_suite_report(result, out_dir)
     return result
+
+
+def assemble_suite_result(task_results: Sequence[dict[str, Any]], suite: str, version: str,
+                          label: str, seeds: int, *, settings: BaselineSettings | None = None,
+                          seconds: float | None = None) -> dict[str, Any]:
+    """The result of a suite evaluation from its per-task results (:func:`evaluate_task`, in
+    report order), wherever they were computed: :func:`evaluate_on_suite` in this process, or
+    one eval-pool job per task (``workers.eval_worker``). Adds the ``summary``
+    (:func:`~l2o.suite.scores.suite_summary`)."""
+    tasks = list(task_results)
+    return {"suite": suite, "suite_version": str(version), "label": label,
+            "seeds": list(range(int(seeds))),
+            "baseline_settings": (settings or BaselineSettings()).to_json(),
+            "tasks": tasks, "summary": suite_summary(tasks),
+            "seconds": seconds}
+
+
+def write_suite_report(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Write ``report.md``, ``curves.png`` and ``suite.json`` of ``result`` to ``out_dir``
+    (:func:`~l2o.suite.report.write_report`); records and returns the paths under ``files``."""
+    from l2o.suite.report import write_report
+
+    result["files"] = {k: str(v) for k, v in write_report(result, out_dir).items()}
+    return result["files"]
+
+
+def baseline_settings_from_json(data: dict[str, Any] | None) -> BaselineSettings | None:
+    """The :class:`~l2o.suite.baselines.BaselineSettings` of ``BaselineSettings.to_json()``
+    (``None`` for ``None``): ``to_json`` of the result equals ``data`` (the cache key)."""
+    if data is None:
+        return None
+    return BaselineSettings(
+        tuning_seeds=tuple(int(s) for s in data["tuning_seeds"]),
+        report_seeds=tuple(int(s) for s in data["report_seeds"]),
+        baselines=tuple(data["baselines"]),
+        grids={b: tuple(float(v) for v in g) for b, g in data.get("grids", {}).items()},
+        default_lr=float(data["default_lr"]), long_factor=int(data["long_factor"]))
 
 
 def learned_runs(result: dict[str, Any]) -> dict[str, RunResult]:

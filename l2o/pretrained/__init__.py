@@ -22,9 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import optax
-from flax import serialization
 
 from l2o.optimizers.base import LearnedOptimizer
 from l2o.types import MetaParams
@@ -52,17 +50,10 @@ def info(name: str) -> dict[str, Any]:
 @functools.lru_cache(maxsize=8)
 def load_theta(name: str) -> tuple[LearnedOptimizer, MetaParams]:
     """``(learned optimizer, θ)`` of the shipped optimizer ``name``."""
-    from l2o.checkpoints import CheckpointError, read_checkpoint
-    from l2o.optimizers.registry import make_learned_optimizer
+    from l2o.job import load_theta as load_checkpoint_theta
 
-    raw, meta = read_checkpoint(_path(name, ".ckpt"))
-    opt_cfg = meta.get("optimizer")
-    if not isinstance(opt_cfg, dict) or "name" not in opt_cfg:
-        raise CheckpointError(f"pretrained {name!r}: its checkpoint does not name its optimizer")
-    lopt = make_learned_optimizer(opt_cfg["name"], **opt_cfg.get("kwargs", {}))
-    stored = raw["theta"] if meta.get("kind") == "full" else raw
-    theta = serialization.from_state_dict(lopt.init(jax.random.PRNGKey(0)), stored)
-    return lopt, jax.tree_util.tree_map(jax.numpy.asarray, theta)
+    lopt, theta, _ = load_checkpoint_theta(_path(name, ".ckpt"))
+    return lopt, theta
 
 
 def load(name: str = "general-v1", num_steps: int | None = None

@@ -44,6 +44,7 @@ from l2o.suite.runner import (
     OptimizerFactory,
     RunResult,
     grid_pairs,
+    json_safe,
     run_curves,
 )
 
@@ -263,21 +264,6 @@ def cache_path(task_name: str, version: str, fingerprint: str,
     """``<cache dir>/suite/<version>/<task name>-<fingerprint[:12]>.json``."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     return root / "suite" / str(version) / f"{task_name}-{fingerprint[:12]}.json"
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with non-finite floats replaced by ``None`` and tuples/arrays by lists."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def write_json_atomic(path: Path, data: Any) -> Path:

@@ -21,8 +21,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from l2o.plots import save_png
-from l2o.suite.baselines import json_safe, write_json_atomic
-from l2o.suite.runner import RunResult
+from l2o.suite.baselines import write_json_atomic
+from l2o.suite.runner import RunResult, json_safe
 from l2o.suite.scores import seed_mean_curve
 
 #: Baselines in report order.

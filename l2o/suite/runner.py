@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -105,12 +106,13 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (non-finite values become ``None``)."""
+        floats = lambda x: json_safe(np.asarray(x, np.float64))
         return {"num_steps": int(self.num_steps), "seconds": float(self.seconds),
-                "steps": [int(s) for s in self.steps], "hparams": to_jsonable(self.hparams),
+                "steps": [int(s) for s in self.steps], "hparams": floats(self.hparams),
                 "seeds": [int(s) for s in self.seeds],
-                "train_loss": to_jsonable(self.train_loss),
-                "test_metric": to_jsonable(self.test_metric),
-                "mean_batch_loss": to_jsonable(self.mean_batch_loss)}
+                "train_loss": floats(self.train_loss),
+                "test_metric": floats(self.test_metric),
+                "mean_batch_loss": floats(self.mean_batch_loss)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunResult:
@@ -125,14 +127,19 @@ class RunResult:
                    num_steps=int(data["num_steps"]), seconds=float(data.get("seconds", 0.0)))
 
 
-def to_jsonable(x: Any) -> Any:
-    """Nested lists of floats from an array; NaN and ±inf become ``None``."""
-    arr = np.asarray(x, dtype=np.float64)
-    if arr.ndim == 0:
-        v = float(arr)
-        return v if np.isfinite(v) else None
-    return [to_jsonable(row) for row in arr]
-
+def json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats replaced by ``None`` and tuples/arrays by lists."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 def from_jsonable(x: Any) -> np.ndarray:
     """A float64 array from nested lists where ``None`` stands for a non-finite value (NaN)."""

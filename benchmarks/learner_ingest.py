@@ -43,9 +43,9 @@ def make_theta(n: int) -> dict[str, np.ndarray]:
 def _learner_main(n: int, batch_size: int, ready: Any, mark: Any, stop: Any) -> None:
     import optax
 
-    from l2o.config import ServiceConfig
+    from l2o.io.config import ServiceConfig
     from learner.core import Learner
-    from services.learner_server import serve
+    from learner.server import serve
 
     run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"l2o-bench-{os.getpid()}"
     cfg = ServiceConfig(batch_size=batch_size, max_staleness=10**9, buffer_size=4 * batch_size,
@@ -69,8 +69,8 @@ def _bare_grpc_main(ready: Any, stop: Any) -> None:
 
     import grpc
 
+    from learner.server import GRPC_OPTIONS, SERVICE_NAME
     from proto import l2o_pb2
-    from services.learner_server import GRPC_OPTIONS, SERVICE_NAME
 
     ack = l2o_pb2.Ack(accepted=True).SerializeToString()
 

@@ -2,7 +2,8 @@
 
 For each number of vmapped inner problems, one meta-step is a truncation of ``--unroll`` inner
 steps on every problem, the TBPTT meta-gradient through the LSTM, and the Adam update of θ —
-exactly what ``l2o train`` runs (:func:`l2o.train.meta_step`). The baseline, measured in the same
+exactly what ``l2o train`` runs (:func:`l2o.training.trainer.meta_step`). The baseline, measured in
+the same
 run on the same problems, is plain inner training with Adam (no meta-gradient): the ratio is what
 meta-training costs per inner step relative to ordinary training.
 
@@ -22,12 +23,12 @@ import jax
 from rich.console import Console
 from rich.table import Table
 
-from l2o.build import meta_optimizer_from_config, task_family_from_config
-from l2o.config import MetaOptimizerConfig, TaskConfig
 from l2o.estimators import TruncatedBackprop, TruncatedStep
+from l2o.io.config import MetaOptimizerConfig, TaskConfig
 from l2o.optimizers import adam
 from l2o.optimizers.lstm import LSTMLearnedOptimizer
-from l2o.train import init_meta_state, meta_step
+from l2o.training.build import meta_optimizer_from_config, task_family_from_config
+from l2o.training.trainer import init_meta_state, meta_step
 
 
 def _best_seconds(fn, repeats: int) -> float:

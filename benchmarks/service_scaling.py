@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 def bench_config(workers: int, updates: int, run_dir: str) -> dict[str, Any]:
     """The ``l2l-quadratic`` preset (128 quadratics, truncations of 20 steps) as a service run
     with ``workers`` unroll workers, no eval workers and no checkpoints along the way."""
-    from l2o.config import deep_merge, preset
+    from l2o.io.config import deep_merge, preset
 
     base = preset("l2l-quadratic").model_dump(mode="json")
     return deep_merge(base, {
@@ -50,7 +50,7 @@ def bench_config(workers: int, updates: int, run_dir: str) -> dict[str, Any]:
 
 def measure(workers: int, updates: int, warmup: int, run_dir: str) -> dict[str, Any]:
     """One run; its steady-state meta-updates per second and counters."""
-    from l2o.config import config_from_dict
+    from l2o.io.config import config_from_dict
     from services.train import run_service
 
     cfg = config_from_dict(bench_config(workers, updates, run_dir))

@@ -1,6 +1,6 @@
 """The learner: θ, the optax meta-optimizer state, the version counter and the gradient buffer.
 
-Pure Python/JAX, no network I/O: ``services.learner_server`` wraps it in gRPC. Gradients come in
+Pure Python/JAX, no network I/O: ``learner.server`` wraps it in gRPC. Gradients come in
 through :meth:`Learner.submit` (thread-safe; the gRPC thread pool calls it concurrently) and are
 validated, deduplicated and checked against the staleness policy before they enter a bounded buffer.
 A background applier thread takes ``batch_size`` gradients at a time, averages them, applies the
@@ -44,15 +44,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from l2o.checkpoints import (
+from l2o.io.checkpoints import (
     CheckpointError,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from l2o.config import ServiceConfig
-from services.wire import ALIGN, Reason, aligned_empty
+from l2o.io.config import ServiceConfig
+from proto.wire import ALIGN, Reason, aligned_empty
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class Learner:
         """A learner resumed from the newest full checkpoint in ``run_dir``, or a fresh one.
 
         ``theta`` is the template (and the starting θ when there is no checkpoint). Raises
-        :class:`~l2o.checkpoints.CheckpointError` for a damaged checkpoint, one of another run,
+        :class:`~l2o.io.checkpoints.CheckpointError` for a damaged checkpoint, one of another run,
         or one whose θ does not match the template.
         """
         path = latest_checkpoint(run_dir, "full")

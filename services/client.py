@@ -19,9 +19,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from proto import l2o_pb2
-from services.auth import auth_metadata, channel_credentials
-from services.learner_server import (
+from learner.server import (
     FETCH_THETA,
     GRPC_OPTIONS,
     PUSH_GRADIENT,
@@ -31,7 +29,8 @@ from services.learner_server import (
     frame_gradient_chunk,
     parse_theta_chunk,
 )
-from services.wire import (
+from proto import l2o_pb2
+from proto.wire import (
     DEFAULT_CHUNK_BYTES,
     ByteAssembler,
     Reason,
@@ -41,6 +40,7 @@ from services.wire import (
     manifest_from_proto,
     manifest_to_proto,
 )
+from services.auth import auth_metadata, channel_credentials
 
 log = logging.getLogger(__name__)
 

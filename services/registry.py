@@ -25,7 +25,7 @@ key                                        contents
                                            the checkpoint's path)
 ``l2o:{run}:seq:{worker_id}``              integer: seqs handed out to that worker so far
 ``l2o:{run}:curriculum``                   string: the curriculum's stage record (JSON; workers
-                                           train at its ``num_steps``; ``l2o.curriculum``)
+                                           train at its ``num_steps``; ``l2o.training.curriculum``)
 ``l2o:leaderboard``                        sorted set: ``{run}@{version}`` → score (all runs)
 ``l2o:adam:{task_key}``                    string: a cached tuned-Adam sweep (JSON)
 ========================================  =========================================================
@@ -231,7 +231,8 @@ class Registry:
         """Forget the learner's address (it is going away)."""
         self.r.delete(self.key("learner"))
 
-    # ---- curriculum (l2o.curriculum.ServiceCurriculum) -----------------------------------------
+    # ---- curriculum (l2o.training.curriculum.ServiceCurriculum)
+    # -----------------------------------------
     def set_curriculum(self, info: dict) -> None:
         """Publish the curriculum's stage record (``stage``, ``num_steps``, ``eval_steps``, …)."""
         self.r.set(self.key("curriculum"), dumps(info))

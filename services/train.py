@@ -8,7 +8,7 @@ This is the ``ray job submit`` entrypoint and what ``l2o train`` runs through. :
    would tie this run to that job's lifetime);
 2. opens Redis (``service.redis_url``, ``$REDIS_URL``, else an embedded server on a unix socket),
    writes the run manifest and marks the run ``starting``;
-3. starts the learner (``services.learner.LearnerActor``: the gRPC server around
+3. starts the learner (``learner.process.LearnerActor``: the gRPC server around
    ``learner.core.Learner``; it resumes from the run directory's newest full checkpoint, publishes
    its address in the registry and enqueues an eval job per params checkpoint), then
    ``num_unroll_workers`` :class:`~workers.unroll.UnrollWorker` and ``num_eval_workers``
@@ -17,7 +17,8 @@ This is the ``ray job submit`` entrypoint and what ``l2o train`` runs through. :
    its figures into the registry's status hash;
 5. marks the run ``stopping`` (unroll workers finish), stops the learner with a final checkpoint
    (whose eval job is queued), marks the run ``done`` and lets the eval workers drain the queue;
-6. evaluates the final θ exactly as the single-machine job does (``l2o.job.evaluate_theta``),
+6. evaluates the final θ exactly as the single-machine job does
+   (``l2o.training.job.evaluate_theta``),
    writes ``summary.json`` and ``curves.png`` into the run directory, prints a summary, and shuts
    down everything it started.
 
@@ -152,13 +153,13 @@ def start_learner(cfg: Any, run_id: str, run_dir: Path, token: str, redis_url: s
                   add_repo_to_path: bool) -> tuple[Any, str]:
     """Start the learner actor; ``(actor handle, "host:port")``.
 
-    The actor (``services.learner.LearnerProcess``, ``max_restarts=-1``, serving on start) resumes
+    The actor (``learner.process.LearnerProcess``, ``max_restarts=-1``, serving on start) resumes
     from ``run_dir`` if it holds a full checkpoint, publishes its address under the run in Redis
     (again after every restart) and enqueues an eval job for every params checkpoint it writes.
     """
     import ray
 
-    from services.learner import learner_actor
+    from learner.process import learner_actor
     from services.registry import RegistryHooks
     from workers.unroll import actor_options
 
@@ -258,14 +259,15 @@ def run_service(cfg: Any, *, address: str | None = None,
                 keep_actors: bool = False,
                 curriculum_scorer: Callable[[Any, int, int], float] | None = None
                 ) -> dict[str, Any]:
-    """Meta-train ``cfg`` (a :class:`~l2o.config.TrainConfig`) on Ray; the summary dict.
+    """Meta-train ``cfg`` (a :class:`~l2o.io.config.TrainConfig`) on Ray; the summary dict.
 
     ``progress`` is called after each status poll with the learner's figures (``version``,
     ``updates``, ``accepted``, ``dropped_stale``, ``gradients_per_second``, ``last_meta_loss``…).
     ``redis_url`` overrides ``cfg.service.redis_url``. The summary is also written to
     ``run_dir/summary.json``. With ``keep_actors`` the actors are left running (tests inspect
     them; the caller kills them). With ``cfg.curriculum`` the driver runs the curriculum
-    (:class:`l2o.curriculum.ServiceCurriculum`; ``curriculum_scorer(θ, version, eval_steps)``
+    (:class:`l2o.training.curriculum.ServiceCurriculum`; ``curriculum_scorer(θ, version,
+    eval_steps)``
     replaces its score) and the run ends when its last stage has finished.
     """
     import ray
@@ -387,8 +389,8 @@ def run_service(cfg: Any, *, address: str | None = None,
         _wait_refs(eval_refs, timeout=eval_drain_timeout_s)
 
         # the final θ is the newest params checkpoint (the learner just wrote it)
-        from l2o.checkpoints import latest_checkpoint
-        from l2o.job import EVAL_SUMMARY_KEYS, load_theta, write_outputs
+        from l2o.io.checkpoints import latest_checkpoint
+        from l2o.training.job import EVAL_SUMMARY_KEYS, load_theta, write_outputs
         from workers.eval_worker import score_checkpoint
 
         final_path = latest_checkpoint(run_dir, "params")
@@ -433,7 +435,7 @@ def run_service(cfg: Any, *, address: str | None = None,
         if curriculum is not None:
             summary["curriculum"] = curriculum.summary()
         if summary["best_checkpoint"]:
-            from l2o.eval import CURVE_KEYS
+            from l2o.evaluation.comparison import CURVE_KEYS
 
             summary["best_checkpoint"] = {k: v for k, v in summary["best_checkpoint"].items()
                                           if k not in CURVE_KEYS}
@@ -470,12 +472,13 @@ def run_service(cfg: Any, *, address: str | None = None,
 
 def _start_curriculum(cfg: Any, run_dir: Path, client: Any, learner: Any, registry: Any,
                       scorer: Any) -> Any:
-    """The run's :class:`l2o.curriculum.ServiceCurriculum`: θ fetched over gRPC, restored through
+    """The run's :class:`l2o.training.curriculum.ServiceCurriculum`: θ fetched over gRPC, restored
+    through
     the learner actor, the stage published in the registry."""
     import ray
 
-    from l2o.build import learned_optimizer_from_config, theta_key
-    from l2o.curriculum import ServiceCurriculum
+    from l2o.training.build import learned_optimizer_from_config, theta_key
+    from l2o.training.curriculum import ServiceCurriculum
     from workers.unroll import as_template
 
     template = learned_optimizer_from_config(cfg.optimizer).init(theta_key(cfg.seed))
@@ -544,7 +547,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m services.train --config FILE [--preset NAME] [--meta-steps N] …``."""
-    from l2o.config import ConfigError, config_from_dict, deep_merge, load_config, preset
+    from l2o.io.config import ConfigError, config_from_dict, deep_merge, load_config, preset
 
     p = argparse.ArgumentParser(prog="python -m services.train", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -9,16 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2o.checkpoints import load_checkpoint
-from l2o.config import ConfigError, config_from_dict, preset
-from l2o.curriculum import (
+from l2o.io.checkpoints import load_checkpoint
+from l2o.io.config import ConfigError, config_from_dict, preset
+from l2o.training.curriculum import (
     CurriculumState,
     curriculum_init,
     curriculum_update,
     eval_horizon,
     train_horizon,
 )
-from l2o.train import Trainer
+from l2o.training.trainer import Trainer
 
 STAGES = [100, 200, 500, 1000]
 
@@ -198,8 +198,8 @@ def test_trainer_default_scorer_is_the_mean_final_loss_at_the_eval_horizon(tmp_p
     tr.train()
     entry = tr.evaluations[0]
     assert entry["eval_steps"] == 20 and entry["curriculum"] == "new_best"
-    from l2o.build import eval_key, task_family_from_config, validation_task_and_run_key
-    from l2o.eval import loss_curves
+    from l2o.evaluation.comparison import loss_curves
+    from l2o.training.build import eval_key, task_family_from_config, validation_task_and_run_key
 
     # selection runs on validation seeds, never on the final evaluation's keys
     task, k_run = validation_task_and_run_key(cfg.seed, task_family_from_config(cfg.eval_task()))
@@ -352,7 +352,7 @@ def test_cli_eval_suite(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import l2o.tasks.registry as registry
-    from l2o.cli import app
+    from services.cli import app
 
     monkeypatch.setattr(registry, "L2O_SCALE_EVAL_TASKS", {
         k: registry.L2O_SCALE_EVAL_TASKS[k] for k in ("mnist_mlp", "mnist_mlp_deeper")})
@@ -385,7 +385,7 @@ def test_cli_eval_suite(tmp_path, monkeypatch):
 def test_service_curriculum_driver_without_ray(tmp_path):
     """ServiceCurriculum with a fake learner: evaluation timing, best files, publish-then-restore
     order, the deferred final restore, and resume from curriculum.json."""
-    from l2o.curriculum import ServiceCurriculum
+    from l2o.training.curriculum import ServiceCurriculum
 
     cfg = tiny_curriculum_config(tmp_path, curriculum={
         "stages": [10, 20], "patience": 1, "eval_period": 3, "eval_seeds": 1})
@@ -460,7 +460,7 @@ def service_env(tmp_path):
 def test_service_curriculum_moves_workers_and_restores_best(tmp_path, service_env):
     import uuid
 
-    from l2o.checkpoints import checkpoint_path, latest_checkpoint
+    from l2o.io.checkpoints import checkpoint_path, latest_checkpoint
     from services.redis_server import redis_connection
     from services.registry import Registry
     from services.train import read_metrics, run_service
@@ -494,7 +494,7 @@ def test_service_curriculum_moves_workers_and_restores_best(tmp_path, service_en
     assert horizons == [20, 20, 40, 40, 40, 40] == [e["eval_steps"] for e in events]
     assert cur["stage"] == 2 and cur["done"]
 
-    from l2o.build import learned_optimizer_from_config, theta_key
+    from l2o.training.build import learned_optimizer_from_config, theta_key
 
     template = learned_optimizer_from_config(cfg.optimizer).init(theta_key(cfg.seed))
     run_dir = cfg.run_path()

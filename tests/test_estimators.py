@@ -11,8 +11,6 @@ import numpy as np
 import optax
 import pytest
 
-from l2o.build import estimator_from_config
-from l2o.config import EstimatorConfig, config_from_dict
 from l2o.estimators import (
     PES,
     ConstantHorizon,
@@ -25,10 +23,12 @@ from l2o.estimators import (
     make_horizon_schedule,
 )
 from l2o.estimators.es import antithetic_unroll, combine, perturbed_pair, sample_perturbations
+from l2o.io.config import EstimatorConfig, config_from_dict
 from l2o.optimizers.learned_adam import LearnedAdam
 from l2o.tasks.influence import InfluenceDynamics, influence_family
 from l2o.tasks.quadratic import QuadraticFamily
-from l2o.train import Trainer, init_meta_state, meta_step
+from l2o.training.build import estimator_from_config
+from l2o.training.trainer import Trainer, init_meta_state, meta_step
 
 
 def flat(tree) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Tests of l2o.eval (curves, Adam sweep, speedup, evaluate) and l2o.plots."""
+"""Tests of l2o.evaluation.comparison (curves, Adam sweep, speedup, evaluate) and
+l2o.evaluation.plots."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import optax
 import pytest
 from flax import struct
 
-from l2o import eval as ev
+from l2o.evaluation import comparison as ev
+from l2o.evaluation.plots import plot_curves, plot_meta_loss
 from l2o.optimizers.baselines import adam, sgd
-from l2o.plots import plot_curves, plot_meta_loss
 from l2o.tasks.base import Task
 from l2o.tasks.quadratic import QuadraticFamily
 

@@ -25,8 +25,8 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_single_machine_trainer_computes_on_the_gpu(tmp_path):
-    from l2o.config import preset
-    from l2o.train import Trainer
+    from l2o.io.config import preset
+    from l2o.training.trainer import Trainer
 
     cfg = preset("default").model_copy(update={"meta_steps": 20, "time_budget_s": None,
                                                "log_every": 10, "checkpoint_every": 20})
@@ -75,7 +75,7 @@ def test_actor_placement_follows_its_gpu_request(ray_with_gpu):
 
 def test_service_unroll_workers_run_on_the_gpu(ray_with_gpu, tmp_path):
     """The whole service with two unroll workers and an eval worker sharing the GPU."""
-    from l2o.config import config_from_dict
+    from l2o.io.config import config_from_dict
     from services.redis_server import EmbeddedRedis
     from services.train import run_service
 

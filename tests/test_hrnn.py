@@ -9,16 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2o.build import estimator_from_config, meta_optimizer_from_config
-from l2o.checkpoints import checkpoint_path
-from l2o.config import EstimatorConfig, MetaOptimizerConfig, config_from_dict, preset
-from l2o.eval import loss_curves
-from l2o.job import load_theta
+from l2o.evaluation.comparison import loss_curves
+from l2o.io.checkpoints import checkpoint_path
+from l2o.io.config import EstimatorConfig, MetaOptimizerConfig, config_from_dict, preset
 from l2o.optimizers.registry import make_learned_optimizer
 from l2o.tasks.problem_set import DIM, HALF, KINDS, ProblemSetFamily, ProblemSetTask
 from l2o.tasks.quadratic import QuadraticFamily
 from l2o.tasks.registry import make_task_family
-from l2o.train import Trainer, init_meta_state, meta_step
+from l2o.training.build import estimator_from_config, meta_optimizer_from_config
+from l2o.training.job import load_theta
+from l2o.training.trainer import Trainer, init_meta_state, meta_step
 
 NEW = ("hierarchical_rnn", "coordinatewise_rnn", "learned_lr_sgd", "learned_momentum")
 

@@ -10,9 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from l2o.build import estimator_from_config, learned_optimizer_from_config, task_family_from_config
-from l2o.checkpoints import read_checkpoint
-from l2o.config import PRESETS, config_from_dict, preset
+from l2o.io.checkpoints import read_checkpoint
+from l2o.io.config import PRESETS, config_from_dict, preset
 from l2o.optimizers.baselines import adam
 from l2o.optimizers.lambda_blend import FixedLambdaLOpt, LearnedLambdaLOpt
 from l2o.optimizers.lstm import LSTMLearnedOptimizer
@@ -20,7 +19,12 @@ from l2o.optimizers.mixed import MixedOptimizer
 from l2o.tasks.cifar import load_cifar10
 from l2o.tasks.datasets import DataNotFoundError
 from l2o.tasks.registry import make_task_family
-from l2o.train import Trainer
+from l2o.training.build import (
+    estimator_from_config,
+    learned_optimizer_from_config,
+    task_family_from_config,
+)
+from l2o.training.trainer import Trainer
 
 SMALL = {"layers": (6, 6)}
 
@@ -214,7 +218,7 @@ def test_best_checkpoint_follows_scripted_evaluations(tmp_path, monkeypatch):
 
 
 def test_real_periodic_evaluation_writes_loadable_best(tmp_path):
-    from l2o.job import load_theta
+    from l2o.training.job import load_theta
 
     trainer = Trainer(_eval_config(tmp_path, evaluation_period=5, evaluation_epochs=2))
     trainer.train()

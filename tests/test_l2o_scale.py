@@ -1,4 +1,5 @@
-"""L2O-Scale's enhancements: curvature penalties (l2o.curvature) and imitation of Adam."""
+"""L2O-Scale's enhancements: curvature penalties (l2o.estimators.curvature) and imitation of
+Adam."""
 
 from __future__ import annotations
 
@@ -9,18 +10,18 @@ import optax
 import pytest
 from flax import struct
 
-from l2o.build import estimator_from_config, learned_optimizer_from_config
-from l2o.config import ConfigError, EstimatorConfig, OptimizerConfig, config_from_dict
-from l2o.curvature import (
+from l2o.estimators import Imitation, TruncatedBackprop, TruncatedStep, imitation_loss
+from l2o.estimators.curvature import (
     curvature_penalty,
     hutchinson_trace,
     hvp,
     spectrum_second_moment,
     top_eigenvalue,
 )
-from l2o.estimators import Imitation, TruncatedBackprop, TruncatedStep, imitation_loss
+from l2o.io.config import ConfigError, EstimatorConfig, OptimizerConfig, config_from_dict
 from l2o.optimizers.baselines import adam
 from l2o.tasks.quadratic import QuadraticConfig, QuadraticFamily, QuadraticTask
+from l2o.training.build import estimator_from_config, learned_optimizer_from_config
 
 # ------------------------------------------------------------------------------------------------
 # Curvature: explicit Hessians (jax.hessian) and numpy/jnp.linalg as the references

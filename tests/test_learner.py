@@ -15,21 +15,21 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from l2o.checkpoints import latest_checkpoint, load_checkpoint
-from l2o.config import ServiceConfig, TrainConfig
+from l2o.io.checkpoints import latest_checkpoint, load_checkpoint
+from l2o.io.config import ServiceConfig, TrainConfig
 from learner.core import GradientHeader, Learner
+from learner.process import LearnerProcess
+from learner.server import SERVICE_NAME, serve
 from proto import l2o_pb2
-from services.auth import load_token
-from services.client import LearnerAuthError, LearnerClient, LearnerRpcError, reason_name
-from services.learner import LearnerProcess
-from services.learner_server import SERVICE_NAME, serve
-from services.wire import (
+from proto.wire import (
     Reason,
     WireError,
     decode_tree,
     encode_tree,
     unflatten_paths,
 )
+from services.auth import load_token
+from services.client import LearnerAuthError, LearnerClient, LearnerRpcError, reason_name
 
 TOKEN = "test-token-123"
 RUN = "run-a"
@@ -331,7 +331,7 @@ def test_multi_chunk_stream_and_raw_protobuf_clients(tmp_path: Path) -> None:
 
         # the generated protobuf stub speaks the same wire format
         from proto import l2o_pb2_grpc
-        from services.wire import flatten_tree, iter_chunks, manifest_to_proto
+        from proto.wire import flatten_tree, iter_chunks, manifest_to_proto
 
         manifest, views = flatten_tree(grad)
         chunks = list(iter_chunks(views))
@@ -417,7 +417,7 @@ def test_tls(tmp_path: Path) -> None:
 
 
 def test_cli_serves_and_checkpoints_on_sigterm(tmp_path: Path) -> None:
-    """``python -m services.learner`` prints its address, serves, and checkpoints on SIGTERM."""
+    """``python -m learner`` prints its address, serves, and checkpoints on SIGTERM."""
     import os
     import queue
     import signal
@@ -430,7 +430,7 @@ def test_cli_serves_and_checkpoints_on_sigterm(tmp_path: Path) -> None:
     cfg.write_text("run_name: cli\ntask: {name: quadratic}\noptimizer: {name: learned_adam}\n")
     env = {**os.environ, "L2O_TOKEN": TOKEN, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.learner", "--config", str(cfg), "--run-dir",
+        [sys.executable, "-m", "learner", "--config", str(cfg), "--run-dir",
          str(tmp_path / "run"), "--port", "0"],
         cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)

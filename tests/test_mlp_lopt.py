@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from l2o.config import config_from_dict
 from l2o.estimators.truncated_step import TruncatedStep
+from l2o.io.config import config_from_dict
 from l2o.optimizers import (
     OPTIMIZERS,
     FactoredMLPLOpt,
@@ -26,7 +26,7 @@ from l2o.tasks.datasets import load_digits
 from l2o.tasks.quadratic import QuadraticFamily
 from l2o.tasks.registry import make_task_family
 from l2o.tasks.sampled import SampledMLPFamily
-from l2o.train import Trainer
+from l2o.training.trainer import Trainer
 
 KEY = jax.random.PRNGKey(0)
 # small hidden layers keep compile times short; the defaults are exercised by test_registered

@@ -53,15 +53,15 @@ import jax.numpy as jnp
 import optax
 
 import l2o
-import l2o.checkpoints
-import l2o.cli
-import l2o.config
+import l2o.io.checkpoints
+import services.cli
+import l2o.io.config
 import l2o.estimators
-import l2o.eval
-import l2o.job
+import l2o.evaluation.comparison
+import l2o.training.job
 import l2o.optimizers
 import l2o.tasks
-import l2o.train
+import l2o.training.trainer
 from l2o.optimizers import LSTMLearnedOptimizer
 from l2o.optimizers.optax_bridge import as_gradient_transformation
 
@@ -101,7 +101,7 @@ def test_library_works_without_the_service_dependencies(tmp_path):
 @pytest.mark.parametrize("command", [["train", "--meta-steps", "1"], ["status"], ["leaderboard"]],
                          ids=["train", "status", "leaderboard"])
 def test_service_commands_ask_for_the_service_extra(tmp_path, command):
-    proc = _run_blocked(tmp_path, "-m", "l2o.cli", *command)
+    proc = _run_blocked(tmp_path, "-m", "services.cli", *command)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "pip install 'l2o[service]'" in out, out

@@ -19,7 +19,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from l2o.config import config_from_dict  # noqa: E402
+from l2o.io.config import config_from_dict  # noqa: E402
 from services.redis_server import EmbeddedRedis, redis_connection  # noqa: E402
 from services.registry import GROUP, Registry, leaderboard, run_status  # noqa: E402
 
@@ -152,9 +152,9 @@ def test_one_worker_zero_staleness_matches_single_machine(tmp_path, redis_url):
     """θ after k distributed updates equals the single-machine trainer's θ after k steps."""
     import jax
 
-    from l2o.build import learned_optimizer_from_config, theta_key
-    from l2o.checkpoints import checkpoint_path, load_checkpoint
-    from l2o.train import Trainer
+    from l2o.io.checkpoints import checkpoint_path, load_checkpoint
+    from l2o.training.build import learned_optimizer_from_config, theta_key
+    from l2o.training.trainer import Trainer
     from services.train import run_service
 
     k = 6
@@ -219,8 +219,8 @@ def test_learner_killed_and_restarted(tmp_path, redis_url):
 
 
 def _params_checkpoint(tmp_path: Path, cfg) -> Path:
-    from l2o.build import learned_optimizer_from_config, theta_key
-    from l2o.checkpoints import save_checkpoint
+    from l2o.io.checkpoints import save_checkpoint
+    from l2o.training.build import learned_optimizer_from_config, theta_key
 
     theta = learned_optimizer_from_config(cfg.optimizer).init(theta_key(cfg.seed))
     return save_checkpoint(tmp_path / "params_00000005.ckpt", theta, {

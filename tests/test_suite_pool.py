@@ -91,10 +91,10 @@ def test_suite_jobs_on_the_registry(registry):
 
 def test_pool_shards_the_suite_and_matches_in_process(tmp_path, redis_url):  # noqa: F811
     """2 eval workers score 3 tasks; the assembled result equals the in-process one."""
-    from l2o.job import load_theta
     from l2o.optimizers.optax_bridge import as_gradient_transformation
     from l2o.suite.evaluate import evaluate_on_suite
     from l2o.suite.tasks import SUITE_VERSION
+    from l2o.training.job import load_theta
 
     cache, out = tmp_path / "cache", tmp_path / "out"
     pooled = evaluate_on_suite_with_pool(CKPT, "heldout", 2, tasks=TASKS, seeds=SEEDS,
@@ -174,8 +174,8 @@ def test_cli_eval_pool_runs_the_pool(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import workers.eval_worker as ew
-    from l2o.cli import app
     from l2o.suite.evaluate import assemble_suite_result
+    from services.cli import app
 
     seen = {}
 

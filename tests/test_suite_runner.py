@@ -445,9 +445,9 @@ def test_cli_eval_heldout_scores_a_checkpoint(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import l2o.suite.evaluate as ev
-    from l2o.checkpoints import save_checkpoint
-    from l2o.cli import app
+    from l2o.io.checkpoints import save_checkpoint
     from l2o.optimizers.registry import make_learned_optimizer
+    from services.cli import app
 
     lopt = make_learned_optimizer("learned_adam")
     ckpt = save_checkpoint(tmp_path / "run" / "params.ckpt", lopt.init(jax.random.PRNGKey(0)),

@@ -7,17 +7,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2o.build import estimator_from_config, learned_optimizer_from_config
-from l2o.checkpoints import (
+from l2o.io.checkpoints import (
     CheckpointError,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from l2o.config import ConfigError, EstimatorConfig, OptimizerConfig, config_from_dict, load_config
+from l2o.io.config import (
+    ConfigError,
+    EstimatorConfig,
+    OptimizerConfig,
+    config_from_dict,
+    load_config,
+)
 from l2o.tasks.quadratic import QuadraticFamily
-from l2o.train import Trainer
+from l2o.training.build import estimator_from_config, learned_optimizer_from_config
+from l2o.training.trainer import Trainer
 
 
 def quadratic_config(tmp_path, **overrides):
@@ -183,7 +189,7 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 def test_cli_overrides_are_typed_validated_and_named_when_wrong():
-    from l2o.config import apply_overrides, preset
+    from l2o.io.config import apply_overrides, preset
 
     cfg = apply_overrides(preset("default"), ["estimator.num_tasks=13", "time_budget_s=null",
                                               "eval.adam_learning_rates=[0.1, 0.01]"])
@@ -199,7 +205,7 @@ def test_cli_overrides_are_typed_validated_and_named_when_wrong():
 
 
 def test_service_refuses_a_run_whose_actors_cannot_all_be_placed():
-    from l2o.config import apply_overrides, preset
+    from l2o.io.config import apply_overrides, preset
     from services.train import check_resources
 
     cfg = apply_overrides(preset("default"), ["service.num_unroll_workers=2",
@@ -216,7 +222,7 @@ def test_service_refuses_a_run_whose_actors_cannot_all_be_placed():
 def test_the_written_out_default_config_is_the_default_job():
     from pathlib import Path
 
-    from l2o.config import load_config, preset
+    from l2o.io.config import load_config, preset
 
     written = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
     assert written == preset("default")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2o.config import config_from_dict, preset
+from l2o.io.config import config_from_dict, preset
 from l2o.metaobjectives import (
     logistic_regression_scores,
     normalized_targets,
@@ -257,8 +257,8 @@ def test_task_registry_lists_and_builds_the_families():
 
 @pytest.mark.slow  # compiles the rule (a minute or more on 2 busy cores)
 def test_estimator_metrics_resets_and_checkpoint_leaves(tmp_path):
-    from l2o.checkpoints import latest_checkpoint, read_checkpoint
-    from l2o.train import Trainer
+    from l2o.io.checkpoints import latest_checkpoint, read_checkpoint
+    from l2o.training.trainer import Trainer
     from l2o.unsupervised.estimator import UnsupervisedEstimator, UnsupervisedWorkerState
 
     cfg = config_from_dict(tiny_config(tmp_path, meta_steps=6))
@@ -308,7 +308,7 @@ def test_estimator_metrics_resets_and_checkpoint_leaves(tmp_path):
     # `l2o eval` of the params checkpoint: the run's base model and data, scored by features
     from typer.testing import CliRunner
 
-    from l2o.cli import app
+    from services.cli import app
 
     out = tmp_path / "cli_eval"
     res = CliRunner().invoke(app, ["eval", str(latest_checkpoint(trainer.run_dir, "params")),
@@ -322,8 +322,8 @@ def test_estimator_metrics_resets_and_checkpoint_leaves(tmp_path):
 
 @pytest.mark.slow  # compiles the rule (a minute or more on 2 busy cores)
 def test_evaluation_returns_every_key_and_writes_pngs(tmp_path):
-    from l2o.build import learned_optimizer_from_config, task_family_from_config
-    from l2o.job import EVAL_SUMMARY_KEYS, evaluate_theta, write_outputs
+    from l2o.training.build import learned_optimizer_from_config, task_family_from_config
+    from l2o.training.job import EVAL_SUMMARY_KEYS, evaluate_theta, write_outputs
     from l2o.unsupervised.evaluation import FIGURES, MODELS, SUMMARY_KEYS, evaluate_rule
 
     cfg = config_from_dict(tiny_config(tmp_path))
@@ -381,8 +381,8 @@ def test_preset_and_config_errors():
     assert cfg.estimator.name == "unsupervised" and cfg.optimizer.name == "unsupervised_rule"
     assert cfg.task.name == "unsupervised_digits"
     assert cfg.task.kwargs["output_size"] == cfg.optimizer.kwargs["output_size"]
-    from l2o.build import estimator_from_config, learned_optimizer_from_config
     from l2o.tasks.registry import make_task_family
+    from l2o.training.build import estimator_from_config, learned_optimizer_from_config
 
     with pytest.raises(TypeError, match="unsupervised task family"):
         estimator_from_config(cfg.estimator, make_task_family("quadratic"),
@@ -395,7 +395,7 @@ def test_preset_and_config_errors():
 
 @pytest.mark.slow
 def test_short_meta_training_lowers_the_ridge_meta_objective(tmp_path):
-    from l2o.train import Trainer
+    from l2o.training.trainer import Trainer
 
     # the preset for 200 meta-steps (~25 s once compiled on 2 busy cores). Seeds 0, 1, 2 went
     # from ~1.2 (first windows) to 0.86, 0.80 and 1.03 (last windows) while this was written.

@@ -10,7 +10,7 @@ A job that raises is re-queued and, after ``eval_max_deliveries`` deliveries, mo
 dead-letter stream. While a job is being scored a heartbeat thread keeps it from looking idle, so
 only a job whose worker really died is reclaimed by another.
 
-The score matches ``l2o.job.evaluate_theta`` (the single-machine summary): the eval task is
+The score matches ``l2o.training.job.evaluate_theta`` (the single-machine summary): the eval task is
 sampled from ``eval_key(seed)`` and the runs use the same keys, so the learned-optimizer and Adam
 numbers of the final checkpoint equal the ones in ``summary.json``.
 
@@ -61,12 +61,14 @@ class BadJob(Exception):
 def score_checkpoint(cfg: Any, path: str, registry: Any | None = None) -> dict[str, Any]:
     """Score the params checkpoint at ``path`` on ``cfg``'s eval task against tuned Adam.
 
-    ``cfg`` is a :class:`~l2o.config.TrainConfig`. The evaluation is the single-machine job's
-    (:func:`l2o.job.evaluate_theta`); with ``registry`` the tuned-Adam baseline is read from (or
-    written to) its cache. Returns the dict of ``l2o.eval.evaluate`` (curves included) plus
+    ``cfg`` is a :class:`~l2o.io.config.TrainConfig`. The evaluation is the single-machine job's
+    (:func:`l2o.training.job.evaluate_theta`); with ``registry`` the tuned-Adam baseline is read
+    from (or
+    written to) its cache. Returns the dict of ``l2o.evaluation.comparison.evaluate`` (curves
+    included) plus
     ``checkpoint``, ``checkpoint_version``, ``adam_task_key``, ``adam_cached``, ``eval_seconds``.
     """
-    from l2o.job import adam_baseline_for, evaluate_theta, is_unsupervised, load_theta
+    from l2o.training.job import adam_baseline_for, evaluate_theta, is_unsupervised, load_theta
     from services.registry import task_key
 
     t0 = time.monotonic()
@@ -158,8 +160,8 @@ def _suite_task(spec: SuiteJobSpec) -> tuple[Any, str, str]:
 
 def _load_optimizer(path: str) -> tuple[Any, Any]:
     """``(learned optimizer, θ)`` of the checkpoint at ``path``; :class:`BadJob` if unreadable."""
-    from l2o.checkpoints import CheckpointError
-    from l2o.job import load_theta
+    from l2o.io.checkpoints import CheckpointError
+    from l2o.training.job import load_theta
 
     try:
         lopt, theta, _ = load_theta(path)
@@ -211,7 +213,7 @@ class EvalWorker:
                  eval_idle_ms: int | None = None, eval_max_deliveries: int | None = None,
                  block_ms: int = 500, hold_s: float = 0.0) -> None:
         """Connect to the registry at ``redis_url``; ``consumer`` names this worker in the group."""
-        from l2o.config import TrainConfig
+        from l2o.io.config import TrainConfig
         from services.redis_server import redis_connection
         from services.registry import Registry
 

@@ -124,7 +124,7 @@ def as_template(tree: Any, template: Any) -> Any:
     """
     import jax
 
-    from services.wire import parse_path
+    from proto.wire import parse_path
 
     t_def = jax.tree_util.tree_structure(template)
     if jax.tree_util.tree_structure(tree) == t_def:
@@ -192,13 +192,13 @@ class UnrollWorker:
         ``redis_url`` points at the run's registry (the learner address is read from it);
         ``token`` is the learner's bearer token; ``root_cert`` (a PEM file) turns on TLS.
         """
-        from l2o.build import (
+        from l2o.io.config import TrainConfig
+        from l2o.training.build import (
             estimator_from_config,
             learned_optimizer_from_config,
             task_family_from_config,
             theta_key,
         )
-        from l2o.config import TrainConfig
         from services.redis_server import redis_connection
         from services.registry import Registry
 
@@ -217,9 +217,9 @@ class UnrollWorker:
                                  eval_idle_ms=svc.eval_idle_ms)
         self.family = task_family_from_config(self.cfg.worker_task(self.index))
         self.learned_opt = learned_optimizer_from_config(self.cfg.optimizer)
-        from l2o.curriculum import stage_config
+        from l2o.training.curriculum import stage_config
 
-        #: the curriculum stage this worker trains at (``l2o.curriculum``; 0 without one)
+        #: the curriculum stage this worker trains at (``l2o.training.curriculum``; 0 without one)
         self.stage = 0
         self.estimator = estimator_from_config(stage_config(self.cfg, 0).estimator, self.family,
                                                self.learned_opt)
@@ -342,7 +342,7 @@ class UnrollWorker:
         """Run truncations until the run ends; this worker's counters."""
         import jax
 
-        from l2o.build import truncation_key, worker_init_key
+        from l2o.training.build import truncation_key, worker_init_key
 
         info_key = self.registry.key("workers", self.worker_id)
         self.registry.r.hincrby(info_key, "starts", 1)  # > 1: Ray restarted this worker
@@ -358,7 +358,7 @@ class UnrollWorker:
                 continue
             self._sync_stage()  # after θ: a restored θ is published after its stage
             if self.worker_state is None:
-                from l2o.curriculum import stage_worker_key
+                from l2o.training.curriculum import stage_worker_key
 
                 self.worker_state = self.estimator.init_worker_state(
                     self.theta, stage_worker_key(worker_init_key(seed, self.index), self.stage))
@@ -401,8 +401,8 @@ class UnrollWorker:
         the stage's ``num_steps`` and drop the inner problems (fresh ones are drawn)."""
         if self.cfg.curriculum is None:
             return
-        from l2o.build import estimator_from_config
-        from l2o.curriculum import stage_config
+        from l2o.training.build import estimator_from_config
+        from l2o.training.curriculum import stage_config
 
         info = self.registry.curriculum()
         stage = int(info["stage"]) if info else 0
@@ -481,7 +481,7 @@ def _reason_name(ack: Any) -> str:
     if name:
         return str(name)
     try:
-        from services.wire import Reason
+        from proto.wire import Reason
 
         return Reason(int(reason)).name
     except (ValueError, TypeError):

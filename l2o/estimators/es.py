@@ -19,7 +19,8 @@ Conventions (shared by :mod:`~l2o.estimators.es`, :mod:`~l2o.estimators.pes` and
 - NaN guard: a particle whose contribution is not finite is left out of the mean (counted in the
   ``nonfinite_particles`` metric; ``nonfinite`` is 1 when any particle was) and its inner problem
   is restarted at the next step. When no particle is finite the whole estimate is returned as NaN,
-  so :func:`l2o.train.meta_step` and the learner's validation drop it: it is never applied.
+  so :func:`l2o.training.trainer.meta_step` and the learner's validation drop it: it is never
+  applied.
 
 Truncated ES (:class:`TruncatedES`) carries one inner state per particle. After the pair has run,
 the state that carries on is the **positive** run's (``advance="positive"``, the default, no extra

@@ -10,7 +10,8 @@ Two additions of L2O-Scale's enhanced training, both off by default (the program
 one above):
 
 - ``reg_option`` / ``reg_alpha``: the meta-loss gains ``reg_alpha ×`` a curvature penalty of the
-  inner loss (:mod:`l2o.curvature`: Hessian trace, top eigenvalue or spectrum second moment) at
+  inner loss (:mod:`l2o.estimators.curvature`: Hessian trace, top eigenvalue or spectrum second
+  moment) at
   each problem's final parameters of the truncation, on the batch its final loss is measured on,
   averaged over problems; the meta-gradient reaches θ through those parameters. Reported as the
   metric ``curvature`` (the unweighted penalty).
@@ -28,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from l2o.curvature import REG_OPTIONS, curvature_penalty
 from l2o.estimators.base import GradientEstimator, Metrics
+from l2o.estimators.curvature import REG_OPTIONS, curvature_penalty
 from l2o.estimators.truncated_step import InnerState, TruncatedStep
 from l2o.types import MetaParams, PRNGKey
 
@@ -42,7 +43,8 @@ class TruncatedBackprop(GradientEstimator):
     num_tasks: int = struct.field(pytree_node=False, default=8)
     unroll_length: int = struct.field(pytree_node=False, default=20)
     meta_loss_reduction: Literal["mean", "sum"] = struct.field(pytree_node=False, default="mean")
-    #: curvature penalty (``l2o.curvature.REG_OPTIONS``), its weight, the Rademacher probes of the
+    #: curvature penalty (``l2o.estimators.curvature.REG_OPTIONS``), its weight, the Rademacher
+    # probes of the
     #: trace and spectrum estimates and the power iterations of the top eigenvalue
     reg_option: str = struct.field(pytree_node=False, default="none")
     reg_alpha: float = struct.field(pytree_node=False, default=1e-4)

@@ -50,7 +50,7 @@ def info(name: str) -> dict[str, Any]:
 @functools.lru_cache(maxsize=8)
 def load_theta(name: str) -> tuple[LearnedOptimizer, MetaParams]:
     """``(learned optimizer, θ)`` of the shipped optimizer ``name``."""
-    from l2o.job import load_theta as load_checkpoint_theta
+    from l2o.training.job import load_theta as load_checkpoint_theta
 
     lopt, theta, _ = load_checkpoint_theta(_path(name, ".ckpt"))
     return lopt, theta
@@ -80,7 +80,7 @@ def export(checkpoint: str | Path, name: str, card: dict[str, Any],
 
     Only θ and the optimizer config are kept: no service settings, run ids or addresses.
     """
-    from l2o.checkpoints import read_checkpoint, save_checkpoint
+    from l2o.io.checkpoints import read_checkpoint, save_checkpoint
 
     raw, meta = read_checkpoint(checkpoint)
     stored = raw["theta"] if meta.get("kind") == "full" else raw

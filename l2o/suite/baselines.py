@@ -38,7 +38,7 @@ import jax
 import numpy as np
 import optax
 
-from l2o.atomic import atomic_write
+from l2o.io.atomic import write_json
 from l2o.suite.base import SuiteTask
 from l2o.suite.runner import (
     OptimizerFactory,
@@ -266,14 +266,6 @@ def cache_path(task_name: str, version: str, fingerprint: str,
     return root / "suite" / str(version) / f"{task_name}-{fingerprint[:12]}.json"
 
 
-def write_json_atomic(path: Path, data: Any) -> Path:
-    """Write ``data`` as strict JSON (:func:`json_safe`) to ``path`` via a temporary file in the
-    same folder and ``os.replace`` (readers never see a partial file)."""
-    with atomic_write(path, "w") as f:
-        json.dump(json_safe(data), f, indent=1, allow_nan=False)
-    return Path(path)
-
-
 def _read_cache(path: Path) -> dict[str, Any] | None:
     """The cached JSON at ``path``; ``None`` (with a warning) if it cannot be read."""
     if not path.exists():
@@ -322,7 +314,7 @@ def load_or_compute_baselines(st: SuiteTask, settings: BaselineSettings | None =
         log(f"{st.name}: cached baselines are stale (suite version, task or settings changed)")
     log(f"{st.name}: computing baselines (horizon {st.horizon})")
     data = {**key, **compute_baselines(st, settings, log), "created": time.time()}
-    write_json_atomic(path, data)
+    write_json(path, json_safe(data), indent=1)
     log(f"{st.name}: baselines in {data['seconds']:.1f}s, cached at {path}")
     return {**data, "cache_path": str(path), "from_cache": False}
 

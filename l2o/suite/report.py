@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from l2o.plots import save_png
-from l2o.suite.baselines import write_json_atomic
+from l2o.evaluation.plots import save_png
+from l2o.io.atomic import write_json
 from l2o.suite.runner import RunResult, json_safe
 from l2o.suite.scores import seed_mean_curve
 
@@ -168,7 +168,7 @@ def write_report(result: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"report": out / "report.md", "curves": out / "curves.png", "json": out / "suite.json"}
     data = json_safe(dict(result))
-    write_json_atomic(paths["json"], data)
+    write_json(paths["json"], json_safe(data), indent=1)
     text = markdown(data)
     fd, tmp = tempfile.mkstemp(prefix=".report.md.", suffix=".tmp", dir=out)
     with os.fdopen(fd, "w") as f:

@@ -54,7 +54,7 @@ SUMMARY_KEYS = ("kind", "task", "steps", "seeds", "supervised_steps",
 
 
 def is_unsupervised(cfg: Any) -> bool:
-    """Whether a :class:`~l2o.config.TrainConfig` meta-trains the unsupervised rule."""
+    """Whether a :class:`~l2o.io.config.TrainConfig` meta-trains the unsupervised rule."""
     return cfg.estimator.name == "unsupervised" or cfg.optimizer.name == "unsupervised_rule"
 
 
@@ -181,8 +181,9 @@ def evaluate_config(cfg: Any, rule: Any, theta: MetaParams,
                     figures_dir: str | Path | None = None) -> dict[str, Any]:
     """:func:`evaluate_rule` as a run's config asks: family ``cfg.eval_task()``, ``cfg.eval.steps``
     rule applications (and supervised Adam steps), ``cfg.eval.seeds`` base models, keys from
-    ``l2o.build.eval_key(cfg.seed)`` (so every scorer of a checkpoint gets the same numbers)."""
-    from l2o.build import eval_key, task_family_from_config
+    ``l2o.training.build.eval_key(cfg.seed)`` (so every scorer of a checkpoint gets the same
+    numbers)."""
+    from l2o.training.build import eval_key, task_family_from_config
 
     family = task_family_from_config(cfg.eval_task())
     return evaluate_rule(rule, theta, family, steps=cfg.eval.steps, key=eval_key(cfg.seed),

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from l2o.atomic import atomic_write
+from l2o.io.atomic import atomic_write
 
 
 def _array(values: Any) -> np.ndarray:
@@ -24,7 +24,7 @@ def _array(values: Any) -> np.ndarray:
 
 
 def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Save ``fig`` as a PNG at ``path`` atomically (:func:`l2o.atomic.atomic_write`)."""
+    """Save ``fig`` as a PNG at ``path`` atomically (:func:`l2o.io.atomic.atomic_write`)."""
     FigureCanvasAgg(fig)
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
@@ -51,7 +51,8 @@ def _band(ax, mean: np.ndarray, std: np.ndarray, label: str, color: str, log: bo
 def plot_curves(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Learned optimizer vs tuned Adam: mean loss over seeds with ±1 std bands.
 
-    ``result`` is the dict returned by :func:`l2o.eval.evaluate` (keys ``learned_mean``,
+    ``result`` is the dict returned by :func:`l2o.evaluation.comparison.evaluate` (keys
+    ``learned_mean``,
     ``learned_std``, ``adam_mean``, ``adam_std``, ``task``, ``speedup_str``, ``adam_best_lr``).
     The y axis is logarithmic unless a loss is <= 0. Writes a PNG atomically and returns its path.
     """

@@ -19,7 +19,7 @@ is nothing to restore (``restore_version`` is ``None``) and θ is kept as it is.
 
 The state is a small immutable value (:class:`CurriculumState`) with a JSON form, so trainers keep
 it in checkpoint metadata and the service publishes it in Redis. The rule needs no JAX; the
-single-machine trainer (:class:`l2o.train.Trainer`) and the service's driver
+single-machine trainer (:class:`l2o.training.trainer.Trainer`) and the service's driver
 (:class:`ServiceCurriculum`) act on its decisions.
 """
 
@@ -163,7 +163,7 @@ def best_checkpoint_name(stage: int) -> str:
 
 
 def stage_config(cfg: Any, stage: int) -> Any:
-    """``cfg`` (a :class:`~l2o.config.TrainConfig`) with ``estimator.num_steps`` set to stage
+    """``cfg`` (a :class:`~l2o.io.config.TrainConfig`) with ``estimator.num_steps`` set to stage
     ``stage``'s training horizon; ``cfg`` itself when it has no curriculum."""
     cur = getattr(cfg, "curriculum", None)
     if cur is None:
@@ -209,7 +209,7 @@ class ServiceCurriculum:
       with the stage's ``num_steps`` and draw fresh inner problems.
 
     Args:
-        cfg: the run's :class:`~l2o.config.TrainConfig` (with ``curriculum`` set).
+        cfg: the run's :class:`~l2o.io.config.TrainConfig` (with ``curriculum`` set).
         run_dir: the run directory.
         fetch: ``fetch() -> (version, θ)``: the learner's current θ.
         restore: ``restore(path, version)``: make the learner adopt the θ stored at ``path``.
@@ -255,7 +255,7 @@ class ServiceCurriculum:
                 "state": self.state.to_json()}
 
     def _publish(self) -> None:
-        from l2o.train import write_json
+        from l2o.io.atomic import write_json
 
         write_json(self.state_path, {"state": self.state.to_json(), "events": self.events})
         self.publish(self.info())
@@ -265,12 +265,12 @@ class ServiceCurriculum:
             return float(self.scorer(theta, version, steps))
         import numpy as np
 
-        from l2o.build import (
+        from l2o.evaluation.comparison import loss_curves
+        from l2o.training.build import (
             learned_optimizer_from_config,
             task_family_from_config,
             validation_task_and_run_key,
         )
-        from l2o.eval import loss_curves
 
         if self._eval_setup is None:  # the same task and keys as Trainer.quick_eval
             family = task_family_from_config(self.cfg.eval_task())
@@ -288,7 +288,7 @@ class ServiceCurriculum:
         updates = int(status.get("updates", 0))
         if self.state.done or updates < self.next_eval:
             return None
-        from l2o.checkpoints import save_checkpoint
+        from l2o.io.checkpoints import save_checkpoint
 
         period = self.cfg.curriculum.eval_period
         self.next_eval = (updates // period + 1) * period

@@ -1,4 +1,4 @@
-"""Objects built from a :class:`~l2o.config.TrainConfig`, and the run's key schedule.
+"""Objects built from a :class:`~l2o.io.config.TrainConfig`, and the run's key schedule.
 
 The single-machine trainer and the distributed service both build their pieces here, with the same
 keys, so that one worker with ``max_staleness=0`` reproduces the single-machine run exactly.
@@ -11,8 +11,8 @@ import functools
 import jax
 import optax
 
-from l2o.config import EstimatorConfig, MetaOptimizerConfig, OptimizerConfig, TaskConfig
 from l2o.estimators import GradientEstimator, TruncatedBackprop, TruncatedStep
+from l2o.io.config import EstimatorConfig, MetaOptimizerConfig, OptimizerConfig, TaskConfig
 from l2o.optimizers.base import LearnedOptimizer
 from l2o.tasks.base import TaskFamily
 from l2o.types import PRNGKey

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from l2o.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_config, preset
+from l2o.io.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_config, preset
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Meta-train learned optimizers, evaluate them, inspect runs.")
@@ -113,7 +113,7 @@ def train(
                 console.print(line)
 
         if local:
-            from l2o.job import run_local
+            from l2o.training.job import run_local
 
             summary = run_local(cfg, on_log=lambda e: show(
                 e["step"], f"step {e['step']} meta-loss {e['meta_loss']:.4g} "
@@ -171,11 +171,11 @@ def eval_cmd(
         _eval_heldout(checkpoint, suite, seeds, out, _split_names(tasks), pool)
         return
 
-    from l2o.build import task_family_from_config
-    from l2o.checkpoints import CheckpointError
-    from l2o.config import TaskConfig
-    from l2o.eval import evaluate
-    from l2o.job import load_theta
+    from l2o.evaluation.comparison import evaluate
+    from l2o.io.checkpoints import CheckpointError
+    from l2o.io.config import TaskConfig
+    from l2o.training.build import task_family_from_config
+    from l2o.training.job import load_theta
 
     try:
         lopt, theta, meta = load_theta(checkpoint)
@@ -194,7 +194,7 @@ def eval_cmd(
                                                  if not isinstance(v, list | dict)}}
     console.print(_summary_table(summary))
     if out is not None:
-        from l2o.job import write_outputs
+        from l2o.training.job import write_outputs
 
         write_outputs(out, summary, result)
         console.print(f"wrote {out / 'summary.json'}")
@@ -204,9 +204,9 @@ def _eval_unsupervised(checkpoint: Path, lopt: Any, theta: Any, meta: dict[str, 
                        seeds: int, out: Path | None) -> None:
     """``l2o eval`` of an unsupervised-rule checkpoint: its run's base model and data, rule
     features vs random-init vs supervised (``l2o.unsupervised.evaluation``)."""
-    from l2o.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint
-    from l2o.config import TrainConfig
-    from l2o.job import evaluate_theta
+    from l2o.io.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint
+    from l2o.io.config import TrainConfig
+    from l2o.training.job import evaluate_theta
     from l2o.unsupervised.evaluation import format_result
 
     config = meta.get("config")
@@ -223,7 +223,7 @@ def _eval_unsupervised(checkpoint: Path, lopt: Any, theta: Any, meta: dict[str, 
     result = evaluate_theta(cfg, lopt, theta, figures_dir=figures)
     console.print(format_result(result))
     if out is not None:
-        from l2o.train import write_json
+        from l2o.io.atomic import write_json
 
         write_json(out / "summary.json", {"run": str(checkpoint), "eval": result})
         console.print(f"wrote {out / 'summary.json'}")
@@ -234,14 +234,14 @@ def _eval_suite(checkpoint: Path, suite: str, offline: bool, steps: int, seeds: 
     """``l2o eval --suite``: each problem of the suite; a missing dataset skips its problem."""
     import jax
 
-    from l2o.build import task_family_from_config
-    from l2o.checkpoints import CheckpointError
-    from l2o.config import TaskConfig
-    from l2o.eval import evaluate
-    from l2o.job import load_theta
+    from l2o.evaluation.comparison import evaluate
+    from l2o.io.atomic import write_json
+    from l2o.io.checkpoints import CheckpointError
+    from l2o.io.config import TaskConfig
     from l2o.tasks.datasets import DataNotFoundError
     from l2o.tasks.registry import L2O_SCALE_EVAL_TASKS
-    from l2o.train import write_json
+    from l2o.training.build import task_family_from_config
+    from l2o.training.job import load_theta
 
     if suite != "l2o-scale":
         _fail(f"unknown suite {suite!r}; known: l2o-scale")
@@ -321,10 +321,10 @@ def _eval_heldout(checkpoint: Path, suite: str, seeds: int, out: Path | None,
     """``l2o eval --suite heldout``: the checkpoint's optimizer (as an optax transformation) on
     the held-out suite (``l2o.suite.evaluate.evaluate_on_suite``; with ``pool``, sharded over
     that many eval workers: ``workers.eval_worker.evaluate_on_suite_with_pool``)."""
-    from l2o.checkpoints import CheckpointError
-    from l2o.job import load_theta
+    from l2o.io.checkpoints import CheckpointError
     from l2o.optimizers.optax_bridge import as_gradient_transformation
     from l2o.suite.evaluate import evaluate_on_suite
+    from l2o.training.job import load_theta
 
     if pool:
         _require_service("l2o eval --pool", SERVICE_MODULES)
@@ -481,7 +481,7 @@ def leaderboard_cmd(
 
 
 def main() -> None:
-    """Entry point for ``python -m l2o.cli``."""
+    """Entry point for ``python -m services.cli``."""
     app(sys.argv[1:])
 
 

@@ -2,7 +2,8 @@
 
 The loop is the distributed service with the network taken out: the "worker" (the estimator and
 its inner problems) and the "learner" (θ and the meta-optimizer state) live in one process and
-use the key schedule of :mod:`l2o.build`, so the service with one worker and ``max_staleness=0``
+use the key schedule of :mod:`l2o.training.build`, so the service with one worker and
+``max_staleness=0``
 computes the same θ.
 
 Checkpoints go to ``run_dir/checkpoints``: a full one (θ, meta-optimizer state, step, counters,
@@ -10,7 +11,8 @@ config) and a params-only one (θ, version) every ``checkpoint_every`` steps. Th
 its inner problems in ``worker_XXXXXXXX.ckpt`` beside them: that is local-side state, stored apart
 from θ, and only used so a resumed single-machine run continues exactly where it stopped.
 
-With ``cfg.curriculum`` set (L2O-Scale's curriculum, :mod:`l2o.curriculum`), each stage builds its
+With ``cfg.curriculum`` set (L2O-Scale's curriculum, :mod:`l2o.training.curriculum`), each stage
+builds its
 estimator with ``num_steps`` = the stage's horizon (one recompile per stage) and draws fresh inner
 problems. Every ``curriculum.eval_period`` meta-steps θ is scored at the next stage's horizon; a
 new best of the stage goes to ``checkpoints/best_stage{i}.ckpt``. When the stage runs out of
@@ -36,7 +38,16 @@ import numpy as np
 import optax
 from flax import struct
 
-from l2o.build import (
+from l2o.estimators.base import OPTIONAL_METRICS, GradientEstimator
+from l2o.io.checkpoints import (
+    CheckpointError,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from l2o.io.config import TrainConfig
+from l2o.training.build import (
     estimator_from_config,
     learned_optimizer_from_config,
     meta_optimizer_from_config,
@@ -46,15 +57,7 @@ from l2o.build import (
     validation_task_and_run_key,
     worker_init_key,
 )
-from l2o.checkpoints import (
-    CheckpointError,
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from l2o.config import TrainConfig
-from l2o.curriculum import (
+from l2o.training.curriculum import (
     Action,
     CurriculumState,
     best_checkpoint_name,
@@ -65,7 +68,6 @@ from l2o.curriculum import (
     stage_worker_key,
     train_horizon,
 )
-from l2o.estimators.base import OPTIONAL_METRICS, GradientEstimator
 from l2o.types import MetaParams
 
 
@@ -188,7 +190,8 @@ class Trainer:
     def restore(self, path: str | Path | None = None) -> bool:
         """Resume from ``path`` or the newest full checkpoint of the run dir; False if none.
 
-        Raises :class:`~l2o.checkpoints.CheckpointError` for a damaged file, leaving the trainer as
+        Raises :class:`~l2o.io.checkpoints.CheckpointError` for a damaged file, leaving the trainer
+        as
         it was.
         """
         path = Path(path) if path is not None else latest_checkpoint(self.run_dir, "full")
@@ -279,12 +282,14 @@ class Trainer:
         ``cfg.evaluation_epochs``) fresh seeds of the eval task after ``steps`` (default
         ``cfg.eval.steps``) inner steps (``inf`` if it diverged).
 
-        The end-of-run evaluation's task (:func:`l2o.job.eval_task_and_key`) on *validation*
-        seeds (:func:`l2o.build.validation_key`), so θ chosen by these scores is then reported on
+        The end-of-run evaluation's task (:func:`l2o.training.job.eval_task_and_key`) on
+        *validation*
+        seeds (:func:`l2o.training.build.validation_key`), so θ chosen by these scores is then
+        reported on
         seeds it was not chosen on; no Adam sweep: one jitted call of
-        :func:`l2o.eval.loss_curves`.
+        :func:`l2o.evaluation.comparison.loss_curves`.
         """
-        from l2o.eval import loss_curves
+        from l2o.evaluation.comparison import loss_curves
 
         if self._eval_setup is None:
             family = task_family_from_config(self.cfg.eval_task())
@@ -312,7 +317,8 @@ class Trainer:
                              **{k: meta[k] for k in ("version", "gen_id", "optimizer", "seed")}})
         return entry
 
-    # --- curriculum (L2O-Scale's if_cl; l2o.curriculum) ---------------------------------------
+    # --- curriculum (L2O-Scale's if_cl; l2o.training.curriculum)
+    # ---------------------------------------
 
     def curriculum_step(self) -> dict[str, Any]:
         """Score θ at the current stage's evaluation horizon and act on the curriculum's decision
@@ -399,13 +405,3 @@ def meta_loss_summary(history: list[dict[str, float]]) -> tuple[float, float]:
     if not history:
         return math.nan, math.nan
     return float(history[0]["meta_loss"]), float(history[-1]["meta_loss"])
-
-
-def write_json(path: str | Path, data: dict) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
-    tmp.replace(path)
-    return path

@@ -30,8 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from learner.core import GradientHeader, Learner, SubmitResult
 from proto import l2o_pb2
-from services.auth import BearerTokenInterceptor, server_credentials
-from services.wire import (
+from proto.wire import (
     DEFAULT_CHUNK_BYTES,
     ByteAssembler,
     Reason,
@@ -45,6 +44,7 @@ from services.wire import (
     manifest_to_proto,
     parse_fields,
 )
+from services.auth import BearerTokenInterceptor, server_credentials
 
 log = logging.getLogger(__name__)
 

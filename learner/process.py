@@ -1,12 +1,12 @@
-"""The learner service: ``python -m services.learner --config FILE`` or a Ray actor, same code.
+"""The learner service: ``python -m learner --config FILE`` or a Ray actor, same code.
 
-:class:`LearnerProcess` builds θ (``l2o.build``: the configured learned optimizer's
+:class:`LearnerProcess` builds θ (``l2o.training.build``: the configured learned optimizer's
 ``init(theta_key(seed))``) and the meta-optimizer, resumes from the newest full checkpoint in the
-run directory if there is one, and serves it over gRPC (``services.learner_server.serve``).
+run directory if there is one, and serves it over gRPC (``learner.server.serve``).
 
 As a process::
 
-    python -m services.learner --config configs/quadratic.yaml [--run-dir DIR] [--port N]
+    python -m learner --config configs/quadratic.yaml [--run-dir DIR] [--port N]
 
 prints ``learner serving run RUN at HOST:PORT`` and runs until SIGTERM or SIGINT, then writes a
 checkpoint and exits 0. As a Ray actor (``LearnerActor`` is ``ray.remote(LearnerProcess)``)::
@@ -33,10 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from l2o.checkpoints import CheckpointError
-from l2o.config import ConfigError, TrainConfig, config_from_dict, load_config
+from l2o.io.checkpoints import CheckpointError
+from l2o.io.config import ConfigError, TrainConfig, config_from_dict, load_config
+from learner.server import format_address, serve
 from services.auth import TokenError, load_token
-from services.learner_server import format_address, serve
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,11 @@ class LearnerProcess:
     def _build(self) -> Any:
         import jax  # noqa: F401  (imported here so that a Ray actor imports JAX in the worker)
 
-        from l2o.build import learned_optimizer_from_config, meta_optimizer_from_config, theta_key
+        from l2o.training.build import (
+            learned_optimizer_from_config,
+            meta_optimizer_from_config,
+            theta_key,
+        )
         from learner.core import Learner
 
         cfg = self.config
@@ -158,11 +162,11 @@ class LearnerProcess:
 
     def restore_theta(self, path: str, version: int | None = None) -> dict[str, Any]:
         """Adopt the θ of the params checkpoint at ``path`` as a new generation (the curriculum's
-        restore of a stage's best, :class:`l2o.curriculum.ServiceCurriculum`): version and
+        restore of a stage's best, :class:`l2o.training.curriculum.ServiceCurriculum`): version and
         ``gen_id`` go up, buffered gradients are dropped, the meta-optimizer state is fresh.
         ``version``: the θ version the file must hold. The new θ is checkpointed at once. Returns
         ``{"version", "gen_id", "checkpoint"}`` (the new version and its params checkpoint)."""
-        from l2o.checkpoints import load_checkpoint, read_checkpoint
+        from l2o.io.checkpoints import load_checkpoint, read_checkpoint
 
         if self.learner is None:
             raise RuntimeError("the learner has not started")
@@ -208,8 +212,8 @@ def __getattr__(name: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``python -m services.learner`` entry point."""
-    parser = argparse.ArgumentParser(prog="python -m services.learner", description=__doc__,
+    """The ``python -m learner`` entry point."""
+    parser = argparse.ArgumentParser(prog="python -m learner", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the run's YAML config")
     parser.add_argument("--run-dir", help="run directory (default: run_dir/run_name)")
@@ -245,6 +249,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"learner stopped at version {status.get('version')}, checkpoint written", flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -74,7 +74,8 @@ class EstimatorConfig(_Strict):
     horizon_start_min: PositiveInt | None = None
     horizon_start_max: PositiveInt | None = None
     horizon_ramp: PositiveInt = 1000
-    # L2O-Scale's enhancements (l2o.curvature, l2o.estimators.imitation; TBPTT only): meta-loss
+    # L2O-Scale's enhancements (l2o.estimators.curvature, l2o.estimators.imitation; TBPTT only):
+    # meta-loss
     # += reg_alpha × a curvature term of the inner loss at the truncation's final parameters, and
     # imitation of Adam(mt_teacher_lr) for the first mt_k truncations of an episode chosen with
     # probability mt_ratio
@@ -138,7 +139,8 @@ class ServiceConfig(_Strict):
 
 
 class CurriculumConfig(_Strict):
-    """L2O-Scale's curriculum over the training horizon (``l2o.curriculum``; docs/l2o_scale.md).
+    """L2O-Scale's curriculum over the training horizon (``l2o.training.curriculum``;
+    docs/l2o_scale.md).
 
     Stage i trains with ``estimator.num_steps = stages[i]`` (``unroll_length`` unchanged) and is
     scored every ``eval_period`` meta-steps by the learned optimizer's mean final loss over

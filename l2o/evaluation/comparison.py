@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from l2o.config import EvalConfig
+from l2o.io.config import EvalConfig
 from l2o.optimizers.base import LearnedOptimizer, Optimizer
 from l2o.optimizers.baselines import OptaxOptimizer
 from l2o.tasks.base import Task
@@ -54,7 +54,8 @@ LossOn = Literal["batch", "eval"]
 #: Tag folded into the evaluation key to draw the fixed evaluation batch (``loss_on="eval"``).
 EVAL_BATCH_TAG = 0x5EED
 
-#: Default learning-rate grid of the Adam sweep (log-spaced, from :class:`~l2o.config.EvalConfig`).
+#: Default learning-rate grid of the Adam sweep (log-spaced, from
+# :class:`~l2o.io.config.EvalConfig`).
 DEFAULT_ADAM_LEARNING_RATES: tuple[float, ...] = tuple(EvalConfig().adam_learning_rates)
 
 #: Keys of :func:`evaluate`'s result that hold per-step curves (lists) rather than summary values.

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from flax import serialization
 
-from l2o.atomic import atomic_write
+from l2o.io.atomic import atomic_write
 
 MAGIC = b"L2OCKPT1"
 _HEADER = len(MAGIC) + 32 + 8

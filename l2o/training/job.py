@@ -18,11 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from l2o.build import eval_key, task_family_from_config
-from l2o.config import TrainConfig
+from l2o.io.atomic import write_json
+from l2o.io.config import TrainConfig
 from l2o.optimizers.base import LearnedOptimizer
 from l2o.tasks.base import Task
-from l2o.train import Trainer, meta_loss_summary, write_json
+from l2o.training.build import eval_key, task_family_from_config
+from l2o.training.trainer import Trainer, meta_loss_summary
 from l2o.types import MetaParams, PRNGKey
 
 
@@ -35,14 +36,15 @@ def eval_task_and_key(cfg: TrainConfig) -> tuple[Task, PRNGKey]:
 
 
 def adam_baseline_for(cfg: TrainConfig) -> dict[str, Any]:
-    """The tuned-Adam baseline of ``cfg``'s evaluation (cacheable: see ``l2o.eval``).
+    """The tuned-Adam baseline of ``cfg``'s evaluation (cacheable: see
+    ``l2o.evaluation.comparison``).
 
     Empty for the unsupervised update rule, which is compared with random-init and supervised
     features instead (:func:`evaluate_theta`).
     """
     if is_unsupervised(cfg):
         return {}
-    from l2o.eval import adam_baseline
+    from l2o.evaluation.comparison import adam_baseline
 
     task, key = eval_task_and_key(cfg)
     return adam_baseline(task, steps=cfg.eval.steps, seeds=cfg.eval.seeds, key=key,
@@ -69,7 +71,7 @@ def evaluate_theta(cfg: TrainConfig, learned_opt: LearnedOptimizer, theta: MetaP
         from l2o.unsupervised.evaluation import evaluate_config
 
         return evaluate_config(cfg, learned_opt, theta, figures_dir=figures_dir or cfg.run_path())
-    from l2o.eval import evaluate
+    from l2o.evaluation.comparison import evaluate
 
     task, key = eval_task_and_key(cfg)
     return evaluate(task, learned_opt, theta, steps=cfg.eval.steps, seeds=cfg.eval.seeds,
@@ -84,9 +86,9 @@ def load_theta(path: str | Path) -> tuple[LearnedOptimizer, MetaParams, dict[str
     import jax
     from flax import serialization
 
-    from l2o.build import learned_optimizer_from_config
-    from l2o.checkpoints import CheckpointError, read_checkpoint
-    from l2o.config import OptimizerConfig
+    from l2o.io.checkpoints import CheckpointError, read_checkpoint
+    from l2o.io.config import OptimizerConfig
+    from l2o.training.build import learned_optimizer_from_config
 
     raw, meta = read_checkpoint(path)
     if "optimizer" not in meta:
@@ -104,7 +106,8 @@ def load_theta(path: str | Path) -> tuple[LearnedOptimizer, MetaParams, dict[str
 EVAL_SUMMARY_KEYS = ("task", "steps", "seeds", "learned_final_loss", "adam_final_loss",
                      "adam_best_lr", "adam_best_lr_at_grid_edge", "speedup", "speedup_reached",
                      "adam_steps_to_match", "adam_steps",
-                     # the test metric of classifier tasks (l2o.eval.final_test_accuracy)
+                     # the test metric of classifier tasks
+                     # (l2o.evaluation.comparison.final_test_accuracy)
                      "learned_test_accuracy", "learned_test_accuracy_std", "adam_test_accuracy",
                      "adam_test_accuracy_std",
                      # the unsupervised rule's evaluation (l2o.unsupervised.evaluation)
@@ -126,7 +129,7 @@ def write_outputs(run_dir: str | Path, summary: dict[str, Any],
                 run_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(fig, run_dir / Path(fig).name)
     elif eval_result is not None:
-        from l2o.plots import plot_curves
+        from l2o.evaluation.plots import plot_curves
 
         plot_curves(eval_result, run_dir / "curves.png")
     return write_json(run_dir / "summary.json", summary)

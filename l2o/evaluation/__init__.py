@@ -1,0 +1,1 @@
+"""Scoring a learned optimizer: loss curves against tuned Adam, speedups, plots."""

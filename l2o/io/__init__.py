@@ -1,0 +1,1 @@
+"""Files: typed YAML configs and presets, checksummed checkpoints, atomic writes."""

@@ -54,7 +54,6 @@ import optax
 
 import l2o
 import l2o.io.checkpoints
-import services.cli
 import l2o.io.config
 import l2o.estimators
 import l2o.evaluation.comparison
@@ -96,6 +95,14 @@ def test_library_works_without_the_service_dependencies(tmp_path):
     assert report["attempts"] == [], f"the library tried to import {report['attempts']}"
     assert report["service"] == [], f"the library imported {report['service']}"
     assert report["finite"]
+
+
+@pytest.mark.parametrize("command", [["presets"], ["tasks"]], ids=["presets", "tasks"])
+def test_library_commands_work_without_the_service_dependencies(tmp_path, command):
+    """The CLI lives in services/, but its library commands need only the library."""
+    proc = _run_blocked(tmp_path, "-m", "services.cli", *command)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "default" in proc.stdout
 
 
 @pytest.mark.parametrize("command", [["train", "--meta-steps", "1"], ["status"], ["leaderboard"]],

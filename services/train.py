@@ -43,13 +43,14 @@ import argparse
 import json
 import logging
 import math
-import os
 import secrets
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from workers.ray_setup import actor_name, actor_options, connect_ray, ships_code
 
 log = logging.getLogger(__name__)
 
@@ -101,52 +102,13 @@ def _check_resources(cfg: Any, total: dict[str, float]) -> None:
 
 
 def init_ray(cfg: Any, address: str | None = None) -> bool:
-    """Connect to (or start) Ray for ``cfg``; whether this call started a local instance.
-
-    ``address`` or ``$RAY_ADDRESS`` selects a cluster (``"auto"``: the local ``ray start``
-    cluster); otherwise a private local instance with enough logical CPUs for the run's actors is
-    started. A Ray instance that another driver started with ``ray.init()`` is never joined
-    implicitly: it goes away when that driver ends, taking this run's actors with it.
-    """
+    """Connect to (or start) Ray for ``cfg``'s actors (:func:`workers.ray_setup.connect_ray`);
+    whether this call started a local instance."""
     return connect_ray(needed_cpus(cfg), address)
-
-
-def connect_ray(min_cpus: float, address: str | None = None) -> bool:
-    """:func:`init_ray` for actors that need ``min_cpus`` logical CPUs in all (the eval pool of
-    ``workers.eval_worker.evaluate_on_suite_with_pool`` uses it too)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    addr = address or os.environ.get("RAY_ADDRESS")
-    if addr:
-        ray.init(address=addr, logging_level=logging.WARNING)
-        return False
-    cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
-    gpus = None
-    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
-             logging_level=logging.WARNING)
-    return True
-
-
-def _ships_code() -> bool:
-    """Whether the Ray job ships this code to its workers (``--working-dir`` / ``py_modules``)."""
-    import ray
-
-    try:
-        env = ray.get_runtime_context().runtime_env or {}
-    except Exception:  # noqa: BLE001 - old Ray or no context: assume not
-        return False
-    return bool(env.get("working_dir") or env.get("py_modules"))
 
 
 # ------------------------------------------------------------------------------------------------
 # Learner
-
-
-def actor_name(run_id: str, role: str) -> str:
-    """The Ray actor name of ``role`` (``learner``, ``unroll-0``, ``eval-1``…) in run ``run_id``."""
-    return f"l2o:{run_id}:{role}"
 
 
 def start_learner(cfg: Any, run_id: str, run_dir: Path, token: str, redis_url: str,
@@ -161,7 +123,6 @@ def start_learner(cfg: Any, run_id: str, run_dir: Path, token: str, redis_url: s
 
     from learner.process import learner_actor
     from services.registry import RegistryHooks
-    from workers.unroll import actor_options
 
     hooks = RegistryHooks(redis_url, run_id)
     opts = actor_options(cfg.service.worker_num_cpus, 0.0, add_repo_to_path=add_repo_to_path)
@@ -307,7 +268,7 @@ def run_service(cfg: Any, *, address: str | None = None,
         registry.ensure_group()
         started_ray = init_ray(cfg, address)
         check_resources(cfg, ray.cluster_resources(), strict=started_ray)
-        add_path = not _ships_code()
+        add_path = not ships_code()
         alive = [n for n in ray.nodes() if n.get("Alive")]
         if url.startswith("unix://") and len(alive) > 1:
             log.warning("Redis is on a unix socket of this node but the cluster has %d nodes: "

@@ -25,8 +25,9 @@ that restarted from an older checkpoint reports a version below the worker's: th
 ``max_truncations``, or when :meth:`UnrollWorker.stop` is called.
 
 Actors are created by :func:`create_unroll_worker` with ``max_restarts=-1`` and task retries, so a
-killed worker comes back and resumes its loop; :func:`actor_options` sizes XLA's CPU thread pool to
-the actor's CPUs and turns off JAX's GPU memory preallocation when actors share a GPU.
+killed worker comes back and resumes its loop; :func:`workers.ray_setup.actor_options` sizes XLA's
+CPU thread pool to the actor's CPUs and turns off JAX's GPU memory preallocation when actors share
+a GPU.
 """
 
 from __future__ import annotations
@@ -38,82 +39,16 @@ import random
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
 
+from workers.ray_setup import actor_options, placement
+
 log = logging.getLogger(__name__)
-
-_REPO_ROOT = str(Path(__file__).resolve().parents[1])
-
-
-# ------------------------------------------------------------------------------------------------
-# Actor placement and per-actor JAX configuration
-
-
-def jax_env(num_cpus: float, num_gpus: float = 0.0) -> dict[str, str]:
-    """Environment variables that size JAX/XLA to an actor with ``num_cpus`` and ``num_gpus``.
-
-    XLA's CPU thread pools get ``ceil(num_cpus)`` threads (so N actors on N cores do not
-    oversubscribe them); with a fractional GPU (actors sharing a device) preallocation is off; with
-    no GPU at all JAX is kept on the CPU. A persistent compilation cache set in the driver's
-    environment (``JAX_COMPILATION_CACHE_DIR``) is shared with the actor.
-    """
-    threads = max(1, math.ceil(num_cpus))
-    flags = os.environ.get("XLA_FLAGS", "")
-    flags = " ".join(f for f in flags.split()
-                     if "multi_thread_eigen" not in f and "intra_op_parallelism" not in f)
-    extra = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} " \
-            f"intra_op_parallelism_threads={threads}"
-    env = {
-        "XLA_FLAGS": f"{flags} {extra}".strip(),
-        "OMP_NUM_THREADS": str(threads),
-        "OPENBLAS_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-    }
-    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
-        if os.environ.get(name):  # share the driver's persistent compilation cache
-            env[name] = os.environ[name]
-    if num_gpus <= 0:
-        env["JAX_PLATFORMS"] = os.environ.get("L2O_WORKER_JAX_PLATFORMS", "cpu")
-    if num_gpus < 1:  # a share of a GPU (or none): never grab most of a device's memory
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    return env
-
-
-def actor_options(num_cpus: float, num_gpus: float = 0.0, *,
-                  add_repo_to_path: bool = False) -> dict[str, Any]:
-    """``.options(...)`` for an l2o actor: resources plus a runtime env from :func:`jax_env`.
-
-    ``add_repo_to_path`` puts this checkout on the actor's ``PYTHONPATH`` (a local Ray started by
-    the driver; on a cluster ``ray job submit --working-dir .`` ships the code instead).
-    """
-    env = jax_env(num_cpus, num_gpus)
-    if add_repo_to_path:
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}}
-
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def placement() -> dict[str, Any]:
-    """Where this process computes: JAX's backend and devices, and the GPUs Ray assigned it."""
-    import jax
-
-    try:
-        gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
-    except Exception:  # noqa: BLE001 - outside a Ray worker
-        gpu_ids = []
-    return {"jax_backend": jax.default_backend(),
-            "jax_devices": [str(d) for d in jax.devices()],
-            "ray_gpu_ids": gpu_ids,
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def as_template(tree: Any, template: Any) -> Any:

@@ -43,6 +43,13 @@ from typing import Any
 
 import ray
 
+from services.retry import (
+    LEARNER_RESTART,
+    RetryAborted,
+    RetryPolicy,
+    describe,
+    retry_call,
+)
 from workers.ray_setup import actor_options, placement
 
 log = logging.getLogger(__name__)
@@ -73,33 +80,6 @@ def as_template(tree: Any, template: Any) -> Any:
             raise ValueError(f"θ from the learner lacks {jax.tree_util.keystr(p)}")
         leaves.append(got[k])
     return jax.tree_util.tree_unflatten(t_def, leaves)
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` means "the learner is not reachable right now" (retry later).
-
-    Covers the client's ``LearnerUnavailable`` (a ``ConnectionError``), raw ``grpc.RpcError`` and
-    ``LearnerRpcError`` with a transient status code. UNAUTHENTICATED, PERMISSION_DENIED,
-    INVALID_ARGUMENT and the like are not: retrying cannot fix them.
-    """
-    import grpc
-
-    # UNKNOWN/INTERNAL included: a learner killed mid-stream can surface as "Stream removed"
-    transient = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                 grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
-                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS,
-                 grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    code = getattr(exc, "code", None)
-    if callable(code):
-        try:
-            code = code()
-        except Exception:  # noqa: BLE001
-            code = None
-    if isinstance(code, grpc.StatusCode):
-        return code in transient
-    return isinstance(exc, OSError)
 
 
 def worker_id_of(index: int) -> str:
@@ -177,12 +157,11 @@ class UnrollWorker:
 
     # -- connection ------------------------------------------------------------------------------
     def _connect(self, wait_s: float = 60.0):
-        """A client of the learner at its address in the registry, (re)connecting as needed."""
-        from services.client import LearnerClient
+        """A client of the learner at its address in the registry, (re)connecting as needed;
+        :class:`~services.client.LearnerUnavailable` when no address appears in ``wait_s``."""
+        from services.client import LearnerClient, LearnerUnavailable
 
-        deadline = time.monotonic() + wait_s
-        delay = 0.05
-        while True:
+        def client():
             address = self.registry.learner_address()
             if address and (self._client is None or address != self._client_address):
                 if self._client is not None:
@@ -192,12 +171,13 @@ class UnrollWorker:
                                              resolve_address=self.registry.learner_address,
                                              max_wait_s=self.client_wait_s, like=self.template)
                 self._client_address = address
-            if self._client is not None:
-                return self._client
-            if self._stop.is_set() or self.registry.should_stop() or time.monotonic() > deadline:
+            if self._client is None:
                 raise ConnectionError("no learner address in the registry")
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 2.0)
+            return self._client
+
+        return retry_call(client, f"{self.worker_id}: finding the learner",
+                          RetryPolicy(deadline_s=wait_s, initial_s=0.05),
+                          abort=self._should_end, gave_up=LearnerUnavailable)
 
     def _close_client(self) -> None:
         client, self._client = self._client, None
@@ -209,25 +189,22 @@ class UnrollWorker:
                 pass
 
     def _with_retry(self, fn, what: str):
-        """``fn(client)`` until it succeeds, backing off and rediscovering the learner meanwhile.
+        """``fn(client)`` under ``services.retry.LEARNER_RESTART``: a transient failure closes
+        the client, and the learner is rediscovered in the registry before the next attempt.
 
         Returns ``None`` if the run ended while the learner was away.
         """
-        delay = 0.1
-        while True:
-            try:
-                return fn(self._connect())
-            except Exception as e:  # noqa: BLE001 - classified below
-                if not is_unavailable(e):
-                    raise
-                self.counts["reconnects"] += 1
-                log.warning("%s: %s failed (%s: %s); reconnecting", self.worker_id, what,
-                            type(e).__name__, e)
-                self._close_client()
-                if self._stop.is_set() or self.registry.should_stop():
-                    return None
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 3.0)
+        def reconnecting(error: BaseException) -> None:
+            self.counts["reconnects"] += 1
+            log.warning("%s: %s failed (%s); reconnecting", self.worker_id, what,
+                        describe(error))
+            self._close_client()
+
+        try:
+            return retry_call(lambda: fn(self._connect()), f"{self.worker_id}: {what}",
+                              LEARNER_RESTART, on_transient=reconnecting, abort=self._should_end)
+        except RetryAborted:
+            return None
 
     # -- θ -----------------------------------------------------------------------------------------
     def _refresh_theta(self) -> bool:

@@ -5,8 +5,9 @@ A :class:`RetryPolicy` says how to back off (exponential delays from ``initial_s
 starts whose sleep would end past ``deadline_s`` after the first attempt. :func:`retry_call`
 runs a call under a policy with tenacity, retrying only errors that :func:`is_transient` (or the
 caller's predicate) calls transient; at the deadline it raises :class:`RetryGaveUp`, naming what
-was retried, how many times, for how long and the last error. :func:`redis_retry` is the same
-policy as redis-py's own ``Retry``, with which a Redis client retries each command by itself.
+was retried, how many times, for how long and the last error. :func:`poll_until` waits for a
+condition under the same backoff. :func:`redis_retry` is the same policy as redis-py's own
+``Retry``, with which a Redis client retries each command by itself.
 """
 
 from __future__ import annotations
@@ -124,6 +125,12 @@ class _JitteredBackoff(tenacity.wait.wait_base):
         return p.backoff(retry_state.attempt_number) * random.uniform(1 - p.jitter, 1)
 
 
+def _stop(policy: RetryPolicy, abort: Callable[[], bool] | None) -> tenacity.stop.stop_base:
+    """Stop before a sleep that would end past the deadline, or once ``abort()`` is true."""
+    stop = tenacity.stop_before_delay(policy.deadline_s)
+    return stop if abort is None else tenacity.stop_any(stop, lambda _: abort())
+
+
 def retrying(what: str, policy: RetryPolicy, *,
              transient: Callable[[BaseException], bool] = is_transient,
              on_transient: Callable[[BaseException], None] | None = None,
@@ -152,11 +159,9 @@ def retrying(what: str, policy: RetryPolicy, *,
         raise gave_up(what, state.attempt_number, state.seconds_since_start or 0.0,
                       error) from error
 
-    stop = tenacity.stop_before_delay(policy.deadline_s)
     return tenacity.Retrying(
-        retry=tenacity.retry_if_exception(transient),
-        wait=_JitteredBackoff(policy),
-        stop=stop if abort is None else tenacity.stop_any(stop, lambda _: abort()),
+        retry=tenacity.retry_if_exception(transient), wait=_JitteredBackoff(policy),
+        stop=_stop(policy, abort),
         before=(None if before_retry is None
                 else lambda state: before_retry() if state.attempt_number > 1 else None),
         after=after, retry_error_callback=give_up, sleep=sleep)
@@ -165,6 +170,16 @@ def retrying(what: str, policy: RetryPolicy, *,
 def retry_call(fn: Callable[[], T], what: str, policy: RetryPolicy, **kwargs: Any) -> T:
     """``fn()`` under ``policy``; ``kwargs`` as for :func:`retrying`."""
     return retrying(what, policy, **kwargs)(fn)
+
+
+def poll_until(done: Callable[[], bool], policy: RetryPolicy, *,
+               abort: Callable[[], bool] | None = None,
+               sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Call ``done()`` until it returns true, backing off under ``policy``; false when the
+    deadline comes or ``abort()`` turns true first. An error of ``done`` propagates."""
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_result(lambda ok: not ok), wait=_JitteredBackoff(policy),
+        stop=_stop(policy, abort), retry_error_callback=lambda _: False, sleep=sleep)(done)
 
 
 def redis_retry(policy: RetryPolicy = REDIS) -> Retry:

@@ -16,6 +16,7 @@ from services.retry import (  # noqa: E402
     RetryGaveUp,
     RetryPolicy,
     is_transient,
+    poll_until,
     redis_retry,
     retry_call,
 )
@@ -137,3 +138,25 @@ def test_redis_retry_fits_the_deadline():
     # un-jittered delays 0.05, 0.1, 0.2, 0.4, 0.8, 1, 1: 3.55 s, and one more would pass 4 s
     retry = redis_retry(RetryPolicy(deadline_s=4.0, initial_s=0.05, max_s=1.0))
     assert retry.get_retries() == 7
+
+
+def test_poll_until_waits_for_the_condition():
+    answers = iter([False, False, True])
+    slept: list[float] = []
+    policy = RetryPolicy(deadline_s=60.0, initial_s=0.002, max_s=0.1, jitter=0.0)
+    assert poll_until(lambda: next(answers), policy, sleep=slept.append)
+    assert slept == pytest.approx([0.002, 0.004])
+
+
+def test_poll_until_stops_at_the_deadline_or_when_aborted():
+    calls: list[int] = []
+
+    def never() -> bool:
+        calls.append(1)
+        return False
+
+    assert not poll_until(never, RetryPolicy(deadline_s=0.0))
+    assert len(calls) == 1
+    assert not poll_until(never, RetryPolicy(deadline_s=60.0), sleep=lambda _: None,
+                          abort=lambda: len(calls) >= 4)
+    assert len(calls) == 4

@@ -19,10 +19,11 @@ single-machine trainer update for update. A gradient refused as STALE is dropped
 refetches θ and goes on with the next seq.
 
 When the learner is away (UNAVAILABLE, connection refused, a restart) the worker backs off with
-jitter, re-reads the learner's address from the Redis registry and reconnects by itself. A learner
-that restarted from an older checkpoint reports a version below the worker's: the worker refetches
-θ in full. The loop ends when the registry's run state is terminal (``done``, ``stop``, …), after
-``max_truncations``, or when :meth:`UnrollWorker.stop` is called.
+jitter for up to ``services.retry.LEARNER_RESTART``'s deadline, re-reads the learner's address from
+the Redis registry and reconnects by itself. A learner that restarted from an older checkpoint
+reports a version below the worker's: the worker refetches θ in full. The loop ends when the
+registry's run state is terminal (``done``, ``stop``, …), after ``max_truncations``, or when
+:meth:`UnrollWorker.stop` is called.
 
 Actors are created by :func:`create_unroll_worker` with ``max_restarts=-1`` and task retries, so a
 killed worker comes back and resumes its loop; :func:`workers.ray_setup.actor_options` sizes XLA's
@@ -48,6 +49,7 @@ from services.retry import (
     RetryAborted,
     RetryPolicy,
     describe,
+    poll_until,
     retry_call,
 )
 from workers.ray_setup import actor_options, placement
@@ -234,17 +236,15 @@ class UnrollWorker:
         return True
 
     def _wait_for_version_after(self, version: int, timeout_s: float = 60.0) -> None:
-        """Poll until the learner's version exceeds ``version`` (or the run ends)."""
-        delay = 0.002
-        deadline = time.monotonic() + timeout_s
-        while not self._should_end():
+        """Poll θ until the learner's version differs from ``version`` (newer, or older after a
+        learner restart), the run ends, or ``timeout_s`` passes."""
+        def moved() -> bool:
             self._refresh_theta()
-            if self.version != version:  # newer, or older after a learner restart
-                return
-            if time.monotonic() > deadline:
-                return
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.1)
+            return self.version != version
+
+        if not self._should_end():
+            poll_until(moved, RetryPolicy(deadline_s=timeout_s, initial_s=0.002, max_s=0.1,
+                                          jitter=0.0), abort=self._should_end)
 
     def _should_end(self) -> bool:
         return self._stop.is_set() or self.registry.should_stop()

@@ -160,3 +160,23 @@ def test_poll_until_stops_at_the_deadline_or_when_aborted():
     assert not poll_until(never, RetryPolicy(deadline_s=60.0), sleep=lambda _: None,
                           abort=lambda: len(calls) >= 4)
     assert len(calls) == 4
+
+
+def test_the_learner_client_gives_up_naming_the_call_and_the_learner():
+    import socket
+
+    from services.client import LearnerClient, LearnerUnavailable
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = LearnerClient(f"127.0.0.1:{port}", "token", "run", max_wait_s=0.3)
+    try:
+        with pytest.raises(LearnerUnavailable, match=rf"^Status to learner at 127.0.0.1:{port}: "
+                                                     r"gave up after \d+ attempt\(s\) in 0\.\d s: "
+                                                     "UNAVAILABLE: ") as e:
+            client.status()
+        assert isinstance(e.value, ConnectionError) and e.value.attempts > 1
+        assert client.reconnects == e.value.attempts - 1
+    finally:
+        client.close()

@@ -10,10 +10,9 @@ been taken the first time; the learner then answers DUPLICATE, which means it is
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -41,6 +40,7 @@ from proto.wire import (
     manifest_to_proto,
 )
 from services.auth import auth_metadata, channel_credentials
+from services.retry import RetryGaveUp, RetryPolicy, grpc_code, retry_call
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ class LearnerAuthError(LearnerRpcError):
     """The learner refused the bearer token (UNAUTHENTICATED)."""
 
 
-class LearnerUnavailable(ConnectionError):
-    """The learner could not be reached within the client's ``max_wait_s``."""
+class LearnerUnavailable(RetryGaveUp, ConnectionError):
+    """The learner could not be reached within the client's ``max_wait_s`` (a connection error:
+    a caller with a longer deadline of its own may retry it)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,14 @@ class FetchResult:
     version: int
     gen_id: int
     theta: Any | None
+
+
+def _refusal(error: grpc.RpcError) -> LearnerRpcError:
+    """``error`` (not retried) as :class:`LearnerAuthError` or :class:`LearnerRpcError`."""
+    code = grpc_code(error) or grpc.StatusCode.UNKNOWN
+    details = error.details() if callable(getattr(error, "details", None)) else str(error)
+    cls = LearnerAuthError if code == grpc.StatusCode.UNAUTHENTICATED else LearnerRpcError
+    return cls(code, details)
 
 
 def reason_name(ack: l2o_pb2.Ack) -> str:
@@ -110,15 +119,15 @@ class LearnerClient:
         self.run_id = run_id
         self.root_cert = root_cert
         self.resolve_address = resolve_address
-        self.max_wait_s = max_wait_s
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+        #: how calls are retried (``services.retry``): until ``max_wait_s``, doubling delays
+        self.retry_policy = RetryPolicy(deadline_s=max_wait_s, initial_s=backoff_initial_s,
+                                        max_s=backoff_max_s)
         self.chunk_bytes = chunk_bytes
         self.like = like
         self.rpc_timeout_s = rpc_timeout_s
-        self._retryable = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+        self._retry_codes = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
         if rpc_timeout_s is not None:
-            self._retryable.add(grpc.StatusCode.DEADLINE_EXCEEDED)
+            self._retry_codes.add(grpc.StatusCode.DEADLINE_EXCEEDED)
         self.last_gen_id = 0
         self.reconnects = 0
         self._metadata = auth_metadata(token)
@@ -173,28 +182,17 @@ class LearnerClient:
         self.close()
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
-        deadline = time.monotonic() + self.max_wait_s
-        attempt = 0
-        while True:
-            try:
-                return fn()
-            except grpc.RpcError as e:
-                code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-                details = e.details() if hasattr(e, "details") else str(e)
-                if code == grpc.StatusCode.UNAUTHENTICATED:
-                    raise LearnerAuthError(code, details) from None
-                if code not in self._retryable:
-                    raise LearnerRpcError(code, details) from None
-                delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** attempt)
-                delay *= random.uniform(0.5, 1.0)
-                if time.monotonic() + delay > deadline:
-                    raise LearnerUnavailable(
-                        f"{what}: learner at {self.address} unavailable for "
-                        f"{self.max_wait_s} s ({details})") from None
-                log.debug("%s: learner unavailable (%s); retrying in %.2f s", what, details, delay)
-                time.sleep(delay)
-                attempt += 1
-                self._reconnect()
+        """``fn()`` under the client's retry policy, reconnecting before each retry; a refusal
+        as :class:`LearnerRpcError` (:class:`LearnerAuthError` for a refused token)."""
+        try:
+            return retry_call(fn, f"{what} to learner at {self.address}", self.retry_policy,
+                              transient=self._retryable, before_retry=self._reconnect,
+                              gave_up=LearnerUnavailable)
+        except grpc.RpcError as e:
+            raise _refusal(e) from None
+
+    def _retryable(self, error: BaseException) -> bool:
+        return isinstance(error, grpc.RpcError) and grpc_code(error) in self._retry_codes
 
     # --- calls -------------------------------------------------------------------------------
 
@@ -202,26 +200,24 @@ class LearnerClient:
         """Block until the learner's health check says SERVING; :class:`LearnerUnavailable` after
         ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        attempt = 0
-        while True:
+
+        def check() -> None:
             remaining = deadline - time.monotonic()
-            try:
-                reply = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                           timeout=max(0.05, min(remaining, 5.0)))
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError as e:
-                if e.code() not in (grpc.StatusCode.UNAVAILABLE,
-                                    grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise LearnerRpcError(e.code(), e.details()) from None
-            delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** attempt)
-            delay *= random.uniform(0.5, 1.0)
-            if time.monotonic() + delay > deadline:
-                raise LearnerUnavailable(f"learner at {self.address} not SERVING after "
-                                         f"{timeout} s")
-            time.sleep(delay)
-            attempt += 1
-            self._reconnect()
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                       timeout=max(0.05, min(remaining, 5.0)))
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                raise ConnectionError(f"health status {reply.status}, not SERVING")
+
+        def waiting(error: BaseException) -> bool:
+            return isinstance(error, ConnectionError) or grpc_code(error) in (
+                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+        try:
+            retry_call(check, f"Health check of learner at {self.address}",
+                       replace(self.retry_policy, deadline_s=timeout), transient=waiting,
+                       before_retry=self._reconnect, gave_up=LearnerUnavailable)
+        except grpc.RpcError as e:
+            raise _refusal(e) from None
 
     def fetch(self, have_version: int = -1, like: Any = None) -> FetchResult:
         """θ if the learner's version differs from ``have_version``, else ``theta=None``."""

@@ -37,6 +37,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from services.retry import REDIS, redis_retry
+
 __all__ = [
     "EmbeddedRedis",
     "data_dir",
@@ -250,6 +252,10 @@ def redis_connection(url: str | None = None, *, decode_responses: bool = True,
     when one is alive; otherwise this process starts its own. The returned URL
     is what other processes pass here to reach the same server (for the embedded
     server, a ``unix://`` path). Log it only through :func:`redact_url`.
+
+    The first ping is not retried (a wrong URL or password fails at once, as a
+    ``ConnectionError``); after it the client retries each command that meets a dropped
+    connection under ``services.retry.REDIS`` (redis-py's own ``Retry``).
     """
     url = url or os.environ.get("REDIS_URL") or None
     if url is None:
@@ -263,4 +269,5 @@ def redis_connection(url: str | None = None, *, decode_responses: bool = True,
         except redis.RedisError as e:
             raise ConnectionError(f"cannot reach Redis at {redact_url(url)}: {type(e).__name__}: "
                                   f"{redact_url(str(e))}") from None
+    client.set_retry(redis_retry(REDIS))
     return client, url

@@ -1,26 +1,30 @@
 """The distributed meta-training job: ``python -m services.train --config FILE [--preset NAME]``.
 
 This is the ``ray job submit`` entrypoint and what ``l2o train`` runs through. :func:`run_service`
+drives a :class:`ServiceRun` through its phases:
 
-1. connects to Ray: the cluster at ``address`` / ``$RAY_ADDRESS`` (``auto``: the running local
-   ``ray start`` cluster; jobs submitted with ``ray job submit`` have it set), else a fresh private
-   local Ray instance, stopped again at the end (never another job's instance: attaching to one
-   would tie this run to that job's lifetime);
-2. opens Redis (``service.redis_url``, ``$REDIS_URL``, else an embedded server on a unix socket),
-   writes the run manifest and marks the run ``starting``;
-3. starts the learner (``learner.process.LearnerActor``: the gRPC server around
-   ``learner.core.Learner``; it resumes from the run directory's newest full checkpoint, publishes
-   its address in the registry and enqueues an eval job per params checkpoint), then
-   ``num_unroll_workers`` :class:`~workers.unroll.UnrollWorker` and ``num_eval_workers``
-   :class:`~workers.eval_worker.EvalWorker` actors;
-4. polls the learner's status until ``meta_steps`` meta-updates (or ``time_budget_s``), mirroring
-   its figures into the registry's status hash;
-5. marks the run ``stopping`` (unroll workers finish), stops the learner with a final checkpoint
-   (whose eval job is queued), marks the run ``done`` and lets the eval workers drain the queue;
-6. evaluates the final θ exactly as the single-machine job does
-   (``l2o.training.job.evaluate_theta``),
-   writes ``summary.json`` and ``curves.png`` into the run directory, prints a summary, and shuts
-   down everything it started.
+1. ``ServiceRun(cfg)`` opens Redis (``service.redis_url``, ``$REDIS_URL``, else an embedded server
+   on a unix socket);
+2. ``start`` writes the run manifest, marks the run ``starting`` and connects to Ray: the cluster
+   at ``address`` / ``$RAY_ADDRESS`` (``auto``: the running local ``ray start`` cluster; jobs
+   submitted with ``ray job submit`` have it set), else a fresh private local Ray instance,
+   stopped again at the end (never another job's instance: attaching to one would tie this run
+   to that job's lifetime); it starts the learner (``learner.process.LearnerActor``: the gRPC
+   server around ``learner.core.Learner``; it resumes from the run directory's newest full
+   checkpoint, publishes its address in the registry and enqueues an eval job per params
+   checkpoint), the curriculum if the config has one, then ``num_unroll_workers``
+   :class:`~workers.unroll.UnrollWorker` and ``num_eval_workers``
+   :class:`~workers.eval_worker.EvalWorker` actors, and marks the run ``running``;
+3. ``loop`` polls the learner's status until ``meta_steps`` meta-updates (or ``time_budget_s``,
+   or the curriculum's end), mirroring its figures into the registry's status hash;
+4. ``stop`` marks the run ``stopping`` (unroll workers finish), stops the learner with a final
+   checkpoint (whose eval job is queued), marks the run ``done`` and lets the eval workers drain
+   the queue;
+5. ``summarize`` evaluates the final θ exactly as the single-machine job does
+   (``l2o.training.job.evaluate_theta``) and writes ``summary.json`` and ``curves.png`` into the
+   run directory;
+6. ``close`` shuts down everything the run started (``mark_failed`` first marks a run that
+   raised ``failed``).
 
 The bearer token is ``$L2O_TOKEN`` / ``service.token_file``; without either a random per-run token
 is generated and handed to the actors (never printed).
@@ -43,13 +47,15 @@ import argparse
 import json
 import logging
 import math
-import os
 import secrets
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from services.retry import LEARNER_RESTART, retry_call
+from workers.ray_setup import actor_name, actor_options, connect_ray, ships_code
 
 log = logging.getLogger(__name__)
 
@@ -101,52 +107,13 @@ def _check_resources(cfg: Any, total: dict[str, float]) -> None:
 
 
 def init_ray(cfg: Any, address: str | None = None) -> bool:
-    """Connect to (or start) Ray for ``cfg``; whether this call started a local instance.
-
-    ``address`` or ``$RAY_ADDRESS`` selects a cluster (``"auto"``: the local ``ray start``
-    cluster); otherwise a private local instance with enough logical CPUs for the run's actors is
-    started. A Ray instance that another driver started with ``ray.init()`` is never joined
-    implicitly: it goes away when that driver ends, taking this run's actors with it.
-    """
+    """Connect to (or start) Ray for ``cfg``'s actors (:func:`workers.ray_setup.connect_ray`);
+    whether this call started a local instance."""
     return connect_ray(needed_cpus(cfg), address)
-
-
-def connect_ray(min_cpus: float, address: str | None = None) -> bool:
-    """:func:`init_ray` for actors that need ``min_cpus`` logical CPUs in all (the eval pool of
-    ``workers.eval_worker.evaluate_on_suite_with_pool`` uses it too)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    addr = address or os.environ.get("RAY_ADDRESS")
-    if addr:
-        ray.init(address=addr, logging_level=logging.WARNING)
-        return False
-    cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
-    gpus = None
-    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
-             logging_level=logging.WARNING)
-    return True
-
-
-def _ships_code() -> bool:
-    """Whether the Ray job ships this code to its workers (``--working-dir`` / ``py_modules``)."""
-    import ray
-
-    try:
-        env = ray.get_runtime_context().runtime_env or {}
-    except Exception:  # noqa: BLE001 - old Ray or no context: assume not
-        return False
-    return bool(env.get("working_dir") or env.get("py_modules"))
 
 
 # ------------------------------------------------------------------------------------------------
 # Learner
-
-
-def actor_name(run_id: str, role: str) -> str:
-    """The Ray actor name of ``role`` (``learner``, ``unroll-0``, ``eval-1``…) in run ``run_id``."""
-    return f"l2o:{run_id}:{role}"
 
 
 def start_learner(cfg: Any, run_id: str, run_dir: Path, token: str, redis_url: str,
@@ -161,7 +128,6 @@ def start_learner(cfg: Any, run_id: str, run_dir: Path, token: str, redis_url: s
 
     from learner.process import learner_actor
     from services.registry import RegistryHooks
-    from workers.unroll import actor_options
 
     hooks = RegistryHooks(redis_url, run_id)
     opts = actor_options(cfg.service.worker_num_cpus, 0.0, add_repo_to_path=add_repo_to_path)
@@ -218,20 +184,15 @@ def meta_loss_first_last(records: list[dict[str, Any]], window: int) -> tuple[fl
 # ------------------------------------------------------------------------------------------------
 # The job
 
-
-def _status_with_retry(client: Any, registry: Any, deadline: float) -> dict[str, Any] | None:
-    """The learner's status, riding out a learner restart (None once ``deadline`` passes)."""
-    from workers.unroll import is_unavailable
-
-    delay = 0.2
-    while True:
-        try:
-            return client.status()
-        except Exception as e:  # noqa: BLE001 - classified below
-            if not is_unavailable(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+#: The learner's figures mirrored into the registry's status hash at every poll.
+MIRRORED = ("version", "updates", "accepted", "applied", "dropped_stale", "rejected", "duplicate",
+            "buffer_depth", "staleness_mean", "staleness_max", "unique_workers",
+            "gradients_per_second", "last_meta_loss")
+#: The learner's final figures stored with the ``done`` state.
+FINAL = ("version", "updates", "accepted", "applied", "dropped_stale", "rejected", "duplicate")
+#: The summary's figures stored with the ``done`` state once the summary is written.
+HEADLINE = ("meta_loss_first", "meta_loss_last", "updates", "gradients_accepted",
+            "gradients_dropped_stale", "gradients_rejected", "wall_seconds")
 
 
 def _check_workers(refs: dict[Any, int]) -> None:
@@ -252,6 +213,272 @@ def _check_workers(refs: dict[Any, int]) -> None:
             raise RuntimeError(f"every unroll worker stopped before the run ended (last: {stats})")
 
 
+class ServiceRun:
+    """One run of the service, in the order :func:`run_service` drives it: :meth:`start`,
+    :meth:`loop`, :meth:`stop`, :meth:`summarize`; :meth:`close` releases what it started and
+    :meth:`mark_failed` records a run that raised."""
+
+    def __init__(self, cfg: Any, redis_url: str | None = None) -> None:
+        """Open Redis (``redis_url``, ``cfg.service.redis_url``, ``$REDIS_URL``, else an embedded
+        server) and the run's registry, and create the run directory; nothing else starts."""
+        from services import redis_server
+        from services.registry import Registry
+
+        self.cfg = cfg
+        self.t_start = time.monotonic()
+        self.run_dir = cfg.run_path().resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        had_embedded = redis_server._EMBEDDED is not None
+        self.redis, self.url = redis_server.redis_connection(redis_url or cfg.service.redis_url)
+        self.owns_redis = not had_embedded and redis_server._EMBEDDED is not None \
+            and self.url == redis_server._EMBEDDED.url
+        self.registry = Registry(self.redis, cfg.run_name,
+                                 eval_max_deliveries=cfg.service.eval_max_deliveries,
+                                 eval_idle_ms=cfg.service.eval_idle_ms)
+        self.started_ray = False
+        self.learner: Any = None
+        self.client: Any = None
+        self.curriculum: Any = None
+        self.unroll: list[Any] = []
+        self.evals: list[Any] = []
+        self.run_refs: dict[Any, int] = {}  # an unroll worker's ``run`` -> its index
+        self.eval_refs: list[Any] = []
+        self.status: dict[str, Any] = {}  # the learner's latest figures
+        self.history: list[dict[str, Any]] = []  # one entry per log_every updates
+        self._last_bucket = -1
+        self.train_seconds = 0.0
+        self.worker_stats: list[Any] = []
+
+    # -- start -----------------------------------------------------------------------------------
+    def start(self, address: str | None = None,
+              curriculum_scorer: Callable[[Any, int, int], float] | None = None) -> None:
+        """Mark the run ``starting``, connect to Ray, start the learner, the curriculum (if the
+        config has one), the unroll and eval workers; mark the run ``running``."""
+        from services import redis_server
+        from services.auth import load_token
+
+        cfg, svc, registry = self.cfg, self.cfg.service, self.registry
+        token = load_token(svc.token_env, svc.token_file) or secrets.token_urlsafe(32)
+        registry.write_manifest(cfg.model_dump(mode="json"), run_dir=str(self.run_dir),
+                                redis=redis_server.redact_url(self.url))
+        registry.set_status("starting", target_updates=cfg.meta_steps,
+                            workers=svc.num_unroll_workers, eval_workers=svc.num_eval_workers)
+        self.redis.delete(registry.key("metrics"))
+        registry.ensure_group()
+        self._connect_ray(address)
+        add_path = not ships_code()
+        self._start_learner(token, add_path)
+        if cfg.curriculum is not None:  # before the workers start: they read its stage
+            self.curriculum = _start_curriculum(cfg, self.run_dir, self.client, self.learner,
+                                                registry, curriculum_scorer)
+        self._start_workers(token, add_path)
+        registry.set_status("running")
+        self.run_refs = {w.run.remote(): i for i, w in enumerate(self.unroll)}
+        self.eval_refs = [e.run.remote() for e in self.evals]
+
+    def _connect_ray(self, address: str | None) -> None:
+        """Connect to Ray (:func:`init_ray`) and check the run's actors fit on it."""
+        import ray
+
+        self.started_ray = init_ray(self.cfg, address)
+        check_resources(self.cfg, ray.cluster_resources(), strict=self.started_ray)
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        if self.url.startswith("unix://") and len(alive) > 1:
+            log.warning("Redis is on a unix socket of this node but the cluster has %d nodes: "
+                        "actors elsewhere cannot reach it; set REDIS_URL (or service.redis_url) "
+                        "to a Redis every node can reach", len(alive))
+
+    def _start_learner(self, token: str, add_path: bool) -> None:
+        """Start the learner actor, publish its address and open a client to it."""
+        from services.client import LearnerClient
+
+        registry = self.registry
+        self.learner, address = start_learner(self.cfg, self.cfg.run_name, self.run_dir, token,
+                                              self.url, add_path)
+        registry.set_learner_address(address)
+        # with TLS on, trust the learner's (self-signed) certificate
+        self.client = LearnerClient(address, token, self.cfg.run_name, self.cfg.service.tls_cert,
+                                    resolve_address=registry.learner_address)
+        # a resumed learner remembers the seqs it took; never hand them out again
+        for worker_id, last in (self.client.status().get("worker_last_seq") or {}).items():
+            registry.ensure_seq_at_least(worker_id, int(last) + 1)
+
+    def _start_workers(self, token: str, add_path: bool) -> None:
+        """Start ``num_unroll_workers`` unroll and ``num_eval_workers`` eval worker actors."""
+        from workers.eval_worker import create_eval_worker
+        from workers.unroll import create_unroll_worker
+
+        svc, run_id = self.cfg.service, self.cfg.run_name
+        sizing = {"num_cpus": svc.worker_num_cpus, "num_gpus": svc.worker_num_gpus,
+                  "add_repo_to_path": add_path}
+        config_dump = self.cfg.model_dump(mode="json")
+        self.unroll = [create_unroll_worker(config_dump, i, run_id, self.url, token,
+                                            name=actor_name(run_id, f"unroll-{i}"),
+                                            root_cert=svc.tls_cert, **sizing)
+                       for i in range(svc.num_unroll_workers)]
+        self.evals = [create_eval_worker(run_id, self.url, f"eval-{j}",
+                                         name=actor_name(run_id, f"eval-{j}"), **sizing)
+                      for j in range(svc.num_eval_workers)]
+
+    # -- loop ------------------------------------------------------------------------------------
+    def loop(self, progress: Callable[[dict[str, Any]], None] | None = None,
+             poll_s: float = 0.25) -> None:
+        """Poll the learner every ``poll_s`` seconds until the run is over (:meth:`_finished`),
+        mirroring its figures into the registry and the history; ``progress(status)`` after each
+        poll that finds a new θ version."""
+        t_train = time.monotonic()
+        last_version = -1
+        while True:
+            # rides out a learner restart
+            self.status = retry_call(self.client.status, "Status of the learner",
+                                     LEARNER_RESTART)
+            mirrored = {k: self.status.get(k) for k in MIRRORED}
+            self.registry.set_status(None, **mirrored)
+            if self.status.get("version") != last_version:
+                last_version = self.status.get("version")
+                self._record_history(mirrored, time.monotonic() - t_train)
+                if progress is not None:
+                    progress(dict(self.status))
+            if self._finished(t_train):
+                break
+            time.sleep(poll_s)
+        self.train_seconds = time.monotonic() - t_train
+
+    def _record_history(self, mirrored: dict[str, Any], elapsed_s: float) -> None:
+        """Append ``mirrored`` to the history: one entry per ``log_every`` updates."""
+        bucket = int(self.status.get("updates", 0)) // self.cfg.log_every
+        if not self.history or bucket != self._last_bucket:
+            self._last_bucket = bucket
+            self.history.append({"elapsed_s": round(elapsed_s, 3), **mirrored})
+
+    def _finished(self, t_train: float) -> bool:
+        """Whether the run is over: ``meta_steps`` updates, the time budget spent, or the
+        curriculum done (which this advances). Raises if the unroll workers died."""
+        cfg = self.cfg
+        if int(self.status.get("updates", 0)) >= cfg.meta_steps:
+            return True
+        if cfg.time_budget_s is not None and time.monotonic() - t_train > cfg.time_budget_s:
+            log.info("time budget of %.0f s spent", cfg.time_budget_s)
+            return True
+        _check_workers(self.run_refs)
+        if self.curriculum is not None:
+            self.curriculum.poll(self.status)
+            if self.curriculum.done:
+                log.info("curriculum finished")
+                return True
+        return False
+
+    # -- stop ------------------------------------------------------------------------------------
+    def stop(self, eval_drain_timeout_s: float = 600.0) -> None:
+        """Wind down: mark the run ``stopping`` and let the unroll workers finish; a finished
+        curriculum restores its best θ; the learner stops with a final checkpoint (whose eval
+        job is queued); mark the run ``done`` and let the eval workers drain the queue."""
+        import ray
+
+        self.registry.set_status("stopping")
+        _wait_refs(list(self.run_refs), timeout=120.0)
+        if self.curriculum is not None:  # a finished curriculum: its best θ, with no worker left
+            self.curriculum.finish()
+        self.worker_stats = [_safe_get(w.stats.remote()) for w in self.unroll]
+        final = ray.get(self.learner.stop.remote(checkpoint=True), timeout=120.0)
+        self.status = final or self.status
+        self.registry.clear_learner_address()
+        self.registry.set_status("done", **{k: self.status.get(k) for k in FINAL})
+        _wait_refs(self.eval_refs, timeout=eval_drain_timeout_s)
+
+    # -- summarize -------------------------------------------------------------------------------
+    def summarize(self, final_eval: bool = True) -> dict[str, Any]:
+        """Evaluate the final θ (the newest params checkpoint, which the learner just wrote)
+        exactly as the single-machine job does, write ``summary.json`` and the plots, and store
+        the headline figures with the ``done`` state; the summary."""
+        from l2o.io.checkpoints import latest_checkpoint
+        from l2o.training.job import load_theta, write_outputs
+        from workers.eval_worker import score_checkpoint
+
+        final_path = latest_checkpoint(self.run_dir, "params")
+        _, _, meta = load_theta(final_path)
+        # the eval pool's result for the final checkpoint when it has one, else scored here with
+        # the cached Adam baseline
+        result = None
+        if final_eval:
+            result = self.registry.eval_result(int(meta.get("version", -1))) or \
+                score_checkpoint(self.cfg, str(final_path), self.registry)
+        summary = self._summary(final_path, meta, result)
+        write_outputs(self.run_dir, summary, result)
+        self.registry.set_status("done", summary=json.dumps({k: summary[k] for k in HEADLINE}))
+        return summary
+
+    def _summary(self, final_path: Path, meta: dict[str, Any],
+                 result: dict[str, Any] | None) -> dict[str, Any]:
+        """The summary dict of ``summary.json`` (the final checkpoint's ``meta`` and eval
+        ``result``, the learner's final figures, the metrics stream, the registry)."""
+        from l2o.evaluation.comparison import CURVE_KEYS
+        from l2o.training.job import EVAL_SUMMARY_KEYS
+
+        cfg, st, registry = self.cfg, self.status, self.registry
+        updates = int(st.get("updates", 0))
+        first, last = meta_loss_first_last(read_metrics(self.redis, registry), cfg.log_every)
+        best = (registry.leaderboard(top=1) or [None])[0]
+        summary = {
+            "run": cfg.run_name, "mode": "service",
+            "meta_loss_first": first, "meta_loss_last": last,
+            "meta_steps": updates, "updates": updates,
+            "version": int(meta.get("version", st.get("version", 0))),
+            **{f"gradients_{k}": int(st.get(k, 0))
+               for k in ("accepted", "applied", "dropped_stale", "rejected", "duplicate")},
+            "rejected_by_reason": st.get("rejected_by_reason", {}),
+            "workers": cfg.service.num_unroll_workers,
+            "eval_workers": cfg.service.num_eval_workers,
+            "worker_stats": [s for s in self.worker_stats if isinstance(s, dict)],
+            "checkpoints_scored": len(registry.eval_results()),
+            "eval_dead_letters": int(self.redis.xlen(registry.dead_stream)),
+            "best_checkpoint": ({k: v for k, v in best.items() if k not in CURVE_KEYS}
+                                if best else best),
+            "train_seconds": round(self.train_seconds, 2),
+            "updates_per_second": round(updates / max(self.train_seconds, 1e-9), 3),
+            "wall_seconds": round(time.monotonic() - self.t_start, 2),
+            "eval": ({k: result[k] for k in EVAL_SUMMARY_KEYS if k in result}
+                     if result is not None else None),
+            "final_checkpoint": str(final_path),
+            "history": self.history,
+        }
+        if self.curriculum is not None:
+            summary["curriculum"] = self.curriculum.summary()
+        return summary
+
+    # -- clean-up --------------------------------------------------------------------------------
+    def mark_failed(self) -> None:
+        """Mark the run ``failed`` unless it got to ``done`` (best effort: it is failing)."""
+        try:
+            if self.registry.state() not in ("done",):
+                self.registry.set_status("failed")
+        except Exception:  # noqa: BLE001 - best effort while failing
+            pass
+
+    def close(self, keep_actors: bool = False) -> None:
+        """Close the client, kill the actors (unless ``keep_actors``), and stop the Ray
+        instance and the embedded Redis if this run started them."""
+        import ray
+
+        from services import redis_server
+
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if not keep_actors:
+            for a in [*self.unroll, *self.evals, *([self.learner] if self.learner else [])]:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+        if self.started_ray:
+            ray.shutdown()
+        if self.owns_redis:
+            redis_server.shutdown_embedded()
+
+
 def run_service(cfg: Any, *, address: str | None = None,
                 progress: Callable[[dict[str, Any]], None] | None = None,
                 redis_url: str | None = None, poll_s: float = 0.25,
@@ -267,207 +494,19 @@ def run_service(cfg: Any, *, address: str | None = None,
     ``run_dir/summary.json``. With ``keep_actors`` the actors are left running (tests inspect
     them; the caller kills them). With ``cfg.curriculum`` the driver runs the curriculum
     (:class:`l2o.training.curriculum.ServiceCurriculum`; ``curriculum_scorer(θ, version,
-    eval_steps)``
-    replaces its score) and the run ends when its last stage has finished.
+    eval_steps)`` replaces its score) and the run ends when its last stage has finished.
     """
-    import ray
-
-    from services import redis_server
-    from services.auth import load_token
-    from services.client import LearnerClient
-    from services.registry import Registry
-    from workers.eval_worker import create_eval_worker
-    from workers.unroll import create_unroll_worker
-
-    t_start = time.monotonic()
-    svc = cfg.service
-    run_id = cfg.run_name
-    run_dir = cfg.run_path().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    had_embedded = redis_server._EMBEDDED is not None
-    rclient, url = redis_server.redis_connection(redis_url or svc.redis_url)
-    owns_redis = not had_embedded and redis_server._EMBEDDED is not None \
-        and url == redis_server._EMBEDDED.url
-    registry = Registry(rclient, run_id, eval_max_deliveries=svc.eval_max_deliveries,
-                        eval_idle_ms=svc.eval_idle_ms)
-    started_ray = False
-    learner = None
-    unroll: list[Any] = []
-    evals: list[Any] = []
-    client = None
-    history: list[dict[str, Any]] = []
+    run = ServiceRun(cfg, redis_url)
     try:
-        token = load_token(svc.token_env, svc.token_file) or secrets.token_urlsafe(32)
-        registry.write_manifest(cfg.model_dump(mode="json"), run_dir=str(run_dir),
-                                redis=redis_server.redact_url(url))
-        registry.set_status("starting", target_updates=cfg.meta_steps,
-                            workers=svc.num_unroll_workers, eval_workers=svc.num_eval_workers)
-        rclient.delete(registry.key("metrics"))
-        registry.ensure_group()
-        started_ray = init_ray(cfg, address)
-        check_resources(cfg, ray.cluster_resources(), strict=started_ray)
-        add_path = not _ships_code()
-        alive = [n for n in ray.nodes() if n.get("Alive")]
-        if url.startswith("unix://") and len(alive) > 1:
-            log.warning("Redis is on a unix socket of this node but the cluster has %d nodes: "
-                        "actors elsewhere cannot reach it; set REDIS_URL (or service.redis_url) "
-                        "to a Redis every node can reach", len(alive))
-        learner, learner_address = start_learner(cfg, run_id, run_dir, token, url, add_path)
-        registry.set_learner_address(learner_address)
-        root_cert = svc.tls_cert  # with TLS on, trust the learner's (self-signed) certificate
-        client = LearnerClient(learner_address, token, run_id, root_cert,
-                               resolve_address=registry.learner_address)
-        # a resumed learner remembers the seqs it took; never hand them out again
-        for worker_id, last in (client.status().get("worker_last_seq") or {}).items():
-            registry.ensure_seq_at_least(worker_id, int(last) + 1)
-        curriculum = None
-        if cfg.curriculum is not None:  # before the workers start: they read its stage
-            curriculum = _start_curriculum(cfg, run_dir, client, learner, registry,
-                                           curriculum_scorer)
-        config_dump = cfg.model_dump(mode="json")
-        for i in range(svc.num_unroll_workers):
-            unroll.append(create_unroll_worker(
-                config_dump, i, run_id, url, token, num_cpus=svc.worker_num_cpus,
-                num_gpus=svc.worker_num_gpus, add_repo_to_path=add_path,
-                name=actor_name(run_id, f"unroll-{i}"), root_cert=root_cert))
-        for j in range(svc.num_eval_workers):
-            evals.append(create_eval_worker(
-                run_id, url, f"eval-{j}", num_cpus=svc.worker_num_cpus,
-                num_gpus=svc.worker_num_gpus, add_repo_to_path=add_path,
-                name=actor_name(run_id, f"eval-{j}")))
-        registry.set_status("running")
-        run_refs = {w.run.remote(): i for i, w in enumerate(unroll)}
-        eval_refs = [e.run.remote() for e in evals]
-
-        budget = cfg.time_budget_s
-        t_train = time.monotonic()
-        last_version, last_bucket = -1, -1
-        status: dict[str, Any] = {}
-        while True:
-            status = _status_with_retry(client, registry, time.monotonic() + STARTUP_TIMEOUT_S)
-            mirrored = {k: status.get(k) for k in (
-                "version", "updates", "accepted", "applied", "dropped_stale", "rejected",
-                "duplicate", "buffer_depth", "staleness_mean", "staleness_max",
-                "unique_workers", "gradients_per_second", "last_meta_loss")}
-            registry.set_status(None, **mirrored)
-            if status.get("version") != last_version:
-                last_version = status.get("version")
-                bucket = int(status.get("updates", 0)) // cfg.log_every
-                if not history or bucket != last_bucket:  # one entry per log_every updates
-                    last_bucket = bucket
-                    history.append({"elapsed_s": round(time.monotonic() - t_train, 3),
-                                    **mirrored})
-                if progress is not None:
-                    progress(dict(status))
-            if int(status.get("updates", 0)) >= cfg.meta_steps:
-                break
-            if budget is not None and time.monotonic() - t_train > budget:
-                log.info("time budget of %.0f s spent", budget)
-                break
-            _check_workers(run_refs)
-            if curriculum is not None:
-                curriculum.poll(status)
-                if curriculum.done:
-                    log.info("curriculum finished")
-                    break
-            time.sleep(poll_s)
-        train_seconds = time.monotonic() - t_train
-
-        # wind down: workers first, then a final checkpoint (its eval job is queued), then evals
-        registry.set_status("stopping")
-        _wait_refs(list(run_refs), timeout=120.0)
-        if curriculum is not None:  # a finished curriculum: its best θ, with no worker left
-            curriculum.finish()
-        worker_stats = [_safe_get(w.stats.remote()) for w in unroll]
-        final = ray.get(learner.stop.remote(checkpoint=True), timeout=120.0)
-        status = final or status
-        registry.clear_learner_address()
-        registry.set_status("done", **{k: status.get(k) for k in (
-            "version", "updates", "accepted", "applied", "dropped_stale", "rejected",
-            "duplicate")})
-        _wait_refs(eval_refs, timeout=eval_drain_timeout_s)
-
-        # the final θ is the newest params checkpoint (the learner just wrote it)
-        from l2o.io.checkpoints import latest_checkpoint
-        from l2o.training.job import EVAL_SUMMARY_KEYS, load_theta, write_outputs
-        from workers.eval_worker import score_checkpoint
-
-        final_path = latest_checkpoint(run_dir, "params")
-        _, _, meta = load_theta(final_path)
-        # the same evaluation as the single-machine job: the eval pool's result for the final
-        # checkpoint when it has one, else scored here with the cached Adam baseline
-        result = None
-        if final_eval:
-            result = registry.eval_result(int(meta.get("version", -1))) or score_checkpoint(
-                cfg, str(final_path), registry)
-        first, last = meta_loss_first_last(read_metrics(rclient, registry), cfg.log_every)
-        stats = [s for s in worker_stats if isinstance(s, dict)]
-        summary = {
-            "run": cfg.run_name,
-            "mode": "service",
-            "meta_loss_first": first,
-            "meta_loss_last": last,
-            "meta_steps": int(status.get("updates", 0)),
-            "updates": int(status.get("updates", 0)),
-            "version": int(meta.get("version", status.get("version", 0))),
-            "gradients_accepted": int(status.get("accepted", 0)),
-            "gradients_applied": int(status.get("applied", 0)),
-            "gradients_dropped_stale": int(status.get("dropped_stale", 0)),
-            "gradients_rejected": int(status.get("rejected", 0)),
-            "gradients_duplicate": int(status.get("duplicate", 0)),
-            "rejected_by_reason": status.get("rejected_by_reason", {}),
-            "workers": svc.num_unroll_workers,
-            "eval_workers": svc.num_eval_workers,
-            "worker_stats": stats,
-            "checkpoints_scored": len(registry.eval_results()),
-            "eval_dead_letters": int(rclient.xlen(registry.dead_stream)),
-            "best_checkpoint": (registry.leaderboard(top=1) or [None])[0],
-            "train_seconds": round(train_seconds, 2),
-            "updates_per_second": round(int(status.get("updates", 0)) / max(train_seconds, 1e-9),
-                                        3),
-            "wall_seconds": round(time.monotonic() - t_start, 2),
-            "eval": ({k: result[k] for k in EVAL_SUMMARY_KEYS if k in result}
-                     if result is not None else None),
-            "final_checkpoint": str(final_path),
-            "history": history,
-        }
-        if curriculum is not None:
-            summary["curriculum"] = curriculum.summary()
-        if summary["best_checkpoint"]:
-            from l2o.evaluation.comparison import CURVE_KEYS
-
-            summary["best_checkpoint"] = {k: v for k, v in summary["best_checkpoint"].items()
-                                          if k not in CURVE_KEYS}
-        write_outputs(run_dir, summary, result)
-        registry.set_status("done", summary=json.dumps(
-            {k: summary[k] for k in ("meta_loss_first", "meta_loss_last", "updates",
-                                     "gradients_accepted", "gradients_dropped_stale",
-                                     "gradients_rejected", "wall_seconds")}))
-        return summary
+        run.start(address, curriculum_scorer)
+        run.loop(progress, poll_s)
+        run.stop(eval_drain_timeout_s)
+        return run.summarize(final_eval)
     except BaseException:
-        try:
-            if registry.state() not in ("done",):
-                registry.set_status("failed")
-        except Exception:  # noqa: BLE001 - best effort while failing
-            pass
+        run.mark_failed()
         raise
     finally:
-        if client is not None and hasattr(client, "close"):
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001
-                pass
-        if not keep_actors:
-            for a in [*unroll, *evals, *([learner] if learner is not None else [])]:
-                try:
-                    ray.kill(a, no_restart=True)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
-        if started_ray:
-            ray.shutdown()
-        if owns_redis:
-            redis_server.shutdown_embedded()
+        run.close(keep_actors)
 
 
 def _start_curriculum(cfg: Any, run_dir: Path, client: Any, learner: Any, registry: Any,

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from workers.unroll import actor_options
+from workers.ray_setup import actor_name, actor_options, connect_ray, placement, ships_code
 
 if TYPE_CHECKING:
     from l2o.suite.baselines import BaselineSettings
@@ -317,8 +317,6 @@ class EvalWorker:
 
     def stats(self) -> dict[str, Any]:
         """This worker's counters and the job it holds (if any)."""
-        from workers.unroll import placement
-
         return {"consumer": self.consumer, "current": self.current, "pid": os.getpid(),
                 **placement(), **self.counts}
 
@@ -393,9 +391,7 @@ def start_eval_pool(run_id: str, redis_url: str, num_workers: int, *, num_cpus: 
                     num_gpus: float = 0.0, timeout_s: float = 300.0) -> list[Any]:
     """Start ``num_workers`` eval workers (``eval-0`` …) of run ``run_id`` and wait until each
     is constructed (a worker that cannot start raises here, not later)."""
-    from services.train import _ships_code, actor_name
-
-    add_path = not _ships_code()
+    add_path = not ships_code()
     workers = [create_eval_worker(run_id, redis_url, f"eval-{j}", num_cpus=num_cpus,
                                   num_gpus=num_gpus, add_repo_to_path=add_path,
                                   name=actor_name(run_id, f"eval-{j}"))
@@ -477,7 +473,6 @@ def evaluate_on_suite_with_pool(checkpoint: str | Path, suite: str = "heldout",
     from l2o.suite.evaluate import resolve_suite, write_suite_report
     from services import redis_server
     from services.registry import Registry, checkpoint_id
-    from services.train import connect_ray
 
     if not isinstance(suite, str):
         raise TypeError("an eval pool finds the suite by name in each worker: give a name of "

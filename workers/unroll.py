@@ -19,14 +19,16 @@ single-machine trainer update for update. A gradient refused as STALE is dropped
 refetches θ and goes on with the next seq.
 
 When the learner is away (UNAVAILABLE, connection refused, a restart) the worker backs off with
-jitter, re-reads the learner's address from the Redis registry and reconnects by itself. A learner
-that restarted from an older checkpoint reports a version below the worker's: the worker refetches
-θ in full. The loop ends when the registry's run state is terminal (``done``, ``stop``, …), after
-``max_truncations``, or when :meth:`UnrollWorker.stop` is called.
+jitter for up to ``services.retry.LEARNER_RESTART``'s deadline, re-reads the learner's address from
+the Redis registry and reconnects by itself. A learner that restarted from an older checkpoint
+reports a version below the worker's: the worker refetches θ in full. The loop ends when the
+registry's run state is terminal (``done``, ``stop``, …), after ``max_truncations``, or when
+:meth:`UnrollWorker.stop` is called.
 
 Actors are created by :func:`create_unroll_worker` with ``max_restarts=-1`` and task retries, so a
-killed worker comes back and resumes its loop; :func:`actor_options` sizes XLA's CPU thread pool to
-the actor's CPUs and turns off JAX's GPU memory preallocation when actors share a GPU.
+killed worker comes back and resumes its loop; :func:`workers.ray_setup.actor_options` sizes XLA's
+CPU thread pool to the actor's CPUs and turns off JAX's GPU memory preallocation when actors share
+a GPU.
 """
 
 from __future__ import annotations
@@ -38,82 +40,24 @@ import random
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
 
+from services.retry import (
+    LEARNER_RESTART,
+    RetryAborted,
+    RetryPolicy,
+    describe,
+    poll_until,
+    retry_call,
+)
+from workers.ray_setup import actor_options, placement
+
 log = logging.getLogger(__name__)
-
-_REPO_ROOT = str(Path(__file__).resolve().parents[1])
-
-
-# ------------------------------------------------------------------------------------------------
-# Actor placement and per-actor JAX configuration
-
-
-def jax_env(num_cpus: float, num_gpus: float = 0.0) -> dict[str, str]:
-    """Environment variables that size JAX/XLA to an actor with ``num_cpus`` and ``num_gpus``.
-
-    XLA's CPU thread pools get ``ceil(num_cpus)`` threads (so N actors on N cores do not
-    oversubscribe them); with a fractional GPU (actors sharing a device) preallocation is off; with
-    no GPU at all JAX is kept on the CPU. A persistent compilation cache set in the driver's
-    environment (``JAX_COMPILATION_CACHE_DIR``) is shared with the actor.
-    """
-    threads = max(1, math.ceil(num_cpus))
-    flags = os.environ.get("XLA_FLAGS", "")
-    flags = " ".join(f for f in flags.split()
-                     if "multi_thread_eigen" not in f and "intra_op_parallelism" not in f)
-    extra = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} " \
-            f"intra_op_parallelism_threads={threads}"
-    env = {
-        "XLA_FLAGS": f"{flags} {extra}".strip(),
-        "OMP_NUM_THREADS": str(threads),
-        "OPENBLAS_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-    }
-    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
-        if os.environ.get(name):  # share the driver's persistent compilation cache
-            env[name] = os.environ[name]
-    if num_gpus <= 0:
-        env["JAX_PLATFORMS"] = os.environ.get("L2O_WORKER_JAX_PLATFORMS", "cpu")
-    if num_gpus < 1:  # a share of a GPU (or none): never grab most of a device's memory
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    return env
-
-
-def actor_options(num_cpus: float, num_gpus: float = 0.0, *,
-                  add_repo_to_path: bool = False) -> dict[str, Any]:
-    """``.options(...)`` for an l2o actor: resources plus a runtime env from :func:`jax_env`.
-
-    ``add_repo_to_path`` puts this checkout on the actor's ``PYTHONPATH`` (a local Ray started by
-    the driver; on a cluster ``ray job submit --working-dir .`` ships the code instead).
-    """
-    env = jax_env(num_cpus, num_gpus)
-    if add_repo_to_path:
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}}
-
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def placement() -> dict[str, Any]:
-    """Where this process computes: JAX's backend and devices, and the GPUs Ray assigned it."""
-    import jax
-
-    try:
-        gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
-    except Exception:  # noqa: BLE001 - outside a Ray worker
-        gpu_ids = []
-    return {"jax_backend": jax.default_backend(),
-            "jax_devices": [str(d) for d in jax.devices()],
-            "ray_gpu_ids": gpu_ids,
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def as_template(tree: Any, template: Any) -> Any:
@@ -138,33 +82,6 @@ def as_template(tree: Any, template: Any) -> Any:
             raise ValueError(f"θ from the learner lacks {jax.tree_util.keystr(p)}")
         leaves.append(got[k])
     return jax.tree_util.tree_unflatten(t_def, leaves)
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` means "the learner is not reachable right now" (retry later).
-
-    Covers the client's ``LearnerUnavailable`` (a ``ConnectionError``), raw ``grpc.RpcError`` and
-    ``LearnerRpcError`` with a transient status code. UNAUTHENTICATED, PERMISSION_DENIED,
-    INVALID_ARGUMENT and the like are not: retrying cannot fix them.
-    """
-    import grpc
-
-    # UNKNOWN/INTERNAL included: a learner killed mid-stream can surface as "Stream removed"
-    transient = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                 grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
-                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS,
-                 grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    code = getattr(exc, "code", None)
-    if callable(code):
-        try:
-            code = code()
-        except Exception:  # noqa: BLE001
-            code = None
-    if isinstance(code, grpc.StatusCode):
-        return code in transient
-    return isinstance(exc, OSError)
 
 
 def worker_id_of(index: int) -> str:
@@ -242,12 +159,11 @@ class UnrollWorker:
 
     # -- connection ------------------------------------------------------------------------------
     def _connect(self, wait_s: float = 60.0):
-        """A client of the learner at its address in the registry, (re)connecting as needed."""
-        from services.client import LearnerClient
+        """A client of the learner at its address in the registry, (re)connecting as needed;
+        :class:`~services.client.LearnerUnavailable` when no address appears in ``wait_s``."""
+        from services.client import LearnerClient, LearnerUnavailable
 
-        deadline = time.monotonic() + wait_s
-        delay = 0.05
-        while True:
+        def client():
             address = self.registry.learner_address()
             if address and (self._client is None or address != self._client_address):
                 if self._client is not None:
@@ -257,12 +173,13 @@ class UnrollWorker:
                                              resolve_address=self.registry.learner_address,
                                              max_wait_s=self.client_wait_s, like=self.template)
                 self._client_address = address
-            if self._client is not None:
-                return self._client
-            if self._stop.is_set() or self.registry.should_stop() or time.monotonic() > deadline:
+            if self._client is None:
                 raise ConnectionError("no learner address in the registry")
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 2.0)
+            return self._client
+
+        return retry_call(client, f"{self.worker_id}: finding the learner",
+                          RetryPolicy(deadline_s=wait_s, initial_s=0.05),
+                          abort=self._should_end, gave_up=LearnerUnavailable)
 
     def _close_client(self) -> None:
         client, self._client = self._client, None
@@ -274,25 +191,22 @@ class UnrollWorker:
                 pass
 
     def _with_retry(self, fn, what: str):
-        """``fn(client)`` until it succeeds, backing off and rediscovering the learner meanwhile.
+        """``fn(client)`` under ``services.retry.LEARNER_RESTART``: a transient failure closes
+        the client, and the learner is rediscovered in the registry before the next attempt.
 
         Returns ``None`` if the run ended while the learner was away.
         """
-        delay = 0.1
-        while True:
-            try:
-                return fn(self._connect())
-            except Exception as e:  # noqa: BLE001 - classified below
-                if not is_unavailable(e):
-                    raise
-                self.counts["reconnects"] += 1
-                log.warning("%s: %s failed (%s: %s); reconnecting", self.worker_id, what,
-                            type(e).__name__, e)
-                self._close_client()
-                if self._stop.is_set() or self.registry.should_stop():
-                    return None
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 3.0)
+        def reconnecting(error: BaseException) -> None:
+            self.counts["reconnects"] += 1
+            log.warning("%s: %s failed (%s); reconnecting", self.worker_id, what,
+                        describe(error))
+            self._close_client()
+
+        try:
+            return retry_call(lambda: fn(self._connect()), f"{self.worker_id}: {what}",
+                              LEARNER_RESTART, on_transient=reconnecting, abort=self._should_end)
+        except RetryAborted:
+            return None
 
     # -- θ -----------------------------------------------------------------------------------------
     def _refresh_theta(self) -> bool:
@@ -322,17 +236,15 @@ class UnrollWorker:
         return True
 
     def _wait_for_version_after(self, version: int, timeout_s: float = 60.0) -> None:
-        """Poll until the learner's version exceeds ``version`` (or the run ends)."""
-        delay = 0.002
-        deadline = time.monotonic() + timeout_s
-        while not self._should_end():
+        """Poll θ until the learner's version differs from ``version`` (newer, or older after a
+        learner restart), the run ends, or ``timeout_s`` passes."""
+        def moved() -> bool:
             self._refresh_theta()
-            if self.version != version:  # newer, or older after a learner restart
-                return
-            if time.monotonic() > deadline:
-                return
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.1)
+            return self.version != version
+
+        if not self._should_end():
+            poll_until(moved, RetryPolicy(deadline_s=timeout_s, initial_s=0.002, max_s=0.1,
+                                          jitter=0.0), abort=self._should_end)
 
     def _should_end(self) -> bool:
         return self._stop.is_set() or self.registry.should_stop()

@@ -1,0 +1,119 @@
+"""Ray set-up shared by the driver (``services.train``) and the actor factories of ``workers``.
+
+Connecting the driver to Ray (:func:`connect_ray`), naming actors (:func:`actor_name`), sizing
+them and their JAX (:func:`actor_options`, :func:`jax_env`), whether the job ships its code to
+the actors (:func:`ships_code`), and where a process computes (:func:`placement`). Ray is imported
+only when a function needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def connect_ray(min_cpus: float, address: str | None = None) -> bool:
+    """Connect to (or start) Ray for actors that need ``min_cpus`` logical CPUs in all; whether
+    this call started a local instance.
+
+    ``address`` or ``$RAY_ADDRESS`` selects a cluster (``"auto"``: the local ``ray start``
+    cluster); otherwise a private local instance with at least ``min_cpus`` logical CPUs is
+    started. A Ray instance that another driver started with ``ray.init()`` is never joined
+    implicitly: it goes away when that driver ends, taking this run's actors with it. One already
+    initialized in this process is used as is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    addr = address or os.environ.get("RAY_ADDRESS")
+    if addr:
+        ray.init(address=addr, logging_level=logging.WARNING)
+        return False
+    cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
+    gpus = None
+    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+             logging_level=logging.WARNING)
+    return True
+
+
+def ships_code() -> bool:
+    """Whether the Ray job ships this code to its workers (``--working-dir`` / ``py_modules``)."""
+    import ray
+
+    try:
+        env = ray.get_runtime_context().runtime_env or {}
+    except Exception:  # noqa: BLE001 - old Ray or no context: assume not
+        return False
+    return bool(env.get("working_dir") or env.get("py_modules"))
+
+
+def actor_name(run_id: str, role: str) -> str:
+    """The Ray actor name of ``role`` (``learner``, ``unroll-0``, ``eval-1``…) in run ``run_id``."""
+    return f"l2o:{run_id}:{role}"
+
+
+def jax_env(num_cpus: float, num_gpus: float = 0.0) -> dict[str, str]:
+    """Environment variables that size JAX/XLA to an actor with ``num_cpus`` and ``num_gpus``.
+
+    XLA's CPU thread pools get ``ceil(num_cpus)`` threads (so N actors on N cores do not
+    oversubscribe them); with a fractional GPU (actors sharing a device) preallocation is off; with
+    no GPU at all JAX is kept on the CPU. A persistent compilation cache set in the driver's
+    environment (``JAX_COMPILATION_CACHE_DIR``) is shared with the actor.
+    """
+    threads = max(1, math.ceil(num_cpus))
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = " ".join(f for f in flags.split()
+                     if "multi_thread_eigen" not in f and "intra_op_parallelism" not in f)
+    extra = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} " \
+            f"intra_op_parallelism_threads={threads}"
+    env = {
+        "XLA_FLAGS": f"{flags} {extra}".strip(),
+        "OMP_NUM_THREADS": str(threads),
+        "OPENBLAS_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+    }
+    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
+        if os.environ.get(name):  # share the driver's persistent compilation cache
+            env[name] = os.environ[name]
+    if num_gpus <= 0:
+        env["JAX_PLATFORMS"] = os.environ.get("L2O_WORKER_JAX_PLATFORMS", "cpu")
+    if num_gpus < 1:  # a share of a GPU (or none): never grab most of a device's memory
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return env
+
+
+def actor_options(num_cpus: float, num_gpus: float = 0.0, *,
+                  add_repo_to_path: bool = False) -> dict[str, Any]:
+    """``.options(...)`` for an l2o actor: resources plus a runtime env from :func:`jax_env`.
+
+    ``add_repo_to_path`` puts this checkout on the actor's ``PYTHONPATH`` (a local Ray started by
+    the driver; on a cluster ``ray job submit --working-dir .`` ships the code instead).
+    """
+    env = jax_env(num_cpus, num_gpus)
+    if add_repo_to_path:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}}
+
+
+def placement() -> dict[str, Any]:
+    """Where this process computes: JAX's backend and devices, and the GPUs Ray assigned it."""
+    import jax
+    import ray
+
+    try:
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        gpu_ids = []
+    return {"jax_backend": jax.default_backend(),
+            "jax_devices": [str(d) for d in jax.devices()],
+            "ray_gpu_ids": gpu_ids,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}

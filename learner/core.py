@@ -3,9 +3,11 @@
 Pure Python/JAX, no network I/O: ``learner.server`` wraps it in gRPC. Gradients come in
 through :meth:`Learner.submit` (thread-safe; the gRPC thread pool calls it concurrently) and are
 validated, deduplicated and checked against the staleness policy before they enter a bounded buffer.
-A background applier thread takes ``batch_size`` gradients at a time, averages them, applies the
-optax update and increments the version. Nothing that is rejected ever touches θ or the optimizer
-state.
+A background applier thread takes ``batch_size`` gradients at a time, averages them and applies
+:func:`l2o.training.meta_update.meta_update` (the single-machine trainer's meta-update), which
+increments the version. Nothing that is rejected ever touches θ or the optimizer state, and neither
+does an update whose mean gradient or result is non-finite: it is skipped and counted
+(``skipped_nonfinite``).
 
 Policies (see ``design.md``):
 
@@ -23,12 +25,14 @@ Policies (see ``design.md``):
 
 Checkpoints: every ``checkpoint_every`` updates and on :meth:`Learner.save_checkpoint`, a full
 checkpoint (θ, optimizer state, version, gen id, counters, dedup table, config) and a params
-checkpoint (θ, version, gen id), then ``on_params_checkpoint(path, version)``.
+checkpoint (θ, version, gen id), then ``on_params_checkpoint(path, version)``; their metadata is
+the trainer's schema, :class:`l2o.io.checkpoints.CheckpointMeta`.
 :meth:`Learner.resume` starts from the newest full checkpoint of a run directory.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -46,12 +50,14 @@ import optax
 
 from l2o.io.checkpoints import (
     CheckpointError,
+    CheckpointMeta,
     checkpoint_path,
     latest_checkpoint,
-    load_checkpoint,
+    load_run_checkpoint,
     save_checkpoint,
 )
 from l2o.io.config import ServiceConfig
+from l2o.training.meta_update import MetaState, meta_update
 from proto.wire import ALIGN, Reason, aligned_empty
 
 log = logging.getLogger(__name__)
@@ -118,20 +124,10 @@ class _SeqWindow:
         return cls(high=int(high), recent={int(s) for s in recent})
 
 
+#: ``skipped_nonfinite``: meta-updates skipped for a non-finite mean gradient or result;
+#: ``failed_updates``: meta-updates that raised
 _COUNTERS = ("accepted", "applied", "dropped_stale", "dropped_oldest", "rejected", "duplicate",
-             "failed_updates")
-
-
-def _make_update(tx: optax.GradientTransformation) -> Callable:
-    @jax.jit
-    def update(theta: Any, opt_state: Any, grad: Any) -> tuple[Any, Any, jax.Array]:
-        updates, new_state = tx.update(grad, opt_state, theta)
-        new_theta = optax.apply_updates(theta, updates)
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
-                                    for x in jax.tree_util.tree_leaves(new_theta)]))
-        return new_theta, new_state, finite
-
-    return update
+             "skipped_nonfinite", "failed_updates")
 
 
 def _aligned(x: np.ndarray) -> np.ndarray:
@@ -180,7 +176,8 @@ class Learner:
         run_id: the run this learner serves; gradients of other runs are WRONG_RUN.
         checkpoint_every: write checkpoints every this many updates.
         on_params_checkpoint: called as ``f(path, version)`` after each params checkpoint.
-        extra_metadata: merged into both checkpoints' metadata (e.g. ``optimizer``, ``seed``).
+        extra_metadata: merged into both checkpoints' metadata (e.g. ``optimizer``, ``seed``,
+            ``config``): fields of :class:`~l2o.io.checkpoints.CheckpointMeta`, checked here.
         opt_state: the meta-optimizer state (default: ``meta_optimizer.init(theta)``).
         version, gen_id: where the counters start.
         block_timeout_s: how long ``submit`` waits for room under ``backpressure="block"``.
@@ -224,6 +221,8 @@ class Learner:
         self.checkpoint_every = checkpoint_every
         self.on_params_checkpoint = on_params_checkpoint
         self.extra_metadata = dict(extra_metadata or {})
+        # a field the schema lacks, or a wrong type, is refused now rather than at the first save
+        CheckpointMeta.model_validate({"kind": "full", "version": 0, **self.extra_metadata})
         self.version = int(version)
         self.gen_id = int(gen_id)
         self.block_timeout_s = block_timeout_s
@@ -232,7 +231,7 @@ class Learner:
         self._treedef = jax.tree_util.tree_structure(self.theta)
         self._shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(self.theta)]
         self._dtypes = [np.dtype(x.dtype) for x in jax.tree_util.tree_leaves(self.theta)]
-        self._update = _make_update(meta_optimizer)
+        self._update = jax.jit(functools.partial(meta_update, meta_optimizer))
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # buffer/version changes
@@ -280,18 +279,16 @@ class Learner:
             return cls(theta, meta_optimizer, config, run_dir, run_id, checkpoint_every,
                        on_params_checkpoint, extra_metadata, **kwargs)
         target = {"theta": theta, "opt_state": meta_optimizer.init(theta)}
-        tree, meta = load_checkpoint(path, target)
-        if meta.get("kind") != "full":
-            raise CheckpointError(f"checkpoint {path} is not a full checkpoint")
-        if meta.get("run_id", run_id) != run_id:
-            raise CheckpointError(f"checkpoint {path} belongs to run {meta['run_id']!r}, "
+        tree, meta = load_run_checkpoint(path, target, "full")
+        if meta.run_id not in (None, run_id):
+            raise CheckpointError(f"checkpoint {path} belongs to run {meta.run_id!r}, "
                                   f"not {run_id!r}")
         start = kwargs.pop("start", True)
         learner = cls(
             tree["theta"], meta_optimizer, config, run_dir, run_id, checkpoint_every,
             on_params_checkpoint, extra_metadata,
             opt_state=jax.tree_util.tree_map(jnp.asarray, tree["opt_state"]),
-            version=int(meta["version"]), gen_id=int(meta.get("gen_id", 0)), start=False, **kwargs,
+            version=meta.version, gen_id=meta.gen_id, start=False, **kwargs,
         )
         learner._restore_tables(meta)
         learner.resumed_from = path
@@ -300,14 +297,13 @@ class Learner:
             learner.start()
         return learner
 
-    def _restore_tables(self, meta: dict) -> None:
-        for k, v in (meta.get("counters") or {}).items():
+    def _restore_tables(self, meta: CheckpointMeta) -> None:
+        for k, v in (meta.counters or {}).items():
             if k in self.counters:
-                self.counters[k] = int(v)
-        self.updates = int(meta.get("updates", self.updates))
-        self.rejected_by_reason = {str(k): int(v)
-                                   for k, v in (meta.get("rejected_by_reason") or {}).items()}
-        self._seen = {str(w): _SeqWindow.from_json(d) for w, d in (meta.get("dedup") or {}).items()}
+                self.counters[k] = v
+        self.updates = meta.updates if meta.updates is not None else self.updates
+        self.rejected_by_reason = dict(meta.rejected_by_reason or {})
+        self._seen = {w: _SeqWindow.from_json(d) for w, d in (meta.dedup or {}).items()}
 
     # --- the applier thread ----------------------------------------------------------------------
 
@@ -349,7 +345,9 @@ class Learner:
         """Apply one meta-update if ``batch_size`` fresh gradients are buffered; whether it did.
 
         Gradients that went stale while buffered are dropped (counted) first. θ and the optimizer
-        state change only if the update succeeds and the new θ is finite.
+        state change only if :func:`~l2o.training.meta_update.meta_update` applies the update; a
+        batch whose mean gradient or result is non-finite is discarded and counted
+        (``skipped_nonfinite``), one that raises is counted in ``failed_updates``.
         """
         with self._apply_lock:
             batch = self._take_batch()
@@ -357,22 +355,26 @@ class Learner:
                 return False
             try:
                 grad = to_device(mean_of([p.grad for p in batch]))
-                new_theta, new_state, finite = self._update(self.theta, self.opt_state, grad)
-                ok = bool(finite)
+                state = MetaState(theta=self.theta, opt_state=self.opt_state,
+                                  version=jnp.asarray(self.version, jnp.int32))
+                new, info = self._update(state, grad)
+                applied, grad_finite = bool(info.applied), bool(info.grad_finite)
             except Exception:
                 with self._lock:
                     self.counters["failed_updates"] += 1
                 raise
-            if not ok:
+            if not applied:
                 with self._lock:
-                    self.counters["failed_updates"] += 1
-                log.warning("meta-update produced a non-finite θ; batch discarded")
+                    self.counters["skipped_nonfinite"] += 1
+                log.warning("meta-update skipped: non-finite %s; batch of %d discarded",
+                            "mean gradient" if not grad_finite else "θ or optimizer state",
+                            len(batch))
                 return False
             staleness = [self.version - p.header.theta_version for p in batch]
             losses = [p.header.mean_inner_loss for p in batch
                       if math.isfinite(p.header.mean_inner_loss)]
             with self._changed:
-                self.theta, self.opt_state = new_theta, new_state
+                self.theta, self.opt_state = new.theta, new.opt_state
                 self.version += 1
                 self.updates += 1
                 self.counters["applied"] += len(batch)
@@ -616,26 +618,18 @@ class Learner:
             with self._lock:
                 theta, opt_state = self.theta, self.opt_state
                 version, gen_id = self.version, self.gen_id
-                meta = {
-                    **self.extra_metadata,
-                    "run_id": self.run_id,
-                    "version": version,
-                    "gen_id": gen_id,
-                    "updates": self.updates,
+                meta = CheckpointMeta(**{
+                    **self.extra_metadata, "kind": "full", "run_id": self.run_id,
+                    "version": version, "gen_id": gen_id, "updates": self.updates,
                     "counters": dict(self.counters),
                     "rejected_by_reason": dict(self.rejected_by_reason),
                     "dedup": {w: s.to_json() for w, s in self._seen.items()},
-                    "service": self.config.model_dump(mode="json"),
-                    "saved_at": time.time(),
-                }
+                    "service": self.config.model_dump(mode="json")})
             full = save_checkpoint(checkpoint_path(self.run_dir, "full", version),
-                                   {"theta": theta, "opt_state": opt_state},
-                                   {**meta, "kind": "full"})
-            params_meta = {k: v for k, v in meta.items()
-                           if k not in ("dedup", "counters", "rejected_by_reason")}
+                                   {"theta": theta, "opt_state": opt_state}, meta)
             params_path = checkpoint_path(self.run_dir, "params", version)
             new_version = not params_path.exists()
-            params = save_checkpoint(params_path, theta, {**params_meta, "kind": "params"})
+            params = save_checkpoint(params_path, theta, meta.for_params())
         if self.on_params_checkpoint is not None and new_version:
             try:
                 self.on_params_checkpoint(params, version)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from l2o.io.checkpoints import (
+    FORMAT_VERSION,
     CheckpointError,
+    CheckpointMeta,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    read_checkpoint,
     save_checkpoint,
 )
 from l2o.io.config import (
@@ -128,6 +133,90 @@ def test_damaged_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="shape"):
         load_checkpoint(path, {"a": jnp.zeros(3)})
     assert path.read_bytes() == good  # reading never touches the file
+
+
+def test_checkpoint_metadata_round_trips_in_one_schema(tmp_path):
+    meta = CheckpointMeta(kind="full", version=5, gen_id=2, run_id="r", seed=1,
+                          optimizer={"name": "lstm", "kwargs": {}}, config={"seed": 1},
+                          counters={"applied": 4}, dedup={"w": [3, [2, 3]]},
+                          history=[{"step": 2, "meta_loss": 0.5}], best_eval=float("inf"),
+                          curriculum={"stage": 0, "best_version": None})
+    path = save_checkpoint(tmp_path / "x.ckpt", {"a": jnp.ones(2)}, meta)
+    _, stored = read_checkpoint(path)
+    assert stored["format_version"] == FORMAT_VERSION == 2 and stored == meta.to_dict()
+    assert "service" not in stored  # fields left None are not stored
+    assert CheckpointMeta.from_stored(stored, path) == meta
+    params = meta.for_params(eval_final_loss=1.5).to_dict()
+    assert params["kind"] == "params" and params["eval_final_loss"] == 1.5
+    assert not {"counters", "dedup", "history", "best_eval", "curriculum"} & set(params)
+
+
+def test_trainer_and_learner_write_the_same_schema(tmp_path):
+    import optax
+
+    from l2o.io.config import ServiceConfig
+    from learner.core import Learner
+
+    trainer = Trainer(quadratic_config(tmp_path / "t", meta_steps=2, checkpoint_every=2))
+    trainer.train()
+    learner = Learner({"w": np.ones(3, np.float32)}, optax.sgd(0.1), ServiceConfig(),
+                      tmp_path / "l", "run-l", extra_metadata={"seed": 4}, tensorboard=False,
+                      start=False)
+    full, params = learner.save_checkpoint()
+    written = [(path, read_checkpoint(path)[1]) for path in (
+        full, params, *(checkpoint_path(trainer.run_dir, kind, 2)
+                        for kind in ("full", "params", "worker")))]
+    for path, stored in written:
+        meta = CheckpointMeta.from_stored(stored, path)
+        assert meta.format_version == 2 and meta.saved_at is not None, path
+    kinds = {path.name: CheckpointMeta.from_stored(m, path) for path, m in written}
+    assert kinds["full_00000000.ckpt"].run_id == "run-l"
+    assert kinds["full_00000002.ckpt"].counters == {"skipped_nonfinite": 0}
+    assert kinds["worker_00000002.ckpt"].kind == "worker"
+    with pytest.raises(ValueError, match="bogus"):  # the learner's extra fields are checked
+        Learner({"w": np.ones(3, np.float32)}, optax.sgd(0.1), ServiceConfig(), tmp_path / "l",
+                "run-l", extra_metadata={"bogus": 1}, tensorboard=False, start=False)
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Metadata written before ``format_version`` existed (format 1) loads, mapped."""
+    pretrained = Path(__file__).resolve().parents[1] / "l2o" / "pretrained" / "general-v1.ckpt"
+    meta = CheckpointMeta.from_stored(read_checkpoint(pretrained)[1], pretrained)
+    assert (meta.format_version, meta.kind, meta.version, meta.name) == (
+        1, "params", 500, "general-v1")
+    cfg = quadratic_config(tmp_path)
+    trainer = Trainer(cfg)
+    trainer.train(num_steps=2)
+    # the full checkpoint as the trainer wrote it before this schema: no format_version, the
+    # non-finite count at the top level, an optimizer config in python form, unknown keys
+    old = {"kind": "full", "version": 2, "gen_id": 0, "seed": cfg.seed,
+           "optimizer": cfg.optimizer.model_dump(), "config": cfg.model_dump(mode="json"),
+           "skipped_nonfinite": 3, "history": trainer.history, "evaluations": [],
+           "best_eval": None, "curriculum": None, "note": "ignored"}
+    path = checkpoint_path(trainer.run_dir, "full", 2)
+    save_checkpoint(path, {"theta": trainer.state.theta, "opt_state": trainer.state.opt_state},
+                    old)
+    resumed = Trainer(cfg)
+    assert resumed.restore() and resumed.step == 2 and resumed.skipped_nonfinite == 3
+    assert resumed.history == trainer.history
+
+
+def test_an_unknown_format_or_a_bad_field_is_refused_by_name(tmp_path):
+    cfg = quadratic_config(tmp_path)
+    trainer = Trainer(cfg)
+    trainer.train(num_steps=2)
+    path = latest_checkpoint(trainer.run_dir, "full")
+    tree, stored = read_checkpoint(path)
+    cases = [({**stored, "format_version": 99}, r"'format_version' is 99"),
+             ({**stored, "version": "two"}, r"field 'version'"),
+             ({**stored, "colour": "red"}, r"field 'colour'"),
+             ({k: v for k, v in stored.items() if k != "kind"}, r"field 'kind'")]
+    for bad, message in cases:
+        save_checkpoint(path, tree, bad)
+        with pytest.raises(CheckpointError, match=message):
+            read_checkpoint(path)
+        with pytest.raises(CheckpointError, match=message):
+            Trainer(cfg).restore()
 
 
 def test_resume_matches_straight_run(tmp_path):

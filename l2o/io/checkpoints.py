@@ -9,10 +9,24 @@ It is written to a temporary file in the same directory, flushed and ``fsync``-e
 the destination, so a reader sees either the old file or the new one, never a partial one. A
 truncated or corrupted file raises :class:`CheckpointError` naming the file and what is wrong.
 
-Two kinds are written by trainers and the learner (see ``design.md``):
+The metadata of the files the trainer, the learner, the curriculum and ``l2o.pretrained`` write
+follows one schema, :class:`CheckpointMeta`, whose ``kind`` says what the tree holds (see
+``design.md``):
 
-- **full** (``kind="full"``): θ, meta-optimizer state, version, RNG key, config and counters;
-- **params** (``kind="params"``): θ, version and gen id, for eval workers and users.
+- **full** (``kind="full"``): θ and the meta-optimizer state; version, config, counters and the
+  writer's run state (the learner's dedup table, the trainer's history and curriculum);
+- **params** (``kind="params"``): θ alone, with version, gen id and optimizer, for eval workers and
+  users;
+- **worker** (``kind="worker"``): the single-machine trainer's inner problems (never θ).
+
+Metadata formats. Format 2 (``format_version: 2``, written since this schema) is validated on
+every read: a wrong type, an unknown field or an unknown ``format_version`` raises
+:class:`CheckpointError` naming it. Files without ``format_version`` (written before, e.g. the
+shipped ``l2o/pretrained/general-v1.ckpt``) are format 1, read by
+:meth:`CheckpointMeta.from_stored` with this mapping: the field names are the same; ``kind``
+missing means ``"params"`` (a bare θ); ``version`` missing stays unknown (``None``); the trainer's
+top-level ``skipped_nonfinite`` becomes ``counters["skipped_nonfinite"]``; keys the schema does not
+know are ignored.
 """
 
 from __future__ import annotations
@@ -20,30 +34,122 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
 from flax import serialization
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from l2o.io.atomic import atomic_write
 
 MAGIC = b"L2OCKPT1"
 _HEADER = len(MAGIC) + 32 + 8
 
+#: The metadata format this code writes (files without ``format_version`` are format 1).
+FORMAT_VERSION = 2
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupted or of the wrong kind."""
+
+
+class CheckpointMeta(BaseModel):
+    """The metadata of a checkpoint, the same schema for every writer.
+
+    Fields a writer has nothing to say about stay ``None`` and are not stored.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: Literal[1, 2] = FORMAT_VERSION
+    kind: Literal["full", "params", "worker"]
+    #: θ's version: meta-updates applied (required; ``None`` only in format-1 files without it)
+    version: int | None
+    gen_id: int = 0
+    run_id: str | None = None
+    seed: int | None = None
+    #: the learned optimizer's config (``OptimizerConfig``, JSON form): what θ parameterizes
+    optimizer: dict[str, Any] | None = None
+    #: the run's ``TrainConfig`` (JSON form) and, from the learner, its ``ServiceConfig``
+    config: dict[str, Any] | None = None
+    service: dict[str, Any] | None = None
+    #: the shipped optimizer's name (``l2o.pretrained``)
+    name: str | None = None
+    saved_at: float | None = Field(default_factory=time.time)
+    # a best-θ checkpoint: its score, the horizon it was scored at and the curriculum stage
+    eval_final_loss: float | None = None
+    eval_steps: int | None = None
+    stage: int | None = None
+    # run state (full checkpoints): counters, and the learner's and the trainer's tables
+    updates: int | None = None
+    counters: dict[str, int] | None = None
+    rejected_by_reason: dict[str, int] | None = None
+    dedup: dict[str, Any] | None = None
+    history: list[dict[str, Any]] | None = None
+    evaluations: list[dict[str, Any]] | None = None
+    best_eval: float | None = None
+    curriculum: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form: every field that is not ``None``, values as they are."""
+        values = {name: getattr(self, name) for name in type(self).model_fields}
+        return {name: v for name, v in values.items() if v is not None}
+
+    def for_params(self, **updates: Any) -> CheckpointMeta:
+        """The metadata of the params checkpoint beside this (full) one: ``kind="params"`` and
+        without the run-state tables, which only a resumed writer needs; plus ``updates``."""
+        tables = dict.fromkeys(("counters", "rejected_by_reason", "dedup", "history",
+                                "evaluations", "best_eval", "curriculum"))
+        return self.model_copy(update={**tables, "kind": "params", **updates})
+
+    @classmethod
+    def from_stored(cls, metadata: dict[str, Any], path: str | os.PathLike) -> CheckpointMeta:
+        """Validate the stored ``metadata`` of the file at ``path`` (format 1 mapped as the module
+        docstring says); :class:`CheckpointError` naming the bad field otherwise."""
+        fmt = metadata.get("format_version", 1)
+        if fmt == 1 and not isinstance(fmt, bool):
+            data = _from_format_1(metadata)
+        elif fmt == FORMAT_VERSION and not isinstance(fmt, bool):
+            data = metadata
+        else:
+            raise CheckpointError(
+                f"checkpoint {path}: metadata field 'format_version' is {fmt!r}, a format this "
+                f"l2o does not read (it reads 1, i.e. no format_version, and {FORMAT_VERSION})")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(f"field {'.'.join(map(str, err['loc']))!r}: {err['msg']}"
+                                 for err in e.errors())
+            raise CheckpointError(f"checkpoint {path}: bad metadata: {problems}") from e
+
+
+def _from_format_1(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Format-1 metadata in format-2 terms (the mapping of the module docstring)."""
+    data = {k: v for k, v in metadata.items() if k in CheckpointMeta.model_fields}
+    data.update(format_version=1, kind=metadata.get("kind", "params"),
+                version=metadata.get("version"), saved_at=metadata.get("saved_at"))
+    if "skipped_nonfinite" in metadata:
+        data["counters"] = {**(metadata.get("counters") or {}),
+                            "skipped_nonfinite": metadata["skipped_nonfinite"]}
+    return data
 
 
 def _to_numpy(tree: Any) -> Any:
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
-def save_checkpoint(path: str | os.PathLike, tree: Any, metadata: dict | None = None) -> Path:
-    """Write ``tree`` (a pytree of arrays) and ``metadata`` to ``path`` atomically."""
+def save_checkpoint(path: str | os.PathLike, tree: Any,
+                    metadata: CheckpointMeta | dict | None = None) -> Path:
+    """Write ``tree`` (a pytree of arrays) and ``metadata`` to ``path`` atomically.
+
+    Trainers and the learner pass a :class:`CheckpointMeta`; a plain dict is stored as it is.
+    """
     path = Path(path)
+    if isinstance(metadata, CheckpointMeta):
+        metadata = metadata.to_dict()
     state = {"tree": serialization.to_state_dict(_to_numpy(tree)), "metadata": metadata or {}}
     payload = serialization.msgpack_serialize(state)
     digest = hashlib.sha256(payload).digest()
@@ -55,7 +161,10 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, metadata: dict | None = 
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[Any, dict]:
-    """The raw ``(state_dict tree, metadata)`` of a checkpoint, after verifying its checksum."""
+    """The raw ``(state_dict tree, metadata)`` of a checkpoint, after verifying its checksum.
+
+    Metadata carrying a ``format_version`` is validated against :class:`CheckpointMeta`.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -75,7 +184,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Any, dict]:
         state = serialization.msgpack_restore(payload)
     except Exception as e:  # a payload that passed the checksum but does not decode
         raise CheckpointError(f"checkpoint {path} does not decode: {e}") from e
-    return state["tree"], dict(state.get("metadata") or {})
+    metadata = dict(state.get("metadata") or {})
+    if "format_version" in metadata:
+        CheckpointMeta.from_stored(metadata, path)
+    return state["tree"], metadata
 
 
 def load_checkpoint(path: str | os.PathLike, target: Any = None) -> tuple[Any, dict]:
@@ -98,6 +210,19 @@ def load_checkpoint(path: str | os.PathLike, target: Any = None) -> tuple[Any, d
                 f"checkpoint {path}: array of shape {np.shape(got)} where {np.shape(want)} expected"
             )
     return tree, metadata
+
+
+def load_run_checkpoint(path: str | os.PathLike, target: Any, kind: str | None = None,
+                        ) -> tuple[Any, CheckpointMeta]:
+    """``(tree, metadata)`` as :func:`load_checkpoint` gives them, the metadata validated: of
+    ``kind`` when given, and recording θ's version (what a resumed run continues from)."""
+    tree, raw = load_checkpoint(path, target)
+    meta = CheckpointMeta.from_stored(raw, path)
+    if kind is not None and meta.kind != kind:
+        raise CheckpointError(f"checkpoint {path} is not a {kind} checkpoint (kind {meta.kind!r})")
+    if meta.version is None:
+        raise CheckpointError(f"checkpoint {path}: metadata field 'version' is missing")
+    return tree, meta
 
 
 _NUMBERED = re.compile(r"^(?P<kind>[a-z]+)_(?P<step>\d+)\.ckpt$")

@@ -80,14 +80,17 @@ def export(checkpoint: str | Path, name: str, card: dict[str, Any],
 
     Only θ and the optimizer config are kept: no service settings, run ids or addresses.
     """
-    from l2o.io.checkpoints import read_checkpoint, save_checkpoint
+    from l2o.io.checkpoints import CheckpointError, CheckpointMeta, read_checkpoint, save_checkpoint
 
-    raw, meta = read_checkpoint(checkpoint)
-    stored = raw["theta"] if meta.get("kind") == "full" else raw
+    raw, stored_meta = read_checkpoint(checkpoint)
+    meta = CheckpointMeta.from_stored(stored_meta, checkpoint)
+    if meta.optimizer is None:
+        raise CheckpointError(f"checkpoint {checkpoint} does not say which optimizer it holds")
+    stored = raw["theta"] if meta.kind == "full" else raw
     folder = Path(folder)
     path = save_checkpoint(folder / f"{name}.ckpt", stored,
-                           {"kind": "params", "optimizer": meta["optimizer"],
-                            "version": meta.get("version"), "name": name})
+                           CheckpointMeta(kind="params", optimizer=meta.optimizer,
+                                          version=meta.version, name=name))
     (folder / f"{name}.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     load_theta.cache_clear()
     return path

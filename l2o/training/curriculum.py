@@ -288,7 +288,7 @@ class ServiceCurriculum:
         updates = int(status.get("updates", 0))
         if self.state.done or updates < self.next_eval:
             return None
-        from l2o.io.checkpoints import save_checkpoint
+        from l2o.io.checkpoints import CheckpointMeta, save_checkpoint
 
         period = self.cfg.curriculum.eval_period
         self.next_eval = (updates // period + 1) * period
@@ -304,10 +304,10 @@ class ServiceCurriculum:
                                  "curriculum": decision.action.value}
         best_path = self.run_dir / "checkpoints" / best_checkpoint_name(stage)
         if decision.action is Action.NEW_BEST:
-            save_checkpoint(best_path, theta, {"kind": "params", "version": version,
-                                               "stage": stage, "eval_final_loss": score,
-                                               "eval_steps": steps, "seed": self.cfg.seed,
-                                               "optimizer": self.cfg.optimizer.model_dump()})
+            save_checkpoint(best_path, theta, CheckpointMeta(
+                kind="params", version=version, stage=stage, eval_final_loss=score,
+                eval_steps=steps, seed=self.cfg.seed,
+                optimizer=self.cfg.optimizer.model_dump(mode="json")))
         self.state = new_state
         self.events.append(event)
         if decision.restore_version is not None:

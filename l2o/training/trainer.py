@@ -6,8 +6,13 @@ use the key schedule of :mod:`l2o.training.build`, so the service with one worke
 ``max_staleness=0``
 computes the same θ.
 
+θ moves by :func:`l2o.training.meta_update.meta_update`, the learner's meta-update: a step whose
+estimate or result is non-finite is skipped (θ and the optimizer state untouched) and counted in
+``skipped_nonfinite``.
+
 Checkpoints go to ``run_dir/checkpoints``: a full one (θ, meta-optimizer state, step, counters,
-config) and a params-only one (θ, version) every ``checkpoint_every`` steps. The trainer also keeps
+config) and a params-only one (θ, version) every ``checkpoint_every`` steps, their metadata in the
+learner's schema (:class:`l2o.io.checkpoints.CheckpointMeta`). The trainer also keeps
 its inner problems in ``worker_XXXXXXXX.ckpt`` beside them: that is local-side state, stored apart
 from θ, and only used so a resumed single-machine run continues exactly where it stopped.
 
@@ -36,14 +41,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
 
 from l2o.estimators.base import OPTIONAL_METRICS, GradientEstimator
 from l2o.io.checkpoints import (
     CheckpointError,
+    CheckpointMeta,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    load_run_checkpoint,
     save_checkpoint,
 )
 from l2o.io.config import TrainConfig
@@ -68,47 +74,21 @@ from l2o.training.curriculum import (
     stage_worker_key,
     train_horizon,
 )
-from l2o.types import MetaParams
-
-
-@struct.dataclass
-class MetaState:
-    """The learner's side of a run: θ, the meta-optimizer state and the update counter."""
-
-    theta: MetaParams
-    opt_state: optax.OptState
-    version: jax.Array  # int32: meta-updates applied
-
-
-def init_meta_state(theta: MetaParams, meta_tx: optax.GradientTransformation) -> MetaState:
-    """A fresh :class:`MetaState` at version 0."""
-    return MetaState(theta=theta, opt_state=meta_tx.init(theta), version=jnp.zeros((), jnp.int32))
-
-
-def all_finite(tree: Any) -> jax.Array:
-    """True when every leaf of ``tree`` is finite."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.True_
-
-
-def apply_meta_gradient(meta_tx: optax.GradientTransformation, state: MetaState,
-                        grad: MetaParams) -> MetaState:
-    """``state`` after one optax step along ``grad`` (the mean of a batch of estimates)."""
-    updates, opt_state = meta_tx.update(grad, state.opt_state, state.theta)
-    return MetaState(theta=optax.apply_updates(state.theta, updates), opt_state=opt_state,
-                     version=state.version + 1)
+from l2o.training.meta_update import MetaState, init_meta_state, meta_update
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def meta_step(est: GradientEstimator, meta_tx: optax.GradientTransformation, state: MetaState,
               worker_state: Any, key: jax.Array) -> tuple[MetaState, Any, dict[str, jax.Array]]:
-    """One truncation and the meta-update it gives, fused in one compiled program."""
+    """One truncation and the meta-update it gives, fused in one compiled program.
+
+    The update is :func:`~l2o.training.meta_update.meta_update`'s: skipped (θ and the optimizer
+    state untouched, ``meta_update_applied`` false) when the estimate or its result is non-finite.
+    """
     grad, worker_state, metrics = est.compute_gradient_estimate(state.theta, worker_state, key)
-    finite = all_finite(grad)
-    new_state = apply_meta_gradient(meta_tx, state, grad)
-    # A non-finite estimate is never applied: θ and the optimizer state stay as they were.
-    new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new_state, state)
-    return new_state, worker_state, dict(metrics, grad_finite=finite)
+    new_state, info = meta_update(meta_tx, state, grad)
+    return new_state, worker_state, dict(metrics, grad_finite=info.grad_finite,
+                                         meta_update_applied=info.applied)
 
 
 class Trainer:
@@ -160,32 +140,27 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
 
-    def _metadata(self) -> dict[str, Any]:
-        return {
-            "version": self.step,
-            "gen_id": 0,
-            "seed": self.cfg.seed,
-            "optimizer": self.cfg.optimizer.model_dump(),
-            "config": self.cfg.model_dump(mode="json"),
-            "skipped_nonfinite": self.skipped_nonfinite,
-            "history": self.history,
-            "evaluations": self.evaluations,
-            "best_eval": self.best_eval,
-            "curriculum": self.curriculum.to_json() if self.curriculum is not None else None,
-        }
+    def _metadata(self) -> CheckpointMeta:
+        """The full checkpoint's metadata for the current step."""
+        return CheckpointMeta(
+            kind="full", version=self.step, gen_id=0, seed=self.cfg.seed,
+            optimizer=self.cfg.optimizer.model_dump(mode="json"),
+            config=self.cfg.model_dump(mode="json"),
+            counters={"skipped_nonfinite": self.skipped_nonfinite}, history=self.history,
+            evaluations=self.evaluations, best_eval=self.best_eval,
+            curriculum=self.curriculum.to_json() if self.curriculum is not None else None)
 
     def save(self) -> Path:
         """Write the full, params and worker checkpoints for the current step; the full path."""
         meta = self._metadata()
         step = self.step
         save_checkpoint(checkpoint_path(self.run_dir, "worker", step), self.worker_state,
-                        {"kind": "worker", "version": step})
+                        CheckpointMeta(kind="worker", version=step))
         save_checkpoint(checkpoint_path(self.run_dir, "params", step), self.state.theta,
-                        {"kind": "params", **{k: meta[k] for k in
-                                              ("version", "gen_id", "optimizer", "seed")}})
+                        meta.for_params())
         return save_checkpoint(checkpoint_path(self.run_dir, "full", step),
                                {"theta": self.state.theta, "opt_state": self.state.opt_state},
-                               {"kind": "full", **meta})
+                               meta)
 
     def restore(self, path: str | Path | None = None) -> bool:
         """Resume from ``path`` or the newest full checkpoint of the run dir; False if none.
@@ -198,10 +173,10 @@ class Trainer:
         if path is None:
             return False
         target = {"theta": self.state.theta, "opt_state": self.state.opt_state}
-        tree, meta = load_checkpoint(path, target)
-        step = int(meta["version"])
+        tree, meta = load_run_checkpoint(path, target, "full")
+        step = meta.version
         curriculum, estimator, worker_state = self.curriculum, self.estimator, self.worker_state
-        saved = meta.get("curriculum")
+        saved = meta.curriculum
         service_file = self.run_dir / "checkpoints" / "curriculum.json"
         if saved is None and service_file.exists():  # a run dir written by the service
             saved = json.loads(service_file.read_text())["state"]
@@ -226,10 +201,10 @@ class Trainer:
         self.state = MetaState(theta=to_jnp(tree["theta"]), opt_state=to_jnp(tree["opt_state"]),
                                version=jnp.asarray(step, jnp.int32))
         self.worker_state = to_jnp(worker_state)
-        self.history = list(meta.get("history", []))
-        self.skipped_nonfinite = int(meta.get("skipped_nonfinite", 0))
-        self.evaluations = list(meta.get("evaluations", []))
-        self.best_eval = meta.get("best_eval")
+        self.history = list(meta.history or [])
+        self.skipped_nonfinite = int((meta.counters or {}).get("skipped_nonfinite", 0))
+        self.evaluations = list(meta.evaluations or [])
+        self.best_eval = meta.best_eval
         self.resumed_from = path
         return True
 
@@ -311,10 +286,8 @@ class Trainer:
         self.evaluations.append(entry)
         if improved:
             self.best_eval = score
-            meta = self._metadata()
             save_checkpoint(self.best_checkpoint_path(), self.state.theta,
-                            {"kind": "params", "eval_final_loss": score,
-                             **{k: meta[k] for k in ("version", "gen_id", "optimizer", "seed")}})
+                            self._metadata().for_params(eval_final_loss=score))
         return entry
 
     # --- curriculum (L2O-Scale's if_cl; l2o.training.curriculum)
@@ -342,11 +315,9 @@ class Trainer:
             "curriculum": decision.action.value,
             "improved": decision.action is Action.NEW_BEST}
         if decision.action is Action.NEW_BEST:
-            meta = self._metadata()
             save_checkpoint(self.stage_best_path(state.stage), self.state.theta,
-                            {"kind": "params", "eval_final_loss": score, "eval_steps": steps,
-                             "stage": state.stage,
-                             **{k: meta[k] for k in ("version", "gen_id", "optimizer", "seed")}})
+                            self._metadata().for_params(eval_final_loss=score, eval_steps=steps,
+                                                        stage=state.stage))
         elif decision.action in (Action.ADVANCE, Action.FINISHED):
             if decision.restore_version is not None:
                 self._restore_theta(self.stage_best_path(state.stage), decision.restore_version)
@@ -363,9 +334,9 @@ class Trainer:
     def _restore_theta(self, path: Path, version: int) -> None:
         """θ := the stage-best checkpoint at ``path`` (which must hold ``version``), with a fresh
         meta-optimizer state; the version counter is left as it is."""
-        tree, meta = load_checkpoint(path, self.state.theta)
-        if int(meta.get("version", -1)) != int(version):
-            raise CheckpointError(f"{path} holds θ version {meta.get('version')}, the curriculum "
+        tree, meta = load_run_checkpoint(path, self.state.theta, "params")
+        if meta.version != int(version):
+            raise CheckpointError(f"{path} holds θ version {meta.version}, the curriculum "
                                   f"expected {version}")
         theta = jax.tree_util.tree_map(jnp.asarray, tree)
         self.state = MetaState(theta=theta, opt_state=self.meta_tx.init(theta),
@@ -382,8 +353,7 @@ class Trainer:
     def _log(self, window: list[dict[str, Any]], step: int, elapsed: float,
              on_log: Callable[[dict[str, float]], None] | None) -> None:
         host = jax.device_get(window)
-        finite = [bool(m["grad_finite"]) for m in host]
-        self.skipped_nonfinite += finite.count(False)
+        self.skipped_nonfinite += sum(not bool(m["meta_update_applied"]) for m in host)
         entry = {"step": step, "elapsed_s": round(elapsed, 3), "truncations": len(host)}
         if self.curriculum is not None:
             entry["stage"] = self.stage

@@ -87,13 +87,13 @@ def load_theta(path: str | Path) -> tuple[LearnedOptimizer, MetaParams, dict[str
     from flax import serialization
 
     from l2o.io.checkpoints import CheckpointError, read_checkpoint
-    from l2o.io.config import OptimizerConfig
+    from l2o.io.config import optimizer_config
     from l2o.training.build import learned_optimizer_from_config
 
     raw, meta = read_checkpoint(path)
     if "optimizer" not in meta:
         raise CheckpointError(f"checkpoint {path} does not say which optimizer it holds")
-    lopt = learned_optimizer_from_config(OptimizerConfig.model_validate(meta["optimizer"]))
+    lopt = learned_optimizer_from_config(optimizer_config(**meta["optimizer"]))
     stored = raw["theta"] if meta.get("kind") == "full" else raw
     template = lopt.init(jax.random.PRNGKey(0))
     try:

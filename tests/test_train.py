@@ -259,3 +259,29 @@ def test_overrides_switch_the_estimator_and_the_optimizer():
     cfg = apply_overrides(preset("l2l-cifar-multi"), ["optimizer.name=learned_adam"])
     assert cfg.optimizer.name == "learned_adam" and cfg.optimizer.kwargs.given() == {}
 
+
+def test_every_preset_is_a_described_yaml_file():
+    from pathlib import Path
+
+    from l2o.io.config import PRESETS, PRESETS_DIR, preset, preset_description
+
+    assert {p.stem for p in PRESETS_DIR.glob("*.yaml")} == set(PRESETS) and "default" in PRESETS
+    for name in PRESETS:
+        assert preset_description(name), name
+        assert preset(name).run_name
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "configs" / "presets").resolve() == PRESETS_DIR.resolve()
+    # extends: a variant is its base with its own fields merged over it
+    assert preset("l2o-scale-hessian").eval == preset("l2o-scale").eval
+
+
+def test_cli_presets_lists_names_and_descriptions():
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    result = CliRunner().invoke(app, ["presets"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "description" in result.output and "{" not in result.output  # a table, not JSON
+    assert "l2o-scale-enhanced" in result.output
+    assert "L2O-Scale with the curriculum" in result.output

@@ -1,4 +1,4 @@
-"""Run configuration: typed pydantic models, loaded from YAML, with named presets.
+"""Run configuration: typed pydantic models, loaded from YAML, with named presets (``presets/``).
 
 Every model forbids unknown fields, so a misspelt key is an error that names it. Load a file with
 :func:`load_config`; invalid input raises :class:`ConfigError` listing each bad field by its dotted
@@ -244,208 +244,31 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-#: The meta-training families of preset ``general``: sampled MLPs over digits and over a
-#: synthetic problem, each tensor rescaled by a log-uniform factor in [0.1, 10].
-GENERAL_TASKS: list[dict[str, Any]] = [
-    {"name": "reparam", "kwargs": {
-        "task": "sampled_mlp",
-        "task_kwargs": {"dataset": dataset, "widths": [8, 16, 32, 64], "depths": [1, 2, 3],
-                        "activations": ["relu", "tanh", "sigmoid"],
-                        "batch_sizes": [16, 32, 64, 128]},
-        "min_scale": 0.1, "max_scale": 10.0}}
-    for dataset in ("digits", "synthetic")
-]
+#: The preset files, ``<name>.yaml`` each (``configs/presets`` links here): a partial config whose
+#: first line is a ``# description`` comment; ``extends: NAME`` merges it over another preset.
+PRESETS_DIR = Path(__file__).with_name("presets")
 
-#: Named starting points for ``l2o train --preset NAME``; each is a partial config.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The main job (`l2o train` with no arguments): the normalized-momentum MLP optimizer
-    # meta-trained by PES on L2L's 64-20-10 sigmoid digits MLP for 4 minutes, then scored on fresh
-    # seeds against tuned Adam (train loss and test accuracy).
-    "default": {
-        "optimizer": {"name": "normalized_mlp"},
-        "estimator": {"name": "pes", "num_tasks": 8, "unroll_length": 20, "num_steps": 200,
-                      "std": 0.02, "random_initial_offset": True,
-                      "horizon_schedule": "log_uniform", "horizon_min": 50},
-        "meta_optimizer": {"learning_rate": 1e-2},
-        "eval": {"steps": 200},
-    },
-    # The seed-faithful L2L job: the coordinatewise LSTM by truncated backprop (the old default).
-    "l2l-digits": {},
-    "l2l-quadratic": {
-        "run_name": "l2l-quadratic",
-        "task": {"name": "quadratic"},
-        "estimator": {"num_tasks": 128, "unroll_length": 20, "num_steps": 100},
-        "meta_optimizer": {"learning_rate": 1e-2},
-    },
-    "l2l-mnist": {
-        "run_name": "l2l-mnist",
-        "task": {"name": "mnist_mlp"},
-        "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100},
-    },
-    # The per-parameter MLP optimizer on 64-32-10 ReLU digits MLPs, one preset per estimator.
-    **{
-        f"mlp-{est.replace('_', '')}-digits": {
-            "run_name": f"mlp-{est.replace('_', '')}-digits",
-            "task": {"name": "digits_mlp", "kwargs": {"hidden_sizes": [32], "activation": "relu"}},
-            "optimizer": {"name": "mlp"},
-            "estimator": {
-                "name": est,
-                "num_tasks": 8,
-                "unroll_length": 20,
-                "num_steps": 200,
-                **({} if est == "tbptt" else {"std": 0.01}),
-                **({"random_initial_offset": False} if est in ("es", "pes") else {}),
-            },
-            "meta_optimizer": {"learning_rate": 1e-3},
-            "eval": {"steps": 200},
-        }
-        for est in ("tbptt", "es", "pes", "full_es")
-    },
-    # The L2L problem suite (Andrychowicz et al. 2016) and the λ optimizers; see docs/l2l.md.
-    **{
-        name: {
-            "run_name": name,
-            "evaluation_period": 50,
-            "evaluation_epochs": 20,
-            "estimator": {"num_tasks": 4, "unroll_length": 20, "num_steps": 100},
-            "meta_optimizer": {"learning_rate": 3e-3},
-            **extra,
-        }
-        for name, extra in {
-            "l2l-simple": {"task": {"name": "simple"},
-                           "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100}},
-            "l2l-simple-multi": {
-                "task": {"name": "simple_multi"},
-                "optimizer": {"name": "mixed", "kwargs": {
-                    "learned": "lstm", "learned_paths": "^x_0$",
-                    "fallback": "adam", "fallback_kwargs": {"learning_rate": 0.1}}},
-                "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100},
-            },
-            "l2l-cifar": {"task": {"name": "cifar"},
-                          "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100}},
-            "l2l-cifar-multi": {
-                "task": {"name": "cifar_multi"},
-                "optimizer": {"name": "lstm", "kwargs": {
-                    "net_assignments": [["conv", "conv"], ["fc", "readout"]]}},
-                "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100},
-            },
-            "l2l-digits-conv-multi": {
-                "task": {"name": "digits_conv_multi"},
-                "optimizer": {"name": "lstm", "kwargs": {
-                    "net_assignments": [["conv", "conv"], ["fc", "readout"]]}},
-            },
-            "l2l-fixed-lambda": {"task": {"name": "digits_mlp"},
-                                 "optimizer": {"name": "fixed_lambda", "kwargs": {"lam": 0.5}}},
-            "l2l-learned-lambda": {"task": {"name": "digits_mlp"},
-                                   "optimizer": {"name": "learned_lambda"}},
-        }.items()
-    },
-    # The general-purpose recipe (docs/pretrained.md): the normalized-momentum MLP optimizer
-    # meta-trained by PES with log-uniform horizons on sampled MLPs (width, depth, activation,
-    # batch size) over digits and a synthetic 64-feature problem, one family per unroll worker,
-    # each tensor rescaled at random (reparameterization augmentation). Disjoint from the held-out
-    # suite (l2o.suite); θ is chosen on validation seeds of the synthetic family. About an hour on
-    # 2 CPU cores.
-    "general": {
-        "run_name": "general",
-        "meta_steps": 100_000,
-        "time_budget_s": 3300.0,
-        "log_every": 50,
-        "checkpoint_every": 500,
-        "task": GENERAL_TASKS[0],
-        "worker_tasks": GENERAL_TASKS,
-        "optimizer": {"name": "normalized_mlp"},
-        "estimator": {"name": "pes", "num_tasks": 8, "unroll_length": 20, "num_steps": 1000,
-                      "std": 0.02, "random_initial_offset": True,
-                      "horizon_schedule": "log_uniform", "horizon_min": 50, "horizon_max": 1000},
-        "meta_optimizer": {"learning_rate": 3e-3},
-        "eval": {"task": {"name": "sampled_mlp", "kwargs": {"dataset": "synthetic"}},
-                 "steps": 300, "seeds": 5},
-    },
-    # The hierarchical RNN (Wichrowska et al. 2017) on its problem set; see
-    # l2o/optimizers/hierarchical_rnn.py. RMSProp as published, but at 3e-3 rather than the
-    # paper's 1e-6: θ has ~2k weights and these runs take hundreds of meta-steps on one machine,
-    # where 1e-6 would leave θ at its initialization (gradients are clipped to norm 1 first).
-    "hrnn-problem-set": {
-        "run_name": "hrnn-problem-set",
-        "task": {"name": "problem_set"},
-        "optimizer": {"name": "hierarchical_rnn"},
-        "estimator": {"name": "tbptt", "num_tasks": 16, "unroll_length": 10, "num_steps": 200,
-                      "horizon_schedule": "log_uniform", "horizon_min": 20},
-        "meta_optimizer": {"name": "rmsprop", "learning_rate": 3e-3},
-        "eval": {"task": {"name": "digits_mlp"}, "seeds": 5},
-    },
-    "hrnn-digits": {
-        "run_name": "hrnn-digits",
-        "task": {"name": "digits_mlp"},
-        "optimizer": {"name": "hierarchical_rnn"},
-        "estimator": {"name": "tbptt", "num_tasks": 4, "unroll_length": 20, "num_steps": 200,
-                      "horizon_schedule": "log_uniform", "horizon_min": 20},
-        "meta_optimizer": {"name": "rmsprop", "learning_rate": 3e-3},
-    },
-    # The learned unsupervised update rule (Metz et al. 2018; docs/unsupervised.md), sized for 2
-    # CPU cores. The seed: 14×14 MNIST, base model 196-128×4-32, rule networks of 64 channels
-    # (3 + 2 layers), inner lr 1e-4, a meta-batch of 256 examples, eval after 3000 applications.
-    # Here: 8×8 digits (offline), base model 64-16-8, rule networks of 8 channels (no extra
-    # layers), inner lr 0.3 (so two applications per truncation move the features), 4 base models
-    # × 30-example batches per worker restarting every 10 applications, ridge fit and scored on 10
-    # examples per class each (as the seed), eval after 200 applications on 2 base models.
-    "unsupervised-rule": {
-        "run_name": "unsupervised-rule",
-        "meta_steps": 600,
-        "time_budget_s": 600.0,  # counts compilation (minutes on a busy 2-core machine)
-        "log_every": 50,
-        "checkpoint_every": 200,
-        "task": {"name": "unsupervised_digits", "kwargs": {
-            "hidden_sizes": [16], "output_size": 8, "batch_per_class": 3,
-            "samples_per_class": 10}},
-        "optimizer": {"name": "unsupervised_rule", "kwargs": {
-            "output_size": 8, "top_delta_size": 8, "top_delta_layers": 0, "compute_h_size": 8,
-            "compute_h_layers": 0, "delta_dim": 4, "num_grad_channels": 2, "inner_lr": 0.3}},
-        "estimator": {"name": "unsupervised", "num_tasks": 4, "unroll_length": 2,
-                      "num_steps": 10},
-        "meta_optimizer": {"learning_rate": 1e-2},
-        "eval": {"steps": 200, "seeds": 2},
-    },
-    # L2O-Scale and its enhanced versions (Chen et al. 2020; docs/l2o_scale.md): the hierarchical
-    # RNN meta-trained on one MLP problem with a fixed unroll of 20 (the seed's flags), on the
-    # offline digits stand-in of its MNIST MLP, scored over a long horizon (1000 inner steps).
-    **{
-        name: deep_merge({
-            "run_name": name,
-            "meta_steps": 500,
-            "log_every": 10,
-            "checkpoint_every": 100,
-            "evaluation_period": 50,
-            "evaluation_epochs": 5,
-            "task": {"name": "digits_mlp"},
-            "optimizer": {"name": "hierarchical_rnn"},
-            "estimator": {"name": "tbptt", "num_tasks": 1, "unroll_length": 20,
-                          "num_steps": 100, "horizon_schedule": "constant",
-                          "second_derivatives": False},
-            "meta_optimizer": {"name": "rmsprop", "learning_rate": 3e-3},
-            "eval": {"steps": 1000, "seeds": 5, "adam_steps_factor": 2,
-                     "adam_learning_rates": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]},
-        }, extra)
-        for name, extra in {
-            "l2o-scale": {},
-            "l2o-scale-curriculum": {
-                "meta_steps": 3000, "evaluation_period": None,
-                "curriculum": {"stages": [100, 200, 500, 1000], "patience": 3,
-                               "eval_period": 25, "eval_seeds": 5}},
-            "l2o-scale-imitation": {
-                "estimator": {"mt_ratio": 0.1, "mt_k": 1, "mt_teacher_lr": 0.01}},
-            "l2o-scale-hessian": {
-                "estimator": {"reg_option": "hessian-esd", "reg_alpha": 1e-4}},
-            "l2o-scale-enhanced": {
-                "meta_steps": 3000, "evaluation_period": None,
-                "curriculum": {"stages": [100, 200, 500, 1000], "patience": 3,
-                               "eval_period": 25, "eval_seeds": 5},
-                "estimator": {"mt_ratio": 0.1, "mt_k": 1, "mt_teacher_lr": 0.01,
-                              "reg_option": "hessian-esd", "reg_alpha": 1e-4}},
-        }.items()
-    },
-}
+
+def _read_preset(name: str) -> dict[str, Any]:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown preset {name!r}; known: {known}")
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("extends", None)
+    return deep_merge(_read_preset(base), data) if base else data
+
+
+def preset_description(name: str) -> str:
+    """The one-line description of preset ``name`` (its file's first comment line)."""
+    first = (PRESETS_DIR / f"{name}.yaml").read_text().partition("\n")[0]
+    return first.removeprefix("#").strip() if first.startswith("#") else ""
+
+
+#: Named starting points for ``l2o train --preset NAME``, each a partial config (``default`` is
+#: the default job, written out in full).
+PRESETS: dict[str, dict[str, Any]] = {p.stem: _read_preset(p.stem)
+                                      for p in sorted(PRESETS_DIR.glob("*.yaml"))}
 
 
 def preset(name: str) -> TrainConfig:

@@ -21,9 +21,9 @@ from pydantic import (
     model_validator,
 )
 
-from l2o.estimators.registry import ESTIMATORS
+from l2o.estimators.registry import ESTIMATORS, EstimatorSettings
 from l2o.optimizers.registry import OPTIMIZERS
-from l2o.registry import Registry, StrictConfig, config_union, owners
+from l2o.registry import ConstructorConfig, Registry, StrictConfig, config_union, owners
 from l2o.unsupervised.rule import UPDATE_RULES
 
 
@@ -185,8 +185,7 @@ def _error_line(e: dict[str, Any]) -> str:
     estimators (optimizers) that do take a field another one refuses."""
     loc = list(e["loc"])
     if len(loc) > 1 and loc[0] in _SECTIONS and _section_class(loc[0], loc[1]) is not None:
-        section, tag = loc.pop(0), loc.pop(0)
-        loc.insert(0, section)
+        section, tag, loc = loc[0], loc[1], [loc[0], *loc[2:]]
         if e["type"] == "extra_forbidden" and len(loc) == 2:
             takers = owners(loc[1], *_SECTIONS[section])
             if takers:
@@ -213,12 +212,12 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfi
         raise ConfigError(_format_errors(e, source)) from None
 
 
-def estimator_config(**fields: Any) -> BaseModel:
+def estimator_config(**fields: Any) -> EstimatorSettings:
     """The ``estimator`` section alone, validated (``name`` defaults to ``tbptt``)."""
     return config_from_dict({"estimator": fields}, "estimator").estimator
 
 
-def optimizer_config(**fields: Any) -> BaseModel:
+def optimizer_config(**fields: Any) -> ConstructorConfig:
     """The ``optimizer`` section alone, validated (``name`` defaults to ``lstm``)."""
     return config_from_dict({"optimizer": fields}, "optimizer").optimizer
 

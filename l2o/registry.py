@@ -58,11 +58,13 @@ class Registry(Mapping[str, V], Generic[V]):
     def register(self, config_cls: type[BaseModel], value: V) -> None:
         """Register ``config_cls`` under its ``name`` (see :func:`kind_name`), building ``value``.
 
-        Raises ``ValueError`` if the name is taken by another class.
+        Raises ``ValueError`` if the name is taken by something else (registering the same
+        definition again, as a reloaded module does, replaces it).
         """
         name = kind_name(config_cls)
         known = self._entries.get(name)
-        if known is not None and known[0].__qualname__ != config_cls.__qualname__:
+        where = lambda v: (getattr(v, "__module__", None), getattr(v, "__qualname__", None))
+        if known is not None and where(known[1]) != where(value):
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         self._entries[name] = (config_cls, value)
 

@@ -18,7 +18,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from l2o.io.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_config, preset
+from l2o.io.config import (
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    load_config,
+    preset,
+    preset_description,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Meta-train learned optimizers, evaluate them, inspect runs.")
@@ -403,9 +411,9 @@ def tasks() -> None:
 @app.command()
 def presets() -> None:
     """List the presets of ``l2o train --preset``."""
-    table = Table("preset", "overrides")
-    for name, over in sorted(PRESETS.items()):
-        table.add_row(name, json.dumps(over) if over else "(the default job)")
+    table = Table("preset", "description")
+    for name in sorted(PRESETS):
+        table.add_row(name, preset_description(name))
     console.print(table)
 
 

@@ -23,7 +23,7 @@ from l2o.estimators import (
     make_horizon_schedule,
 )
 from l2o.estimators.es import antithetic_unroll, combine, perturbed_pair, sample_perturbations
-from l2o.io.config import EstimatorConfig, config_from_dict
+from l2o.io.config import config_from_dict, estimator_config
 from l2o.optimizers.learned_adam import LearnedAdam
 from l2o.tasks.influence import InfluenceDynamics, influence_family
 from l2o.tasks.quadratic import QuadraticFamily
@@ -237,10 +237,12 @@ def test_config_builds_every_estimator():
     lopt = LearnedAdam()
     family = QuadraticFamily(dim=2)
     kinds = {"tbptt": TruncatedBackprop, "es": TruncatedES, "pes": PES, "full_es": FullES}
+    es_fields = {"std": 0.1, "sign_delta_loss": True, "meta_loss_split": "eval"}
     for name, cls in kinds.items():
+        own = {} if name == "tbptt" else es_fields  # truncated backprop has no ES fields
         est = estimator_from_config(
-            EstimatorConfig(name=name, std=0.1, sign_delta_loss=True, horizon_schedule="growing",
-                            horizon_min=5, horizon_start_min=2, meta_loss_split="eval"),
+            estimator_config(name=name, horizon_schedule="growing", horizon_min=5,
+                             horizon_start_min=2, **own),
             family, lopt)
         assert isinstance(est, cls) and est.estimator_name == name
         assert isinstance(est.truncated_step.horizon_schedule, GrowingLogUniformHorizon)

@@ -11,7 +11,7 @@ import pytest
 
 from l2o.evaluation.comparison import loss_curves
 from l2o.io.checkpoints import checkpoint_path
-from l2o.io.config import EstimatorConfig, MetaOptimizerConfig, config_from_dict, preset
+from l2o.io.config import MetaOptimizerConfig, config_from_dict, estimator_config, preset
 from l2o.optimizers.registry import make_learned_optimizer
 from l2o.tasks.problem_set import DIM, HALF, KINDS, ProblemSetFamily, ProblemSetTask
 from l2o.tasks.quadratic import QuadraticFamily
@@ -193,7 +193,7 @@ def test_noise_changes_gradients_not_clean_loss():
 def test_meta_training_lowers_quadratic_meta_loss():
     lopt = make_learned_optimizer("hierarchical_rnn")
     est = estimator_from_config(
-        EstimatorConfig(num_tasks=4, unroll_length=8, num_steps=40), QuadraticFamily(dim=4), lopt)
+        estimator_config(num_tasks=4, unroll_length=8, num_steps=40), QuadraticFamily(dim=4), lopt)
     tx = meta_optimizer_from_config(MetaOptimizerConfig(name="adam", learning_rate=3e-2))
     theta = lopt.init(jax.random.PRNGKey(0))
     probe = est.init_worker_state(theta, jax.random.PRNGKey(1))

@@ -18,7 +18,12 @@ from l2o.estimators.curvature import (
     spectrum_second_moment,
     top_eigenvalue,
 )
-from l2o.io.config import ConfigError, EstimatorConfig, OptimizerConfig, config_from_dict
+from l2o.io.config import (
+    ConfigError,
+    config_from_dict,
+    estimator_config,
+    optimizer_config,
+)
 from l2o.optimizers.baselines import adam
 from l2o.tasks.quadratic import QuadraticConfig, QuadraticFamily, QuadraticTask
 from l2o.training.build import estimator_from_config, learned_optimizer_from_config
@@ -178,7 +183,7 @@ class QuarticFamily(QuadraticFamily):
 def _est(lopt, dim=4, family=QuadraticFamily, **kw):
     base = {"num_tasks": 4, "unroll_length": 5, "num_steps": 20}
     base.update(kw)
-    return estimator_from_config(EstimatorConfig(**base), family(dim=dim), lopt)
+    return estimator_from_config(estimator_config(**base), family(dim=dim), lopt)
 
 
 def test_adam_imitating_adam_has_zero_imitation_loss():
@@ -196,7 +201,7 @@ def test_adam_imitating_adam_has_zero_imitation_loss():
 def test_imitation_follows_the_teacher_trajectory_and_its_loss():
     """While imitating, the parameters are Adam(0.01)'s iterates (a plain optax loop), and the
     meta-loss is the mean of 0.5‖Δ_adam − Δ_learned‖² recomputed from the learned optimizer."""
-    lopt = learned_optimizer_from_config(OptimizerConfig(name="lstm"))
+    lopt = learned_optimizer_from_config(optimizer_config(name="lstm"))
     est = _est(lopt, num_tasks=2, unroll_length=4, mt_ratio=1.0, mt_k=1)
     theta = lopt.init(jax.random.PRNGKey(0))
     ws = est.init_worker_state(theta, jax.random.PRNGKey(1))
@@ -238,7 +243,7 @@ def test_imitation_follows_the_teacher_trajectory_and_its_loss():
 
 
 def test_imitation_episode_draws_follow_mt_ratio():
-    lopt = learned_optimizer_from_config(OptimizerConfig(name="lstm"))
+    lopt = learned_optimizer_from_config(optimizer_config(name="lstm"))
     est = _est(lopt, num_tasks=400, mt_ratio=0.3)
     ws = est.init_worker_state(lopt.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
     frac = float(np.mean(np.asarray(ws.imitation.active)))
@@ -250,9 +255,9 @@ def test_imitation_episode_draws_follow_mt_ratio():
 
 
 def test_defaults_leave_the_estimate_unchanged():
-    lopt = learned_optimizer_from_config(OptimizerConfig(name="lstm"))
+    lopt = learned_optimizer_from_config(optimizer_config(name="lstm"))
     fam = QuadraticFamily(dim=4)
-    built = estimator_from_config(EstimatorConfig(num_tasks=3, unroll_length=4, num_steps=8),
+    built = estimator_from_config(estimator_config(num_tasks=3, unroll_length=4, num_steps=8),
                                   fam, lopt)
     plain = TruncatedBackprop(truncated_step=TruncatedStep(family=fam, learned_opt=lopt,
                                                            num_steps=8),
@@ -276,7 +281,7 @@ def test_curvature_penalty_meta_gradient_matches_finite_differences():
     """With second derivatives, ∂/∂θ of the curvature penalty at the truncation's final iterates
     (third derivatives of the inner loss, through the learned optimizer's steps) is exact; and it
     is not zero on a loss whose Hessian moves with the parameters."""
-    lopt = learned_optimizer_from_config(OptimizerConfig(name="learned_adam"))
+    lopt = learned_optimizer_from_config(optimizer_config(name="learned_adam"))
     est = _est(lopt, dim=3, family=QuarticFamily, num_tasks=2, unroll_length=3, num_steps=10,
                second_derivatives=True, reg_option="hessian-esd", reg_alpha=0.5)
     with jax.enable_x64(True):
@@ -312,7 +317,7 @@ def test_short_meta_training_lowers_the_meta_loss(opts):
     """40 Adam meta-steps of the LSTM lower the meta-loss that is optimized (with its penalty or
     imitation terms), scored on a fixed held-out truncation of fresh problems: quadratics for
     imitation, quadratics with a quartic term for the penalties (there the penalty depends on θ)."""
-    lopt = learned_optimizer_from_config(OptimizerConfig(name="lstm"))
+    lopt = learned_optimizer_from_config(optimizer_config(name="lstm"))
     family = QuarticFamily if "reg_option" in opts else QuadraticFamily
     est = _est(lopt, family=family, num_tasks=4, unroll_length=5, num_steps=20, **opts)
     theta = lopt.init(jax.random.PRNGKey(0))
@@ -352,23 +357,24 @@ def test_config_errors_name_the_field():
         config_from_dict({"estimator": {"mt_k": 0}})
     cfg = config_from_dict({"estimator": {"reg_option": "hessian-esd", "mt_ratio": 0.1}})
     assert cfg.estimator.reg_alpha == 1e-4 and cfg.estimator.mt_teacher_lr == 0.01
-    lopt = learned_optimizer_from_config(OptimizerConfig(name="lstm"))
+    lopt = learned_optimizer_from_config(optimizer_config(name="lstm"))
     fam = QuadraticFamily(dim=4)
     with pytest.raises(ConfigError, match=r"estimator\.reg_option.*tbptt"):
         config_from_dict({"estimator": {"name": "pes", "reg_option": "hessian-trace"}})
     with pytest.raises(ConfigError, match=r"estimator\.mt_ratio.*tbptt"):
         config_from_dict({"estimator": {"name": "es", "mt_ratio": 0.2}})
-    # the same guard when building from an unvalidated config
-    with pytest.raises(ValueError, match=r"estimator\.reg_option.*tbptt"):
-        estimator_from_config(EstimatorConfig.model_construct(name="pes",
-                                                              reg_option="hessian-trace"),
-                              fam, lopt)
+    # structural: only the tbptt config has the fields, so no other estimator can be given them
+    from l2o.estimators.registry import ESTIMATORS
+
+    for name in ESTIMATORS:
+        fields = ESTIMATORS.config_class(name).model_fields
+        assert ("reg_option" in fields) == ("mt_ratio" in fields) == (name == "tbptt")
     # mt_k counts truncations: the imitation lasts mt_k × unroll_length inner steps
-    est = estimator_from_config(EstimatorConfig(unroll_length=7, mt_ratio=0.1, mt_k=3,
+    est = estimator_from_config(estimator_config(unroll_length=7, mt_ratio=0.1, mt_k=3,
                                                 mt_teacher_lr=0.02), fam, lopt)
     assert est.truncated_step.imitation == Imitation(ratio=0.1, steps=21, teacher_lr=0.02)
-    off = estimator_from_config(EstimatorConfig(mt_ratio=0.0), fam, lopt)
+    off = estimator_from_config(estimator_config(mt_ratio=0.0), fam, lopt)
     assert off.truncated_step.imitation is None
-    mixed = learned_optimizer_from_config(OptimizerConfig(name="mixed"))
+    mixed = learned_optimizer_from_config(optimizer_config(name="mixed"))
     with pytest.raises(ValueError, match="mixed"):
-        estimator_from_config(EstimatorConfig(mt_ratio=0.2), fam, mixed)
+        estimator_from_config(estimator_config(mt_ratio=0.2), fam, mixed)

@@ -323,3 +323,10 @@ def test_registry_names_and_errors():
         make_learned_optimizer("lstm", nonsense=1)
     with pytest.raises(TypeError, match="'adam'"):
         make_learned_optimizer("adam", lr=0.1)
+
+
+def test_a_name_registers_once():
+    from l2o.optimizers.registry import register_optimizer
+
+    with pytest.raises(ValueError, match="optimizer 'adam' is registered twice"):
+        register_optimizer("adam")(lambda learning_rate=1.0: None)

@@ -21,10 +21,10 @@ from l2o.io.checkpoints import (
 )
 from l2o.io.config import (
     ConfigError,
-    EstimatorConfig,
-    OptimizerConfig,
     config_from_dict,
+    estimator_config,
     load_config,
+    optimizer_config,
 )
 from l2o.tasks.quadratic import QuadraticFamily
 from l2o.training.build import estimator_from_config, learned_optimizer_from_config
@@ -51,9 +51,9 @@ def quadratic_config(tmp_path, **overrides):
 @pytest.mark.parametrize("opt_name", ["learned_adam", "lstm"])
 def test_tbptt_gradient_matches_finite_differences(opt_name):
     """With second derivatives on, TBPTT is the exact gradient of the truncation's meta-loss."""
-    lopt = learned_optimizer_from_config(OptimizerConfig(name=opt_name))
+    lopt = learned_optimizer_from_config(optimizer_config(name=opt_name))
     est = estimator_from_config(
-        EstimatorConfig(num_tasks=2, unroll_length=4, num_steps=10, second_derivatives=True),
+        estimator_config(num_tasks=2, unroll_length=4, num_steps=10, second_derivatives=True),
         QuadraticFamily(dim=3), lopt)
     with jax.enable_x64(True):
         to64 = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), t)
@@ -76,11 +76,11 @@ def test_tbptt_gradient_matches_finite_differences(opt_name):
 
 def test_inner_gradients_are_constants_without_second_derivatives():
     """Without second derivatives the estimate differs from the exact derivative."""
-    lopt = learned_optimizer_from_config(OptimizerConfig(name="learned_adam"))
+    lopt = learned_optimizer_from_config(optimizer_config(name="learned_adam"))
     family = QuadraticFamily(dim=3)
     grads = []
     for second in (False, True):
-        est = estimator_from_config(EstimatorConfig(num_tasks=2, unroll_length=4, num_steps=10,
+        est = estimator_from_config(estimator_config(num_tasks=2, unroll_length=4, num_steps=10,
                                                     second_derivatives=second), family, lopt)
         theta = lopt.init(jax.random.PRNGKey(0))
         states = est.init_worker_state(theta, jax.random.PRNGKey(1))
@@ -91,8 +91,8 @@ def test_inner_gradients_are_constants_without_second_derivatives():
 
 
 def test_inner_problems_reset_at_horizon():
-    lopt = learned_optimizer_from_config(OptimizerConfig(name="learned_adam"))
-    est = estimator_from_config(EstimatorConfig(num_tasks=3, unroll_length=4, num_steps=6),
+    lopt = learned_optimizer_from_config(optimizer_config(name="learned_adam"))
+    est = estimator_from_config(estimator_config(num_tasks=3, unroll_length=4, num_steps=6),
                                 QuadraticFamily(dim=3), lopt)
     theta = lopt.init(jax.random.PRNGKey(0))
     ws = est.init_worker_state(theta, jax.random.PRNGKey(1))
@@ -315,3 +315,62 @@ def test_the_written_out_default_config_is_the_default_job():
 
     written = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
     assert written == preset("default")
+
+
+def test_a_field_of_another_estimator_or_optimizer_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"estimator\.std: not a field of estimator 'tbptt'"):
+        config_from_dict({"estimator": {"name": "tbptt", "std": 0.1}})
+    with pytest.raises(ConfigError, match=r"estimator\.es_advance.*es\b"):
+        config_from_dict({"estimator": {"name": "pes", "es_advance": "positive"}})
+    with pytest.raises(ConfigError, match=r"estimator: unknown estimator 'nope'; known: es"):
+        config_from_dict({"estimator": {"name": "nope"}})
+    with pytest.raises(ConfigError, match=r"optimizer\.kwargs\.nonsense"):
+        config_from_dict({"optimizer": {"name": "lstm", "kwargs": {"nonsense": 1}}})
+    with pytest.raises(ConfigError, match=r"optimizer\.kwargs\.layers"):
+        config_from_dict({"optimizer": {"name": "lstm", "kwargs": {"layers": "wide"}}})
+    # kwargs are dumped as given, so a config round-trips through its YAML/JSON form
+    cfg = config_from_dict({"optimizer": {"name": "lstm", "kwargs": {"layers": [8]}}})
+    assert cfg.model_dump(mode="json")["optimizer"] == {"name": "lstm", "kwargs": {"layers": [8]}}
+    assert config_from_dict(cfg.model_dump()) == cfg
+
+
+def test_overrides_switch_the_estimator_and_the_optimizer():
+    from l2o.io.config import apply_overrides, preset
+
+    cfg = apply_overrides(preset("default"), ["estimator.name=tbptt"])
+    assert cfg.estimator.name == "tbptt" and cfg.estimator.num_tasks == 8  # shared fields stay
+    assert cfg.estimator.horizon_min == 50 and not hasattr(cfg.estimator, "std")
+    cfg = apply_overrides(preset("default"),
+                          ["estimator.name=es", "estimator.es_advance=unperturbed"])
+    assert cfg.estimator.std == 0.02 and cfg.estimator.es_advance == "unperturbed"
+    with pytest.raises(ConfigError, match=r"estimator\.std"):
+        apply_overrides(preset("default"), ["estimator.name=tbptt", "estimator.std=0.1"])
+    cfg = apply_overrides(preset("l2l-cifar-multi"), ["optimizer.name=learned_adam"])
+    assert cfg.optimizer.name == "learned_adam" and cfg.optimizer.kwargs.given() == {}
+
+
+def test_every_preset_is_a_described_yaml_file():
+    from pathlib import Path
+
+    from l2o.io.config import PRESETS, PRESETS_DIR, preset, preset_description
+
+    assert {p.stem for p in PRESETS_DIR.glob("*.yaml")} == set(PRESETS) and "default" in PRESETS
+    for name in PRESETS:
+        assert preset_description(name), name
+        assert preset(name).run_name
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "configs" / "presets").resolve() == PRESETS_DIR.resolve()
+    # extends: a variant is its base with its own fields merged over it
+    assert preset("l2o-scale-hessian").eval == preset("l2o-scale").eval
+
+
+def test_cli_presets_lists_names_and_descriptions():
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    result = CliRunner().invoke(app, ["presets"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "description" in result.output and "{" not in result.output  # a table, not JSON
+    assert "l2o-scale-enhanced" in result.output
+    assert "L2O-Scale with the curriculum" in result.output

@@ -380,7 +380,7 @@ def test_preset_and_config_errors():
     cfg = preset("unsupervised-rule")
     assert cfg.estimator.name == "unsupervised" and cfg.optimizer.name == "unsupervised_rule"
     assert cfg.task.name == "unsupervised_digits"
-    assert cfg.task.kwargs["output_size"] == cfg.optimizer.kwargs["output_size"]
+    assert cfg.task.kwargs["output_size"] == cfg.optimizer.kwargs.output_size
     from l2o.tasks.registry import make_task_family
     from l2o.training.build import estimator_from_config, learned_optimizer_from_config
 

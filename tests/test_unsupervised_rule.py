@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from l2o.optimizers.base import LearnedOptimizer
 from l2o.optimizers.registry import make_learned_optimizer
-from l2o.unsupervised import BaseModel, UnsupervisedUpdateRule, rolling_step
+from l2o.unsupervised import UPDATE_RULES, BaseModel, UnsupervisedUpdateRule, rolling_step
 from l2o.unsupervised.update_rule import (
     UPDATE_TERMS,
     LowRankReadouts,
@@ -143,11 +144,13 @@ def test_rule_checks_output_size_and_refuses_gradients(setup):
     wide = BaseModel(16, (10,), 7)
     with pytest.raises(ValueError, match="output_size"):
         RULE.apply(theta, wide, wide.init(jax.random.PRNGKey(0)), x)
-    with pytest.raises(TypeError, match="not from gradients"):
-        RULE.opt_fn(theta)
+    # a learned update rule, not an optimizer: no opt_fn, not among the optimizers
+    assert not isinstance(RULE, LearnedOptimizer) and not hasattr(RULE, "opt_fn")
+    with pytest.raises(ValueError, match="unknown optimizer 'unsupervised_rule'"):
+        make_learned_optimizer("unsupervised_rule")
     with pytest.raises(ValueError, match="inner_lr"):
         UnsupervisedUpdateRule(inner_lr=0.0)
-    rule = make_learned_optimizer("unsupervised_rule", output_size=6)
+    rule = UPDATE_RULES.make("unsupervised_rule", output_size=6)
     assert isinstance(rule, UnsupervisedUpdateRule) and rule.name == "unsupervised_rule"
 
 

@@ -31,14 +31,17 @@ Its estimate is biased toward the truncation like TBPTT's; PES removes that bias
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+from pydantic import Field
 
 from l2o.estimators.base import GradientEstimator, Metrics
-from l2o.estimators.truncated_step import InnerState, TruncatedStep
+from l2o.estimators.registry import register_estimator
+from l2o.estimators.truncated_step import InnerState, TruncatedStep, TruncatedStepSettings
+from l2o.tasks.base import TaskFamily
 from l2o.types import MetaParams, PRNGKey
 
 # ------------------------------------------------------------------------------------------------
@@ -245,3 +248,35 @@ def _es_estimate(est: TruncatedES, theta: MetaParams, ws: ESWorkerState,
     new_inner = restart_where(ts, new_inner, ~finite)
     metrics = pair_metrics(pair, per_particle, finite, num_finite, delta, inner_steps)
     return grad, ESWorkerState(inner=new_inner, iteration=ws.iteration + 1), metrics
+
+
+class ESSettings(TruncatedStepSettings):
+    """The fields of the antithetic ES estimators (ES, PES, full ES); ``num_tasks`` counts the
+    antithetic particles."""
+
+    std: float = Field(0.01, gt=0)  # σ of each coordinate of the perturbation ε
+    sign_delta_loss: bool = False
+    meta_loss_split: Literal["train", "eval"] = "train"  # the data split of the meta-loss
+
+    def es_fields(self, family: TaskFamily, learned_opt: Any) -> dict[str, Any]:
+        """The constructor arguments every ES estimator shares."""
+        step = self.truncated_step(family, learned_opt,
+                                   eval_split_loss=self.meta_loss_split == "eval")
+        return {"truncated_step": step, "num_tasks": self.num_tasks, "std": self.std,
+                "sign_delta_loss": self.sign_delta_loss}
+
+
+@register_estimator
+class TruncatedESConfig(ESSettings):
+    """``estimator: {name: es}``: :class:`TruncatedES`."""
+
+    name: Literal["es"] = "es"
+    random_initial_offset: bool = False  # desynchronize the problems' restarts
+    es_advance: Literal["positive", "unperturbed"] = "positive"  # the carried state
+
+    def build(self, family: TaskFamily, learned_opt: Any) -> TruncatedES:
+        """The :class:`TruncatedES` of these settings."""
+        return TruncatedES(**self.es_fields(family, learned_opt),
+                           unroll_length=self.unroll_length,
+                           random_initial_offset=self.random_initial_offset,
+                           advance=self.es_advance)

@@ -18,14 +18,16 @@ No inner state persists; the worker state only counts calls.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+from pydantic import PositiveInt
 
 from l2o.estimators.base import GradientEstimator, Metrics
 from l2o.estimators.es import (
+    ESSettings,
     antithetic_unroll,
     combine,
     delta_coefficient,
@@ -34,7 +36,9 @@ from l2o.estimators.es import (
     sample_perturbations,
     stack_pair,
 )
+from l2o.estimators.registry import register_estimator
 from l2o.estimators.truncated_step import TruncatedStep
+from l2o.tasks.base import TaskFamily
 from l2o.types import MetaParams, PRNGKey
 
 
@@ -102,3 +106,17 @@ def _full_es_estimate(est: FullES, theta: MetaParams, ws: FullESWorkerState,
     metrics = pair_metrics(pair, per_particle, finite, num_finite, delta,
                            2 * ts.num_steps * est.num_tasks)
     return grad, FullESWorkerState(iteration=ws.iteration + 1), metrics
+
+
+@register_estimator
+class FullESConfig(ESSettings):
+    """``estimator: {name: full_es}``: :class:`FullES` (``unroll_length`` is not used)."""
+
+    name: Literal["full_es"] = "full_es"
+    full_es_loss: Literal["mean", "last", "last_recomputed"] = "mean"
+    full_es_recompute_batches: PositiveInt = 8
+
+    def build(self, family: TaskFamily, learned_opt: Any) -> FullES:
+        """The :class:`FullES` of these settings."""
+        return FullES(**self.es_fields(family, learned_opt), loss_type=self.full_es_loss,
+                      recompute_batches=self.full_es_recompute_batches)

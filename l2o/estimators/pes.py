@@ -30,12 +30,15 @@ step.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from l2o.estimators.base import GradientEstimator, Metrics
 from l2o.estimators.es import (
+    ESSettings,
     antithetic_unroll,
     combine,
     delta_coefficient,
@@ -44,7 +47,9 @@ from l2o.estimators.es import (
     sample_perturbations,
     stack_pair,
 )
+from l2o.estimators.registry import register_estimator
 from l2o.estimators.truncated_step import InnerState, TruncatedStep
+from l2o.tasks.base import TaskFamily
 from l2o.types import MetaParams, PRNGKey
 
 
@@ -125,3 +130,16 @@ def _pes_estimate(est: PES, theta: MetaParams, ws: PESWorkerState,
     metrics["accum_norm"] = jnp.sqrt(jnp.sum(flat * flat, axis=1)).mean() / est.std
     new_ws = PESWorkerState(pos=pos, neg=neg, accum=accum, iteration=ws.iteration + 1)
     return grad, new_ws, metrics
+
+
+@register_estimator
+class PESConfig(ESSettings):
+    """``estimator: {name: pes}``: :class:`PES`."""
+
+    name: Literal["pes"] = "pes"
+    random_initial_offset: bool = False  # desynchronize the problems' restarts
+
+    def build(self, family: TaskFamily, learned_opt: Any) -> PES:
+        """The :class:`PES` of these settings."""
+        return PES(**self.es_fields(family, learned_opt), unroll_length=self.unroll_length,
+                   random_initial_offset=self.random_initial_offset)

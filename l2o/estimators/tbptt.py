@@ -23,15 +23,20 @@ one above):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+from pydantic import Field, PositiveInt
 
 from l2o.estimators.base import GradientEstimator, Metrics
 from l2o.estimators.curvature import REG_OPTIONS, curvature_penalty
-from l2o.estimators.truncated_step import InnerState, TruncatedStep
+from l2o.estimators.imitation import Imitation
+from l2o.estimators.registry import register_estimator
+from l2o.estimators.truncated_step import InnerState, TruncatedStep, TruncatedStepSettings
+from l2o.optimizers.mixed import MixedOptimizer
+from l2o.tasks.base import TaskFamily
 from l2o.types import MetaParams, PRNGKey
 
 
@@ -142,3 +147,41 @@ def _compute_gradient_estimate(est: TruncatedBackprop, theta: MetaParams, states
     grad, (states, metrics) = jax.grad(est.meta_loss, has_aux=True)(theta, states, key)
     states = jax.lax.stop_gradient(states)
     return grad, states, metrics
+
+
+@register_estimator
+class TBPTTConfig(TruncatedStepSettings):
+    """``estimator: {name: tbptt}`` (the default): :class:`TruncatedBackprop`, with L2O-Scale's
+    enhancements (docs/l2o_scale.md).
+
+    Meta-loss += ``reg_alpha`` × a curvature term of the inner loss at the truncation's final
+    parameters (:mod:`l2o.estimators.curvature`), and imitation of Adam(``mt_teacher_lr``) for the
+    first ``mt_k`` truncations of an episode chosen with probability ``mt_ratio``
+    (:mod:`l2o.estimators.imitation`).
+    """
+
+    name: Literal["tbptt"] = "tbptt"
+    meta_loss_reduction: Literal["mean", "sum"] = "mean"
+    reg_option: Literal["none", "hessian-trace", "hessian-top", "hessian-esd"] = "none"
+    reg_alpha: float = Field(1e-4, ge=0)
+    mt_ratio: float = Field(0.0, ge=0, le=1)
+    mt_k: PositiveInt = 1
+    mt_teacher_lr: float = Field(0.01, gt=0)
+
+    def imitation(self, learned_opt: Any) -> Imitation | None:
+        """The imitation of Adam these settings ask for (``None`` when ``mt_ratio`` is 0)."""
+        if self.mt_ratio == 0:
+            return None
+        if isinstance(learned_opt, MixedOptimizer):
+            raise ValueError("estimator.mt_ratio > 0 (imitation) does not support the 'mixed' "
+                             "optimizer; set mt_ratio: 0")
+        return Imitation(ratio=self.mt_ratio, steps=self.mt_k * self.unroll_length,
+                         teacher_lr=self.mt_teacher_lr)
+
+    def build(self, family: TaskFamily, learned_opt: Any) -> TruncatedBackprop:
+        """The :class:`TruncatedBackprop` of these settings."""
+        step = self.truncated_step(family, learned_opt, imitation=self.imitation(learned_opt))
+        return TruncatedBackprop(truncated_step=step, num_tasks=self.num_tasks,
+                                 unroll_length=self.unroll_length,
+                                 meta_loss_reduction=self.meta_loss_reduction,
+                                 reg_option=self.reg_option, reg_alpha=self.reg_alpha)

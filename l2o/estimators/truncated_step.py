@@ -30,12 +30,15 @@ Optional extensions, all off by default (the behaviour above is then unchanged):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+from pydantic import PositiveInt
 
+from l2o.estimators.registry import EstimatorSettings
+from l2o.estimators.schedules import make_horizon_schedule
 from l2o.optimizers.base import LearnedOptimizer
 from l2o.tasks.base import TaskFamily
 from l2o.types import MetaParams, PRNGKey
@@ -243,3 +246,32 @@ class TruncatedStep:
             return advance_b(theta, carry, reset, k_batch, k_opt)
 
         return jax.lax.scan(body, states, jax.random.split(key, length))
+
+
+class TruncatedStepSettings(EstimatorSettings):
+    """The fields of the estimators built on a :class:`TruncatedStep`: second derivatives and the
+    inner-horizon schedule (:mod:`l2o.estimators.schedules`).
+
+    The schedule's bounds default to ``num_steps // 10`` and ``num_steps``; ``growing`` ramps from
+    ``(horizon_start_min, horizon_start_max)`` over ``horizon_ramp`` truncations of a worker.
+    """
+
+    second_derivatives: bool = False
+    horizon_schedule: Literal["constant", "log_uniform", "growing"] = "constant"
+    horizon_min: PositiveInt | None = None
+    horizon_max: PositiveInt | None = None
+    horizon_start_min: PositiveInt | None = None
+    horizon_start_max: PositiveInt | None = None
+    horizon_ramp: PositiveInt = 1000
+
+    def truncated_step(self, family: TaskFamily, learned_opt: LearnedOptimizer,
+                       eval_split_loss: bool = False,
+                       imitation: Imitation | None = None) -> TruncatedStep:
+        """The :class:`TruncatedStep` these settings describe."""
+        schedule = make_horizon_schedule(
+            self.horizon_schedule, self.num_steps, self.horizon_min, self.horizon_max,
+            self.horizon_start_min, self.horizon_start_max, self.horizon_ramp)
+        return TruncatedStep(family=family, learned_opt=learned_opt, num_steps=self.num_steps,
+                             second_derivatives=self.second_derivatives,
+                             horizon_schedule=schedule, eval_split_loss=eval_split_loss,
+                             imitation=imitation)

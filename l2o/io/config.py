@@ -1,4 +1,4 @@
-"""Run configuration: typed pydantic models, loaded from YAML, with named presets.
+"""Run configuration: typed pydantic models, loaded from YAML, with named presets (``presets/``).
 
 Every model forbids unknown fields, so a misspelt key is an error that names it. Load a file with
 :func:`load_config`; invalid input raises :class:`ConfigError` listing each bad field by its dotted
@@ -14,7 +14,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     PositiveInt,
     ValidationError,
@@ -22,80 +21,38 @@ from pydantic import (
     model_validator,
 )
 
+from l2o.estimators.registry import ESTIMATORS, EstimatorSettings
+from l2o.optimizers.registry import OPTIMIZERS
+from l2o.registry import ConstructorConfig, Registry, StrictConfig, config_union, owners
+from l2o.unsupervised.rule import UPDATE_RULES
+
 
 class ConfigError(ValueError):
     """A configuration file or preset is invalid; the message names every bad field."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
-
-
-class TaskConfig(_Strict):
+class TaskConfig(StrictConfig):
     """Which task family the inner problems come from (see ``l2o tasks``)."""
 
     name: str = "digits_mlp"
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class OptimizerConfig(_Strict):
-    """Which learned optimizer θ parameterizes (``lstm``, ``learned_adam``, …)."""
+#: The ``optimizer`` section, ``{name, kwargs}``: a registered learned optimizer
+#: (``l2o.optimizers.registry``) or learned update rule (``l2o.unsupervised.rule``), its kwargs
+#: checked against the constructor's signature. Default: L2L's ``lstm``.
+OptimizerConfig = config_union("lstm", OPTIMIZERS, UPDATE_RULES)
 
-    name: str = "lstm"
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+#: The ``estimator`` section: the fields of the registered estimator named by ``name``
+#: (``l2o.estimators.registry``; default ``tbptt``), and only those.
+EstimatorConfig = config_union("tbptt", ESTIMATORS)
 
-
-class EstimatorConfig(_Strict):
-    """The meta-gradient estimator and its truncation."""
-
-    # "unsupervised": truncated backprop of the ridge meta-objective through the unsupervised
-    # update rule (l2o.unsupervised.estimator; task unsupervised_*, optimizer unsupervised_rule)
-    name: Literal["tbptt", "es", "pes", "full_es", "unsupervised"] = "tbptt"
-    num_tasks: PositiveInt = 4
-    unroll_length: PositiveInt = 20
-    num_steps: PositiveInt = 100
-    second_derivatives: bool = False
-    meta_loss_reduction: Literal["mean", "sum"] = "mean"
-    # ES / PES / full ES (see l2o.estimators.es for the conventions); num_tasks is the number of
-    # antithetic particles
-    std: float = Field(0.01, gt=0)  # σ of each coordinate of the perturbation ε
-    sign_delta_loss: bool = False
-    random_initial_offset: bool = False  # ES/PES: desynchronize the problems' restarts
-    es_advance: Literal["positive", "unperturbed"] = "positive"  # truncated ES's carried state
-    meta_loss_split: Literal["train", "eval"] = "train"  # ES/PES/full ES meta-loss data split
-    full_es_loss: Literal["mean", "last", "last_recomputed"] = "mean"
-    full_es_recompute_batches: PositiveInt = 8
-    # inner-horizon schedule (l2o.estimators.schedules): bounds default to num_steps // 10 and
-    # num_steps; "growing" ramps from (horizon_start_min, horizon_start_max) over horizon_ramp
-    # truncations of a worker
-    horizon_schedule: Literal["constant", "log_uniform", "growing"] = "constant"
-    horizon_min: PositiveInt | None = None
-    horizon_max: PositiveInt | None = None
-    horizon_start_min: PositiveInt | None = None
-    horizon_start_max: PositiveInt | None = None
-    horizon_ramp: PositiveInt = 1000
-    # L2O-Scale's enhancements (l2o.estimators.curvature, l2o.estimators.imitation; TBPTT only):
-    # meta-loss
-    # += reg_alpha × a curvature term of the inner loss at the truncation's final parameters, and
-    # imitation of Adam(mt_teacher_lr) for the first mt_k truncations of an episode chosen with
-    # probability mt_ratio
-    reg_option: Literal["none", "hessian-trace", "hessian-top", "hessian-esd"] = "none"
-    reg_alpha: float = Field(1e-4, ge=0)
-    mt_ratio: float = Field(0.0, ge=0, le=1)
-    mt_k: PositiveInt = 1
-    mt_teacher_lr: float = Field(0.01, gt=0)
-
-    @model_validator(mode="after")
-    def _l2o_scale_needs_tbptt(self) -> EstimatorConfig:
-        for field, on in (("reg_option", self.reg_option != "none"),
-                          ("mt_ratio", self.mt_ratio > 0)):
-            if on and self.name != "tbptt":
-                raise ValueError(f"estimator.{field}={getattr(self, field)!r} is supported by "
-                                 f"estimator.name 'tbptt' only, got {self.name!r}")
-        return self
+#: The sections chosen by name, and the registries they choose from.
+_SECTIONS: dict[str, tuple[Registry[Any], ...]] = {"optimizer": (OPTIMIZERS, UPDATE_RULES),
+                                                   "estimator": (ESTIMATORS,)}
 
 
-class MetaOptimizerConfig(_Strict):
+class MetaOptimizerConfig(StrictConfig):
     """The optax optimizer that updates θ."""
 
     name: Literal["adam", "rmsprop", "sgd"] = "adam"
@@ -103,7 +60,7 @@ class MetaOptimizerConfig(_Strict):
     clip_norm: float | None = Field(1.0, gt=0)
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictConfig):
     """Scoring of the trained optimizer against a tuned Adam."""
 
     task: TaskConfig | None = None  # default: the training task
@@ -115,7 +72,7 @@ class EvalConfig(_Strict):
     )
 
 
-class ServiceConfig(_Strict):
+class ServiceConfig(StrictConfig):
     """The distributed service: learner policies, workers, Redis and security."""
 
     num_unroll_workers: PositiveInt = 2
@@ -138,7 +95,7 @@ class ServiceConfig(_Strict):
     eval_idle_ms: PositiveInt = 30_000
 
 
-class CurriculumConfig(_Strict):
+class CurriculumConfig(StrictConfig):
     """L2O-Scale's curriculum over the training horizon (``l2o.training.curriculum``;
     docs/l2o_scale.md).
 
@@ -165,7 +122,7 @@ class CurriculumConfig(_Strict):
         return v
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictConfig):
     """A whole meta-training run."""
 
     run_name: str = "default"
@@ -187,8 +144,9 @@ class TrainConfig(_Strict):
     # instead of `task` (the learner averages their gradients: the meta-objective is the
     # mixture). Empty: every worker uses `task`. The single-machine trainer uses the first.
     worker_tasks: list[TaskConfig] = Field(default_factory=list)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OPTIMIZERS.config_class("lstm")())
+    estimator: EstimatorConfig = Field(
+        default_factory=lambda: ESTIMATORS.config_class("tbptt")())
     meta_optimizer: MetaOptimizerConfig = Field(default_factory=MetaOptimizerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
@@ -196,10 +154,10 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _curriculum_horizon(self) -> TrainConfig:
-        if self.curriculum is not None and self.estimator.horizon_schedule != "constant":
+        schedule = getattr(self.estimator, "horizon_schedule", "constant")
+        if self.curriculum is not None and schedule != "constant":
             raise ValueError("curriculum sets estimator.num_steps per stage; it needs "
-                             "estimator.horizon_schedule 'constant', not "
-                             f"{self.estimator.horizon_schedule!r}")
+                             f"estimator.horizon_schedule 'constant', not {schedule!r}")
         return self
 
     def worker_task(self, worker_index: int) -> TaskConfig:
@@ -217,12 +175,31 @@ class TrainConfig(_Strict):
         return Path(self.run_dir) / self.run_name
 
 
+def _section_class(section: str, name: Any) -> type[BaseModel] | None:
+    """The config class registered as ``name`` for ``section`` (``None`` if there is none)."""
+    return next((reg.config_class(name) for reg in _SECTIONS[section] if name in reg), None)
+
+
+def _error_line(e: dict[str, Any]) -> str:
+    """One error as ``dotted.path: message``, without the union's tag in the path, and with the
+    estimators (optimizers) that do take a field another one refuses."""
+    loc = list(e["loc"])
+    if len(loc) > 1 and loc[0] in _SECTIONS and _section_class(loc[0], loc[1]) is not None:
+        section, tag, loc = loc[0], loc[1], [loc[0], *loc[2:]]
+        if e["type"] == "extra_forbidden" and len(loc) == 2:
+            takers = owners(loc[1], *_SECTIONS[section])
+            if takers:
+                return (f"  {section}.{loc[1]}: not a field of {section} {tag!r}; it belongs to "
+                        f"{section}.name {', '.join(takers)}")
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    msg = e["msg"]
+    if e["type"] == "unknown_kind" and isinstance(e.get("input"), dict):
+        msg = msg.replace("; known", f" {e['input'].get('name')!r}; known", 1)
+    return f"  {where}: {msg}"
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {where}: {e['msg']}")
-    return "\n".join(lines)
+    return "\n".join([f"invalid configuration in {source}:", *map(_error_line, err.errors())])
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -233,6 +210,16 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfi
         return TrainConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+
+
+def estimator_config(**fields: Any) -> EstimatorSettings:
+    """The ``estimator`` section alone, validated (``name`` defaults to ``tbptt``)."""
+    return config_from_dict({"estimator": fields}, "estimator").estimator
+
+
+def optimizer_config(**fields: Any) -> ConstructorConfig:
+    """The ``optimizer`` section alone, validated (``name`` defaults to ``lstm``)."""
+    return config_from_dict({"optimizer": fields}, "optimizer").optimizer
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
@@ -256,208 +243,31 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-#: The meta-training families of preset ``general``: sampled MLPs over digits and over a
-#: synthetic problem, each tensor rescaled by a log-uniform factor in [0.1, 10].
-GENERAL_TASKS: list[dict[str, Any]] = [
-    {"name": "reparam", "kwargs": {
-        "task": "sampled_mlp",
-        "task_kwargs": {"dataset": dataset, "widths": [8, 16, 32, 64], "depths": [1, 2, 3],
-                        "activations": ["relu", "tanh", "sigmoid"],
-                        "batch_sizes": [16, 32, 64, 128]},
-        "min_scale": 0.1, "max_scale": 10.0}}
-    for dataset in ("digits", "synthetic")
-]
+#: The preset files, ``<name>.yaml`` each (``configs/presets`` links here): a partial config whose
+#: first line is a ``# description`` comment; ``extends: NAME`` merges it over another preset.
+PRESETS_DIR = Path(__file__).with_name("presets")
 
-#: Named starting points for ``l2o train --preset NAME``; each is a partial config.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The main job (`l2o train` with no arguments): the normalized-momentum MLP optimizer
-    # meta-trained by PES on L2L's 64-20-10 sigmoid digits MLP for 4 minutes, then scored on fresh
-    # seeds against tuned Adam (train loss and test accuracy).
-    "default": {
-        "optimizer": {"name": "normalized_mlp"},
-        "estimator": {"name": "pes", "num_tasks": 8, "unroll_length": 20, "num_steps": 200,
-                      "std": 0.02, "random_initial_offset": True,
-                      "horizon_schedule": "log_uniform", "horizon_min": 50},
-        "meta_optimizer": {"learning_rate": 1e-2},
-        "eval": {"steps": 200},
-    },
-    # The seed-faithful L2L job: the coordinatewise LSTM by truncated backprop (the old default).
-    "l2l-digits": {},
-    "l2l-quadratic": {
-        "run_name": "l2l-quadratic",
-        "task": {"name": "quadratic"},
-        "estimator": {"num_tasks": 128, "unroll_length": 20, "num_steps": 100},
-        "meta_optimizer": {"learning_rate": 1e-2},
-    },
-    "l2l-mnist": {
-        "run_name": "l2l-mnist",
-        "task": {"name": "mnist_mlp"},
-        "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100},
-    },
-    # The per-parameter MLP optimizer on 64-32-10 ReLU digits MLPs, one preset per estimator.
-    **{
-        f"mlp-{est.replace('_', '')}-digits": {
-            "run_name": f"mlp-{est.replace('_', '')}-digits",
-            "task": {"name": "digits_mlp", "kwargs": {"hidden_sizes": [32], "activation": "relu"}},
-            "optimizer": {"name": "mlp"},
-            "estimator": {
-                "name": est,
-                "num_tasks": 8,
-                "unroll_length": 20,
-                "num_steps": 200,
-                "std": 0.01,
-                "random_initial_offset": est in ("es", "pes"),
-            },
-            "meta_optimizer": {"learning_rate": 1e-3},
-            "eval": {"steps": 200},
-        }
-        for est in ("tbptt", "es", "pes", "full_es")
-    },
-    # The L2L problem suite (Andrychowicz et al. 2016) and the λ optimizers; see docs/l2l.md.
-    **{
-        name: {
-            "run_name": name,
-            "evaluation_period": 50,
-            "evaluation_epochs": 20,
-            "estimator": {"num_tasks": 4, "unroll_length": 20, "num_steps": 100},
-            "meta_optimizer": {"learning_rate": 3e-3},
-            **extra,
-        }
-        for name, extra in {
-            "l2l-simple": {"task": {"name": "simple"},
-                           "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100}},
-            "l2l-simple-multi": {
-                "task": {"name": "simple_multi"},
-                "optimizer": {"name": "mixed", "kwargs": {
-                    "learned": "lstm", "learned_paths": "^x_0$",
-                    "fallback": "adam", "fallback_kwargs": {"learning_rate": 0.1}}},
-                "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100},
-            },
-            "l2l-cifar": {"task": {"name": "cifar"},
-                          "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100}},
-            "l2l-cifar-multi": {
-                "task": {"name": "cifar_multi"},
-                "optimizer": {"name": "lstm", "kwargs": {
-                    "net_assignments": [["conv", "conv"], ["fc", "readout"]]}},
-                "estimator": {"num_tasks": 1, "unroll_length": 20, "num_steps": 100},
-            },
-            "l2l-digits-conv-multi": {
-                "task": {"name": "digits_conv_multi"},
-                "optimizer": {"name": "lstm", "kwargs": {
-                    "net_assignments": [["conv", "conv"], ["fc", "readout"]]}},
-            },
-            "l2l-fixed-lambda": {"task": {"name": "digits_mlp"},
-                                 "optimizer": {"name": "fixed_lambda", "kwargs": {"lam": 0.5}}},
-            "l2l-learned-lambda": {"task": {"name": "digits_mlp"},
-                                   "optimizer": {"name": "learned_lambda"}},
-        }.items()
-    },
-    # The general-purpose recipe (docs/pretrained.md): the normalized-momentum MLP optimizer
-    # meta-trained by PES with log-uniform horizons on sampled MLPs (width, depth, activation,
-    # batch size) over digits and a synthetic 64-feature problem, one family per unroll worker,
-    # each tensor rescaled at random (reparameterization augmentation). Disjoint from the held-out
-    # suite (l2o.suite); θ is chosen on validation seeds of the synthetic family. About an hour on
-    # 2 CPU cores.
-    "general": {
-        "run_name": "general",
-        "meta_steps": 100_000,
-        "time_budget_s": 3300.0,
-        "log_every": 50,
-        "checkpoint_every": 500,
-        "task": GENERAL_TASKS[0],
-        "worker_tasks": GENERAL_TASKS,
-        "optimizer": {"name": "normalized_mlp"},
-        "estimator": {"name": "pes", "num_tasks": 8, "unroll_length": 20, "num_steps": 1000,
-                      "std": 0.02, "random_initial_offset": True,
-                      "horizon_schedule": "log_uniform", "horizon_min": 50, "horizon_max": 1000},
-        "meta_optimizer": {"learning_rate": 3e-3},
-        "eval": {"task": {"name": "sampled_mlp", "kwargs": {"dataset": "synthetic"}},
-                 "steps": 300, "seeds": 5},
-    },
-    # The hierarchical RNN (Wichrowska et al. 2017) on its problem set; see
-    # l2o/optimizers/hierarchical_rnn.py. RMSProp as published, but at 3e-3 rather than the
-    # paper's 1e-6: θ has ~2k weights and these runs take hundreds of meta-steps on one machine,
-    # where 1e-6 would leave θ at its initialization (gradients are clipped to norm 1 first).
-    "hrnn-problem-set": {
-        "run_name": "hrnn-problem-set",
-        "task": {"name": "problem_set"},
-        "optimizer": {"name": "hierarchical_rnn"},
-        "estimator": {"name": "tbptt", "num_tasks": 16, "unroll_length": 10, "num_steps": 200,
-                      "horizon_schedule": "log_uniform", "horizon_min": 20},
-        "meta_optimizer": {"name": "rmsprop", "learning_rate": 3e-3},
-        "eval": {"task": {"name": "digits_mlp"}, "seeds": 5},
-    },
-    "hrnn-digits": {
-        "run_name": "hrnn-digits",
-        "task": {"name": "digits_mlp"},
-        "optimizer": {"name": "hierarchical_rnn"},
-        "estimator": {"name": "tbptt", "num_tasks": 4, "unroll_length": 20, "num_steps": 200,
-                      "horizon_schedule": "log_uniform", "horizon_min": 20},
-        "meta_optimizer": {"name": "rmsprop", "learning_rate": 3e-3},
-    },
-    # The learned unsupervised update rule (Metz et al. 2018; docs/unsupervised.md), sized for 2
-    # CPU cores. The seed: 14×14 MNIST, base model 196-128×4-32, rule networks of 64 channels
-    # (3 + 2 layers), inner lr 1e-4, a meta-batch of 256 examples, eval after 3000 applications.
-    # Here: 8×8 digits (offline), base model 64-16-8, rule networks of 8 channels (no extra
-    # layers), inner lr 0.3 (so two applications per truncation move the features), 4 base models
-    # × 30-example batches per worker restarting every 10 applications, ridge fit and scored on 10
-    # examples per class each (as the seed), eval after 200 applications on 2 base models.
-    "unsupervised-rule": {
-        "run_name": "unsupervised-rule",
-        "meta_steps": 600,
-        "time_budget_s": 600.0,  # counts compilation (minutes on a busy 2-core machine)
-        "log_every": 50,
-        "checkpoint_every": 200,
-        "task": {"name": "unsupervised_digits", "kwargs": {
-            "hidden_sizes": [16], "output_size": 8, "batch_per_class": 3,
-            "samples_per_class": 10}},
-        "optimizer": {"name": "unsupervised_rule", "kwargs": {
-            "output_size": 8, "top_delta_size": 8, "top_delta_layers": 0, "compute_h_size": 8,
-            "compute_h_layers": 0, "delta_dim": 4, "num_grad_channels": 2, "inner_lr": 0.3}},
-        "estimator": {"name": "unsupervised", "num_tasks": 4, "unroll_length": 2,
-                      "num_steps": 10},
-        "meta_optimizer": {"learning_rate": 1e-2},
-        "eval": {"steps": 200, "seeds": 2},
-    },
-    # L2O-Scale and its enhanced versions (Chen et al. 2020; docs/l2o_scale.md): the hierarchical
-    # RNN meta-trained on one MLP problem with a fixed unroll of 20 (the seed's flags), on the
-    # offline digits stand-in of its MNIST MLP, scored over a long horizon (1000 inner steps).
-    **{
-        name: deep_merge({
-            "run_name": name,
-            "meta_steps": 500,
-            "log_every": 10,
-            "checkpoint_every": 100,
-            "evaluation_period": 50,
-            "evaluation_epochs": 5,
-            "task": {"name": "digits_mlp"},
-            "optimizer": {"name": "hierarchical_rnn"},
-            "estimator": {"name": "tbptt", "num_tasks": 1, "unroll_length": 20,
-                          "num_steps": 100, "horizon_schedule": "constant",
-                          "second_derivatives": False},
-            "meta_optimizer": {"name": "rmsprop", "learning_rate": 3e-3},
-            "eval": {"steps": 1000, "seeds": 5, "adam_steps_factor": 2,
-                     "adam_learning_rates": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]},
-        }, extra)
-        for name, extra in {
-            "l2o-scale": {},
-            "l2o-scale-curriculum": {
-                "meta_steps": 3000, "evaluation_period": None,
-                "curriculum": {"stages": [100, 200, 500, 1000], "patience": 3,
-                               "eval_period": 25, "eval_seeds": 5}},
-            "l2o-scale-imitation": {
-                "estimator": {"mt_ratio": 0.1, "mt_k": 1, "mt_teacher_lr": 0.01}},
-            "l2o-scale-hessian": {
-                "estimator": {"reg_option": "hessian-esd", "reg_alpha": 1e-4}},
-            "l2o-scale-enhanced": {
-                "meta_steps": 3000, "evaluation_period": None,
-                "curriculum": {"stages": [100, 200, 500, 1000], "patience": 3,
-                               "eval_period": 25, "eval_seeds": 5},
-                "estimator": {"mt_ratio": 0.1, "mt_k": 1, "mt_teacher_lr": 0.01,
-                              "reg_option": "hessian-esd", "reg_alpha": 1e-4}},
-        }.items()
-    },
-}
+
+def _read_preset(name: str) -> dict[str, Any]:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown preset {name!r}; known: {known}")
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("extends", None)
+    return deep_merge(_read_preset(base), data) if base else data
+
+
+def preset_description(name: str) -> str:
+    """The one-line description of preset ``name`` (its file's first comment line)."""
+    first = (PRESETS_DIR / f"{name}.yaml").read_text().partition("\n")[0]
+    return first.removeprefix("#").strip() if first.startswith("#") else ""
+
+
+#: Named starting points for ``l2o train --preset NAME``, each a partial config (``default`` is
+#: the default job, written out in full).
+PRESETS: dict[str, dict[str, Any]] = {p.stem: _read_preset(p.stem)
+                                      for p in sorted(PRESETS_DIR.glob("*.yaml"))}
 
 
 def preset(name: str) -> TrainConfig:
@@ -467,14 +277,38 @@ def preset(name: str) -> TrainConfig:
     return config_from_dict(PRESETS[name], f"preset {name}")
 
 
+def _switch_kind(data: dict[str, Any], before: dict[str, Any],
+                 explicit: dict[str, set[str]]) -> dict[str, Any]:
+    """``data`` where a section whose ``name`` an override changed keeps, of its former fields,
+    only those the new kind declares alike (an estimator's ``num_tasks``; not an optimizer's
+    ``kwargs``), plus the keys the overrides set."""
+    out = dict(data)
+    for section in _SECTIONS:
+        new, old = data.get(section), before.get(section)
+        if not (isinstance(new, dict) and isinstance(old, dict)) or new.get("name") == old.get(
+                "name"):
+            continue
+        new_cls, old_cls = (_section_class(section, d.get("name")) for d in (new, old))
+        if new_cls is None or old_cls is None:
+            continue
+        old_fields = old_cls.model_fields
+        shared = {k for k, f in new_cls.model_fields.items()
+                  if k in old_fields and old_fields[k].annotation == f.annotation}
+        out[section] = {k: v for k, v in new.items() if k in shared | explicit.get(section, set())}
+    return out
+
+
 def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
     """``cfg`` with ``KEY=VALUE`` assignments applied and validated again.
 
     ``KEY`` is a dotted path (``estimator.num_tasks``); ``VALUE`` is read as YAML, so ``8``,
-    ``1e-3``, ``true``, ``null`` and ``[100, 200]`` get their types. A bad key or value raises
+    ``1e-3``, ``true``, ``null`` and ``[100, 200]`` get their types. Switching a kind
+    (``estimator.name=tbptt``) drops the former kind's own fields. A bad key or value raises
     :class:`ConfigError` naming it.
     """
-    data = cfg.model_dump(mode="json")
+    before = cfg.model_dump(mode="json")
+    data = before
+    explicit: dict[str, set[str]] = {}
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -487,5 +321,9 @@ def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
         patch: dict[str, Any] = {leaf: value}
         for p in reversed(parents):
             patch = {p: patch}
+        section = next(iter(patch))
+        if isinstance(patch[section], dict):
+            explicit.setdefault(section, set()).update(patch[section])
         data = deep_merge(data, patch)
+    data = _switch_kind(data, before, explicit)
     return config_from_dict(data, "overrides " + " ".join(assignments))

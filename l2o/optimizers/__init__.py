@@ -1,7 +1,7 @@
 """Learned and hand-designed optimizers behind one interface."""
 
 from l2o.optimizers.base import LearnedOptimizer, Optimizer, OptState
-from l2o.optimizers.baselines import BASELINES, OptaxLearnedOptimizer, adam, rmsprop, sgd
+from l2o.optimizers.baselines import OptaxLearnedOptimizer, adam, rmsprop, sgd
 from l2o.optimizers.coordinatewise_rnn import CoordinatewiseRNN
 from l2o.optimizers.factored_mlp import FactoredMLPLOpt, FactoredMLPOptimizer, FactoredMLPState
 from l2o.optimizers.hierarchical_rnn import HierarchicalRNN, HRNNOptimizer, HRNNState
@@ -20,7 +20,6 @@ from l2o.optimizers.rnn_mlp import RNNMLPLOpt, RNNMLPOptimizer, RNNMLPState
 from l2o.optimizers.simple_trainable import LearnedLRSGD, LearnedMomentum
 
 __all__ = [
-    "BASELINES",
     "OPTIMIZERS",
     "AdamState",
     "BridgeState",

@@ -14,6 +14,7 @@ import optax
 from flax import struct
 
 from l2o.optimizers.base import LearnedOptimizer, Optimizer, zero_iteration
+from l2o.optimizers.registry import register_optimizer
 from l2o.types import MetaParams, Params, PRNGKey
 
 
@@ -85,25 +86,22 @@ def _baseline(kind: str, **hyperparams: float | None) -> OptaxLearnedOptimizer:
     return OptaxLearnedOptimizer(kind, tuple(sorted(hyperparams.items())))
 
 
+@register_optimizer("adam")
 def adam(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
          eps: float = 1e-8) -> OptaxLearnedOptimizer:
     """Adam with fixed hyperparameters."""
     return _baseline("adam", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
+@register_optimizer("sgd")
 def sgd(learning_rate: float = 1e-2, momentum: float | None = None) -> OptaxLearnedOptimizer:
     """SGD, with optional heavy-ball momentum."""
     return _baseline("sgd", learning_rate=learning_rate, momentum=momentum)
 
 
+@register_optimizer("rmsprop")
 def rmsprop(learning_rate: float = 1e-3, decay: float = 0.9,
             eps: float = 1e-8) -> OptaxLearnedOptimizer:
     """RMSProp."""
     return _baseline("rmsprop", learning_rate=learning_rate, decay=decay, eps=eps)
 
-
-BASELINES: dict[str, Callable[..., OptaxLearnedOptimizer]] = {
-    "adam": adam,
-    "sgd": sgd,
-    "rmsprop": rmsprop,
-}

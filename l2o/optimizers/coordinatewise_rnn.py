@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 
 from l2o.optimizers.hierarchical_rnn import HierarchicalRNN
+from l2o.optimizers.registry import register_optimizer
 
 
+@register_optimizer("coordinatewise_rnn")
 @dataclasses.dataclass(frozen=True)
 class CoordinatewiseRNN(HierarchicalRNN):
     """:class:`HierarchicalRNN` with ``hierarchy=False`` by default (θ has no upper levels)."""

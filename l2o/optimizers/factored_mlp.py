@@ -39,6 +39,7 @@ from l2o.optimizers.mlp_lopt import (
     scale_free_features,
     step_embedding,
 )
+from l2o.optimizers.registry import register_optimizer
 from l2o.types import MetaParams, Params, PRNGKey
 
 
@@ -143,6 +144,7 @@ class FactoredMLPOptimizer(Optimizer):
         return self.config.name
 
 
+@register_optimizer("factored_mlp")
 @dataclasses.dataclass(frozen=True)
 class FactoredMLPLOpt(PerParameterMLPSettings, LearnedOptimizer):
     """Adafactor-style per-parameter MLP learned optimizer (θ = MLP weights and skip).

@@ -56,6 +56,7 @@ from flax import struct
 
 from l2o.optimizers.base import LearnedOptimizer, Optimizer, zero_iteration
 from l2o.optimizers.mlp_lopt import SlabLayout
+from l2o.optimizers.registry import register_optimizer
 from l2o.types import MetaParams, Params, PRNGKey
 
 _EPS = 1e-12  # inside the square root / log of the second moments
@@ -190,6 +191,7 @@ class HRNNOptimizer(Optimizer):
         return self.config.name
 
 
+@register_optimizer("hierarchical_rnn")
 @dataclasses.dataclass(frozen=True)
 class HierarchicalRNN(LearnedOptimizer):
     """Wichrowska et al.'s hierarchical RNN optimizer (θ = the weights of its GRU cells).

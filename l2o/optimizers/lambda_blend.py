@@ -44,6 +44,7 @@ from l2o.optimizers.lstm import (
     Selector,
     _lstm_step,
 )
+from l2o.optimizers.registry import register_optimizer
 from l2o.types import MetaParams, Params, PRNGKey
 
 
@@ -167,6 +168,7 @@ class LambdaBlendLOpt(LearnedOptimizer):
         return LambdaBlendOptimizer(self, theta)
 
 
+@register_optimizer("fixed_lambda")
 @dataclasses.dataclass(frozen=True)
 class FixedLambdaLOpt(LambdaBlendLOpt):
     """``λ·Δ_lstm + (1 − λ)·Δ_adam`` with one fixed ``lam`` (0 ≤ λ ≤ 1) for every coordinate."""
@@ -183,6 +185,7 @@ class FixedLambdaLOpt(LambdaBlendLOpt):
         return "fixed_lambda"
 
 
+@register_optimizer("learned_lambda")
 @dataclasses.dataclass(frozen=True)
 class LearnedLambdaLOpt(LambdaBlendLOpt):
     """``λ·Δ_lstm + (1 − λ)·Δ_adam`` with λ per coordinate from a sigmoid head of the LSTM."""

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from l2o.optimizers.base import LearnedOptimizer, Optimizer, zero_iteration
+from l2o.optimizers.registry import register_optimizer
 from l2o.types import MetaParams, Params, PRNGKey
 
 
@@ -86,6 +87,7 @@ class LearnedAdamOptimizer(Optimizer):
         return "learned_adam"
 
 
+@register_optimizer("learned_adam")
 @dataclasses.dataclass(frozen=True)
 class LearnedAdam(LearnedOptimizer):
     """Adam with learned ``lr``, ``β1``, ``β2`` and ``ε`` (θ in log/logit space)."""

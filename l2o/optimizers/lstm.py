@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from l2o.optimizers.base import LearnedOptimizer, Optimizer, zero_iteration
+from l2o.optimizers.registry import register_optimizer
 from l2o.types import MetaParams, Params, PRNGKey
 
 #: Selects parameters for a net: a regular expression searched in the ``"/"``-joined tree path
@@ -220,6 +221,7 @@ def _as_tuple(x: Any) -> Any:
     return x
 
 
+@register_optimizer("lstm")
 @dataclasses.dataclass(frozen=True)
 class LSTMLearnedOptimizer(LearnedOptimizer):
     """L2L's coordinatewise deep LSTM optimizer (θ = the weights of each net).

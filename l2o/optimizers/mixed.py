@@ -26,6 +26,7 @@ from flax import struct
 from l2o.optimizers.base import LearnedOptimizer, Optimizer, zero_iteration
 from l2o.optimizers.baselines import adam
 from l2o.optimizers.lstm import path_to_str
+from l2o.optimizers.registry import make_learned_optimizer, register_optimizer
 from l2o.types import MetaParams, Params, PRNGKey
 
 
@@ -120,6 +121,7 @@ class MixedOptimizer(LearnedOptimizer):
         return f"mixed({self.learned.name}|{self.fallback.name})"
 
 
+@register_optimizer("mixed")
 def mixed(learned: str = "lstm", learned_kwargs: dict[str, Any] | None = None,
           fallback: str = "adam", fallback_kwargs: dict[str, Any] | None = None,
           learned_paths: str = "") -> MixedOptimizer:
@@ -128,8 +130,6 @@ def mixed(learned: str = "lstm", learned_kwargs: dict[str, Any] | None = None,
     ``learned``/``fallback`` name registered optimizers, built with ``learned_kwargs`` and
     ``fallback_kwargs``; ``learned_paths`` is the regex routing leaves to the learned one.
     """
-    from l2o.optimizers.registry import make_learned_optimizer
-
     return MixedOptimizer(learned=make_learned_optimizer(learned, **(learned_kwargs or {})),
                           fallback=make_learned_optimizer(fallback, **(fallback_kwargs or {})),
                           learned_paths=str(learned_paths))

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from l2o.optimizers.base import LearnedOptimizer, Optimizer, zero_iteration
+from l2o.optimizers.registry import register_optimizer
 from l2o.types import MetaParams, Params, PRNGKey
 
 #: Timescales of the step-count embedding ``tanh(t / τ)``.
@@ -415,6 +416,7 @@ class PerParameterMLPSettings:
         return len(self.decays) + 3
 
 
+@register_optimizer("mlp")
 @dataclasses.dataclass(frozen=True)
 class MLPLOpt(PerParameterMLPSettings, LearnedOptimizer):
     """A per-parameter MLP learned optimizer (θ = the MLP's weights and the direction skip).

@@ -51,6 +51,7 @@ import optax
 from flax import struct
 
 from l2o.optimizers.base import LearnedOptimizer, Optimizer, zero_iteration
+from l2o.optimizers.registry import register_optimizer
 from l2o.types import MetaParams, Params, PRNGKey
 
 #: Fractions of training ``t / T`` at which the log step-size schedule ``log λ`` is learned.
@@ -204,6 +205,7 @@ class NormalizedMLPOptimizer(Optimizer):
         return "normalized_mlp"
 
 
+@register_optimizer("normalized_mlp")
 @dataclasses.dataclass(frozen=True)
 class NormalizedMLP(LearnedOptimizer):
     """The normalized-momentum MLP learned optimizer (see the module docstring).

@@ -36,6 +36,7 @@ from l2o.optimizers.mlp_lopt import (
     init_mlp,
     step_embedding,
 )
+from l2o.optimizers.registry import register_optimizer
 from l2o.types import MetaParams, Params, PRNGKey
 
 
@@ -110,6 +111,7 @@ class RNNMLPOptimizer(MLPLOptOptimizer):
                            lstm_c=c.astype(state.lstm_c.dtype))
 
 
+@register_optimizer("rnn_mlp")
 @dataclasses.dataclass(frozen=True)
 class RNNMLPLOpt(MLPLOpt):
     """Per-parameter MLP optimizer conditioned by a per-tensor LSTM.

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from l2o.optimizers.base import LearnedOptimizer, Optimizer, OptState, zero_iteration
+from l2o.optimizers.registry import register_optimizer
 from l2o.types import MetaParams, Params, PRNGKey
 
 
@@ -47,6 +48,7 @@ class LearnedLRSGDOptimizer(Optimizer):
         return "learned_lr_sgd"
 
 
+@register_optimizer("learned_lr_sgd")
 @dataclasses.dataclass(frozen=True)
 class LearnedLRSGD(LearnedOptimizer):
     """SGD whose global learning rate is learned (θ = log lr)."""
@@ -103,6 +105,7 @@ class LearnedMomentumOptimizer(Optimizer):
         return "learned_momentum"
 
 
+@register_optimizer("learned_momentum")
 @dataclasses.dataclass(frozen=True)
 class LearnedMomentum(LearnedOptimizer):
     """Heavy-ball SGD with learned lr and momentum (θ = log lr, logit μ)."""

@@ -11,11 +11,12 @@ import functools
 import jax
 import optax
 
-from l2o.estimators import GradientEstimator, TruncatedBackprop, TruncatedStep
+from l2o.estimators import GradientEstimator
 from l2o.io.config import EstimatorConfig, MetaOptimizerConfig, OptimizerConfig, TaskConfig
 from l2o.optimizers.base import LearnedOptimizer
 from l2o.tasks.base import TaskFamily
 from l2o.types import PRNGKey
+from l2o.unsupervised.rule import LearnedUpdateRule
 
 
 def task_family_from_config(cfg: TaskConfig) -> TaskFamily:
@@ -25,74 +26,16 @@ def task_family_from_config(cfg: TaskConfig) -> TaskFamily:
     return make_task_family(cfg.name, **cfg.kwargs)
 
 
-def learned_optimizer_from_config(cfg: OptimizerConfig) -> LearnedOptimizer:
-    """The learned optimizer named by ``cfg`` (see ``l2o.optimizers.registry``)."""
-    from l2o.optimizers.registry import make_learned_optimizer
-
-    return make_learned_optimizer(cfg.name, **cfg.kwargs)
+def learned_optimizer_from_config(cfg: OptimizerConfig) -> LearnedOptimizer | LearnedUpdateRule:
+    """The learned optimizer (or learned update rule) that ``cfg`` names; either way its
+    ``init(key)`` draws θ."""
+    return cfg.build()
 
 
 def estimator_from_config(cfg: EstimatorConfig, family: TaskFamily,
-                          learned_opt: LearnedOptimizer) -> GradientEstimator:
-    """The meta-gradient estimator described by ``cfg``."""
-    if cfg.name != "tbptt":  # L2O-Scale's enhancements are defined on truncated backprop only
-        if cfg.reg_option != "none":
-            raise ValueError(f"estimator.reg_option={cfg.reg_option!r} needs estimator.name "
-                             f"'tbptt' (got {cfg.name!r}); set reg_option: none")
-        if cfg.mt_ratio > 0:
-            raise ValueError(f"estimator.mt_ratio={cfg.mt_ratio} (imitation) needs estimator.name "
-                             f"'tbptt' (got {cfg.name!r}); set mt_ratio: 0")
-    if cfg.name == "unsupervised":  # the unsupervised update rule: l2o.unsupervised.estimator
-        from l2o.unsupervised.estimator import unsupervised_estimator
-
-        return unsupervised_estimator(family, learned_opt, cfg.num_tasks, cfg.unroll_length,
-                                      cfg.num_steps)
-    from l2o.estimators import PES, FullES, TruncatedES, make_horizon_schedule
-    from l2o.estimators.imitation import Imitation
-
-    imitation = None
-    if cfg.mt_ratio > 0:
-        from l2o.optimizers.mixed import MixedOptimizer
-
-        if isinstance(learned_opt, MixedOptimizer):
-            raise ValueError("estimator.mt_ratio > 0 (imitation) does not support the 'mixed' "
-                             "optimizer; set mt_ratio: 0")
-        imitation = Imitation(ratio=cfg.mt_ratio, steps=cfg.mt_k * cfg.unroll_length,
-                              teacher_lr=cfg.mt_teacher_lr)
-    schedule = make_horizon_schedule(
-        cfg.horizon_schedule, cfg.num_steps, cfg.horizon_min, cfg.horizon_max,
-        cfg.horizon_start_min, cfg.horizon_start_max, cfg.horizon_ramp)
-    step = TruncatedStep(
-        family=family,
-        learned_opt=learned_opt,
-        num_steps=cfg.num_steps,
-        second_derivatives=cfg.second_derivatives,
-        horizon_schedule=schedule,
-        eval_split_loss=cfg.name != "tbptt" and cfg.meta_loss_split == "eval",
-        imitation=imitation,
-    )
-    if cfg.name == "tbptt":
-        return TruncatedBackprop(
-            truncated_step=step,
-            num_tasks=cfg.num_tasks,
-            unroll_length=cfg.unroll_length,
-            meta_loss_reduction=cfg.meta_loss_reduction,
-            reg_option=cfg.reg_option,
-            reg_alpha=cfg.reg_alpha,
-        )
-    es_common = {"truncated_step": step, "num_tasks": cfg.num_tasks, "std": cfg.std,
-                 "sign_delta_loss": cfg.sign_delta_loss}
-    if cfg.name == "es":
-        return TruncatedES(**es_common, unroll_length=cfg.unroll_length,
-                           random_initial_offset=cfg.random_initial_offset,
-                           advance=cfg.es_advance)
-    if cfg.name == "pes":
-        return PES(**es_common, unroll_length=cfg.unroll_length,
-                   random_initial_offset=cfg.random_initial_offset)
-    if cfg.name == "full_es":
-        return FullES(**es_common, loss_type=cfg.full_es_loss,
-                      recompute_batches=cfg.full_es_recompute_batches)
-    raise ValueError(f"unknown estimator {cfg.name!r}")
+                          learned_opt: LearnedOptimizer | LearnedUpdateRule) -> GradientEstimator:
+    """The meta-gradient estimator described by ``cfg`` (see ``l2o.estimators.registry``)."""
+    return cfg.build(family, learned_opt)
 
 
 def meta_optimizer_from_config(cfg: MetaOptimizerConfig) -> optax.GradientTransformation:

@@ -87,14 +87,14 @@ def load_theta(path: str | Path) -> tuple[LearnedOptimizer, MetaParams, dict[str
     from flax import serialization
 
     from l2o.io.checkpoints import CheckpointError, CheckpointMeta, read_checkpoint
-    from l2o.io.config import OptimizerConfig
+    from l2o.io.config import optimizer_config
     from l2o.training.build import learned_optimizer_from_config
 
     raw, meta = read_checkpoint(path)
     typed = CheckpointMeta.from_stored(meta, path)
     if typed.optimizer is None:
         raise CheckpointError(f"checkpoint {path} does not say which optimizer it holds")
-    lopt = learned_optimizer_from_config(OptimizerConfig.model_validate(typed.optimizer))
+    lopt = learned_optimizer_from_config(optimizer_config(**typed.optimizer))
     stored = raw["theta"] if typed.kind == "full" else raw
     template = lopt.init(jax.random.PRNGKey(0))
     try:

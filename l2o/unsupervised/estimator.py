@@ -20,16 +20,18 @@ good the features were when it started), ``ridge_accuracy`` (scoring-batch accur
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from l2o.estimators.base import GradientEstimator, Metrics
+from l2o.estimators.registry import EstimatorSettings, register_estimator
 from l2o.metaobjectives.ridge import ridge_meta_objective
 from l2o.types import MetaParams, PRNGKey
 from l2o.unsupervised.data import UnsupervisedFamily
+from l2o.unsupervised.rule import LearnedUpdateRule
 
 
 @struct.dataclass
@@ -73,7 +75,7 @@ class UnsupervisedEstimator(GradientEstimator):
     applications on each of ``num_tasks`` base models; models restart after ``num_steps``."""
 
     family: UnsupervisedFamily
-    rule: Any = struct.field(pytree_node=False)  # an UnsupervisedUpdateRule
+    rule: LearnedUpdateRule = struct.field(pytree_node=False)
     num_tasks: int = struct.field(pytree_node=False, default=4)
     unroll_length: int = struct.field(pytree_node=False, default=5)
     num_steps: int = struct.field(pytree_node=False, default=100)
@@ -136,15 +138,24 @@ def _compute_gradient_estimate(
     return grad, jax.lax.stop_gradient(state), metrics
 
 
-def unsupervised_estimator(family: Any, rule: Any, num_tasks: int, unroll_length: int,
-                           num_steps: int) -> UnsupervisedEstimator:
-    """Build the estimator, checking that ``family`` and ``rule`` are the unsupervised ones."""
-    if not isinstance(family, UnsupervisedFamily):
-        raise TypeError(f"estimator 'unsupervised' needs an unsupervised task family "
-                        f"(unsupervised_digits, unsupervised_tiny_mnist), got "
-                        f"{getattr(family, 'name', type(family).__name__)!r}")
-    if not callable(getattr(rule, "apply", None)):
-        raise TypeError(f"estimator 'unsupervised' needs the optimizer 'unsupervised_rule', got "
-                        f"{getattr(rule, 'name', type(rule).__name__)!r}")
-    return UnsupervisedEstimator(family=family, rule=rule, num_tasks=int(num_tasks),
-                                 unroll_length=int(unroll_length), num_steps=int(num_steps))
+@register_estimator
+class UnsupervisedEstimatorConfig(EstimatorSettings):
+    """``estimator: {name: unsupervised}``: truncated backprop of the ridge meta-objective through
+    a learned update rule (:class:`UnsupervisedEstimator`; task ``unsupervised_*``, optimizer
+    ``unsupervised_rule``)."""
+
+    name: Literal["unsupervised"] = "unsupervised"
+
+    def build(self, family: Any, learned_opt: Any) -> UnsupervisedEstimator:
+        """The estimator, checking that ``family`` and ``learned_opt`` are the unsupervised
+        ones."""
+        if not isinstance(family, UnsupervisedFamily):
+            raise TypeError(f"estimator 'unsupervised' needs an unsupervised task family "
+                            f"(unsupervised_digits, unsupervised_tiny_mnist), got "
+                            f"{getattr(family, 'name', type(family).__name__)!r}")
+        if not isinstance(learned_opt, LearnedUpdateRule):
+            raise TypeError(f"estimator 'unsupervised' needs a learned update rule (optimizer "
+                            f"'unsupervised_rule'), got "
+                            f"{getattr(learned_opt, 'name', type(learned_opt).__name__)!r}")
+        return UnsupervisedEstimator(family=family, rule=learned_opt, num_tasks=self.num_tasks,
+                                     unroll_length=self.unroll_length, num_steps=self.num_steps)

@@ -86,9 +86,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from l2o.optimizers.base import LearnedOptimizer, Optimizer
 from l2o.types import MetaParams, PRNGKey
 from l2o.unsupervised.base_model import BaseModel, BaseParams
+from l2o.unsupervised.rule import LearnedUpdateRule, register_update_rule
 
 #: The named terms of a weight update, in the order of the mixing readout's weights.
 UPDATE_TERMS: tuple[str, ...] = (
@@ -366,8 +366,9 @@ def pass_down(delta: jax.Array, bw: jax.Array) -> jax.Array:
 # the rule
 
 
+@register_update_rule("unsupervised_rule")
 @dataclasses.dataclass(frozen=True)
-class UnsupervisedUpdateRule(LearnedOptimizer):
+class UnsupervisedUpdateRule(LearnedUpdateRule):
     """The learned unsupervised update rule (module docstring); θ = :meth:`init`'s dict.
 
     ``output_size`` must be the base model's (the top-level error network mixes output units);
@@ -561,8 +562,3 @@ class UnsupervisedUpdateRule(LearnedOptimizer):
         bw = step(params.bw, up.bw) if self.update_backward else params.bw
         return params.replace(w=step(params.w, up.w), b=step(params.b, up.b), bw=bw)
 
-    def opt_fn(self, theta: MetaParams, is_training: bool = False) -> Optimizer:
-        """Not available: the rule updates base models from activations, not gradients."""
-        raise TypeError("the unsupervised update rule updates base models from their "
-                        "activations, not from gradients, so it cannot be used as a gradient "
-                        "optimizer; use UnsupervisedUpdateRule.apply(theta, model, params, x, key)")

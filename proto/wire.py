@@ -122,11 +122,6 @@ def _flatten(tree: Any) -> tuple[list[Any], list[str]]:
     return leaves, paths
 
 
-def tree_paths(tree: Any) -> list[str]:
-    """The ``keystr`` path of every leaf of ``tree``, in flattening order."""
-    return _flatten(tree)[1]
-
-
 def _leaf_bytes(leaf: Any) -> tuple[np.ndarray, memoryview]:
     a = np.asarray(leaf)
     if a.dtype.byteorder == ">":
@@ -244,7 +239,7 @@ class TreeTemplate:
         return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
 
 
-def as_template(like: Any) -> TreeTemplate | None:
+def tree_template(like: Any) -> TreeTemplate | None:
     """``like`` as a :class:`TreeTemplate` (None stays None)."""
     if like is None or isinstance(like, TreeTemplate):
         return like
@@ -278,7 +273,7 @@ def check_manifest(manifest: Sequence[TensorSpec], like: Any = None,
     if max_bytes is not None and offset > max_bytes:
         raise WireError(Reason.TOO_LARGE, f"{offset} bytes exceed the limit of {max_bytes}")
     if like is not None:
-        as_template(like).check(manifest)
+        tree_template(like).check(manifest)
     return offset
 
 
@@ -340,7 +335,7 @@ class ByteAssembler:
                             f"byte stream ended after {self.received} of {self.total} bytes")
         if self.verify:
             self._hash_upto(self.total)  # zero-length tensors at the end
-        template = as_template(like)
+        template = tree_template(like)
         if template is not None:
             template.check(self.manifest)
         arrays = _views(self.manifest, self.buffer)
@@ -359,29 +354,6 @@ def _views(manifest: Sequence[TensorSpec], buffer: bytes | bytearray | memoryvie
     return arrays
 
 
-def tree_from_buffer(manifest: Sequence[TensorSpec], buffer: bytes | bytearray | memoryview,
-                     like: Any = None, verify: bool = True) -> Any:
-    """The tree ``manifest`` describes, its arrays viewing ``buffer`` (no copies).
-
-    With ``like`` the result has ``like``'s tree structure (paths, shapes and dtypes are checked);
-    without, it is rebuilt from the paths as nested dicts and lists.
-    """
-    template = as_template(like)
-    if check_manifest(manifest, like=template) != memoryview(buffer).nbytes:
-        raise WireError(Reason.MALFORMED,
-                        f"buffer of {memoryview(buffer).nbytes} bytes for a manifest of "
-                        f"{total_bytes(manifest)}")
-    if verify:
-        view = memoryview(buffer)
-        for s in manifest:
-            if hashlib.sha256(view[s.offset:s.offset + s.length]).digest() != s.sha256:
-                raise WireError(Reason.BAD_CHECKSUM, f"{s.path}: sha256 mismatch")
-    arrays = _views(manifest, buffer)
-    if template is not None:
-        return template.unflatten(arrays)
-    return unflatten_paths([s.path for s in manifest], arrays)
-
-
 def decode_tree(manifest: Sequence[TensorSpec], chunks: Iterable[bytes], like: Any = None,
                 *, max_bytes: int | None = None, verify: bool = True) -> Any:
     """The tree encoded as ``(manifest, chunks)`` by :func:`encode_tree`.
@@ -391,7 +363,7 @@ def decode_tree(manifest: Sequence[TensorSpec], chunks: Iterable[bytes], like: A
     specific reason: WRONG_TREE, WRONG_SHAPE, WRONG_DTYPE, TOO_LARGE (beyond ``max_bytes``),
     MALFORMED (stream too short/long, inconsistent manifest), BAD_CHECKSUM.
     """
-    template = as_template(like)
+    template = tree_template(like)
     check_manifest(manifest, like=template, max_bytes=max_bytes)
     asm = ByteAssembler(manifest, verify=verify)
     for chunk in chunks:

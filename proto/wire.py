@@ -8,7 +8,9 @@ receiver assembles the chunks into one preallocated buffer (:class:`ByteAssemble
 tensor as its bytes arrive) and views the tensors out of it without further copies.
 
 Everything here is pure: no gRPC. :func:`manifest_to_proto` and :func:`manifest_from_proto` convert
-to and from the ``l2o.v1.TensorSpec`` messages of ``proto/l2o.proto``.
+to and from the ``l2o.v1.TensorSpec`` messages of ``proto/l2o.proto``; :func:`gradient_messages`
+and :func:`theta_messages` cut a tree's bytes into its generated ``GradientChunk`` and
+``ThetaChunk`` messages.
 
 Errors are :class:`WireError` carrying a :class:`Reason` (the same codes as the proto's ``Reason``
 enum), so a server can tell a worker exactly why its gradient was refused.
@@ -28,6 +30,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from proto import l2o_pb2
 
 #: Default chunk size (1 MiB); chunks are kept within [MIN_CHUNK_BYTES, MAX_CHUNK_BYTES].
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -421,10 +425,8 @@ def unflatten_paths(paths: Sequence[str], leaves: Sequence[Any]) -> Any:
     return listify(root)
 
 
-def manifest_to_proto(manifest: Sequence[TensorSpec]) -> list[Any]:
+def manifest_to_proto(manifest: Sequence[TensorSpec]) -> list[l2o_pb2.TensorSpec]:
     """``l2o.v1.TensorSpec`` messages for ``manifest``."""
-    from proto import l2o_pb2
-
     return [l2o_pb2.TensorSpec(path=s.path, dtype=s.dtype, shape=list(s.shape), sha256=s.sha256,
                                offset=s.offset, length=s.length) for s in manifest]
 
@@ -436,89 +438,27 @@ def manifest_from_proto(specs: Iterable[Any]) -> list[TensorSpec]:
             for s in specs]
 
 
-# --- protobuf framing of the chunk messages, without copying tensor bytes -----------------------
-#
-# ``GradientChunk`` and ``ThetaChunk`` messages carry up to a megabyte of tensor bytes each. Built
-# and parsed through the protobuf runtime, every chunk's bytes would be copied several times; these
-# helpers write and read the same protobuf wire format directly: a chunk is framed with a single
-# copy, and parsed into memoryviews of the received message.
-
-_WT_VARINT, _WT_I64, _WT_LEN, _WT_I32 = 0, 1, 2, 5
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    value &= (1 << 64) - 1  # negative int64 values are ten-byte varints
-    while True:
-        bits = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
+def _flag_first(chunks: Iterable[bytes]) -> Iterator[tuple[bool, bytes]]:
+    """``(is_first, chunk)`` for each chunk; a single ``(True, b"")`` when there are none."""
+    first = True
+    for data in chunks:
+        yield first, data
+        first = False
+    if first:
+        yield True, b""
 
 
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise WireError(Reason.MALFORMED, "truncated or overlong varint in a chunk message")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
+def gradient_messages(header: l2o_pb2.GradientHeader, views: Sequence[memoryview],
+                      chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[l2o_pb2.GradientChunk]:
+    """The ``GradientChunk`` messages of one gradient: its bytes in chunks, ``header`` on the
+    first (a gradient without bytes is one message carrying only the header)."""
+    for first, data in _flag_first(iter_chunks(views, chunk_bytes)):
+        yield l2o_pb2.GradientChunk(header=header if first else None, data=data)
 
 
-def frame_fields(*fields: tuple[int, bytes | memoryview | int | None]) -> bytes:
-    """A protobuf message of ``(field_number, value)`` pairs: ints as varints, bytes as LEN fields.
-
-    ``None`` values (and zero ints, as proto3 does) are left out. The result is one new ``bytes``:
-    payloads are copied exactly once.
-    """
-    parts: list[bytes | memoryview] = []
-    for number, value in fields:
-        if value is None:
-            continue
-        if isinstance(value, bool | int):
-            if value:
-                parts.append(_varint(number << 3 | _WT_VARINT))
-                parts.append(_varint(int(value)))
-            continue
-        parts.append(_varint(number << 3 | _WT_LEN))
-        parts.append(_varint(len(value) if isinstance(value, bytes) else value.nbytes))
-        parts.append(value)
-    return b"".join(parts)
-
-
-def parse_fields(message: bytes | memoryview) -> dict[int, int | memoryview]:
-    """The fields of a protobuf message: varints as ints, LEN fields as memoryviews (no copy).
-
-    A repeated field keeps its last value (as protobuf does for singular fields). Raises
-    :class:`WireError` (MALFORMED) on truncated input or unknown wire types.
-    """
-    buf = memoryview(message)
-    out: dict[int, int | memoryview] = {}
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == _WT_VARINT:
-            out[number], pos = _read_varint(buf, pos)
-        elif wire_type == _WT_LEN:
-            length, pos = _read_varint(buf, pos)
-            if pos + length > len(buf):
-                raise WireError(Reason.MALFORMED, "truncated field in a chunk message")
-            out[number] = buf[pos:pos + length]
-            pos += length
-        elif wire_type == _WT_I64:
-            pos += 8
-        elif wire_type == _WT_I32:
-            pos += 4
-        else:
-            raise WireError(Reason.MALFORMED, f"unsupported protobuf wire type {wire_type}")
-        if pos > len(buf):
-            raise WireError(Reason.MALFORMED, "truncated field in a chunk message")
-    return out
+def theta_messages(version: int, header: l2o_pb2.ThetaHeader, views: Sequence[memoryview],
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[l2o_pb2.ThetaChunk]:
+    """The ``ThetaChunk`` messages of θ at ``version``: its bytes in chunks, ``header`` on the
+    first (a θ without bytes is one message carrying only the header)."""
+    for first, data in _flag_first(iter_chunks(views, chunk_bytes)):
+        yield l2o_pb2.ThetaChunk(version=version, header=header if first else None, data=data)

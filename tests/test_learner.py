@@ -362,6 +362,10 @@ def test_multi_chunk_stream_and_raw_protobuf_clients(tmp_path: Path) -> None:
             for want, stream in streams:
                 ack = stub.PushGradient(iter(stream), metadata=md, timeout=30)
                 assert Reason(ack.reason).name == want and ack.accepted == (want == "OK"), ack
+            raw_push = channel.stream_unary(f"/{SERVICE_NAME}/PushGradient",
+                                            response_deserializer=l2o_pb2.Ack.FromString)
+            ack = raw_push(iter([b"\x0a\x05ab"]), metadata=md, timeout=30)  # truncated header
+            assert Reason(ack.reason).name == "MALFORMED" and "unparsable" in ack.detail, ack
             assert learner.wait_for_version(2, timeout=30)
             first = next(iter(stub.FetchTheta(l2o_pb2.FetchRequest(run_id=RUN, have_version=2),
                                               metadata=md, timeout=30)))

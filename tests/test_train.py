@@ -226,3 +226,29 @@ def test_the_written_out_default_config_is_the_default_job():
 
     written = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
     assert written == preset("default")
+
+
+def test_cli_eval_reproduces_the_eval_of_the_runs_summary(tmp_path):
+    """``l2o eval`` on a checkpoint of a tiny ``train --local`` run, without options, scores θ as
+    the run did: the same task, key, seeds, Adam grid and summary keys as its summary.json."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    cfg = quadratic_config(tmp_path, meta_steps=2, checkpoint_every=2,
+                           eval={"steps": 5, "seeds": 2})
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--local", "--config", str(tmp_path / "tiny.yaml")])
+    assert res.exit_code == 0, res.output
+    run = json.loads((cfg.run_path() / "summary.json").read_text())
+    assert run["eval"]["steps"] == 5 and run["eval"]["learned_final_loss"] is not None
+    for kind in ("params", "full"):
+        out = tmp_path / f"eval-{kind}"
+        res = runner.invoke(app, ["eval", str(latest_checkpoint(cfg.run_path(), kind)),
+                                  "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "summary.json").read_text())["eval"] == run["eval"], kind

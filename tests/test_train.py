@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_tree_equal
 
 from l2o.io.checkpoints import (
     CheckpointError,
@@ -158,8 +159,7 @@ def test_corrupted_checkpoint_leaves_trainer_untouched(tmp_path):
     with pytest.raises(CheckpointError, match="truncated"):
         fresh.restore()
     assert fresh.step == 0
-    for a, b in zip(before, jax.tree_util.tree_leaves(fresh.state.theta)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_tree_equal(before, fresh.state.theta)
 
 
 def test_meta_training_lowers_meta_loss_on_quadratics(tmp_path):

@@ -14,8 +14,9 @@ chunk messages are serialized and parsed:
   memoryviews of the received message (chunks inside one tensor are memoryviews of it:
   ``proto.wire.iter_chunk_views``).
 
-Both run in the same process, interleaved, best of ``--repeats``; the figure that matters is the
-ratio generated / hand, and the codec's difference next to the two sha256 passes the path computes
+Both run in the same process, interleaved, best of ``--repeats``, timed by the wall clock and by
+the process's CPU time (the steadier figure on a shared machine); the figures that matter are the
+ratio generated / hand and the codec's difference next to the two sha256 passes the path computes
 anyway. Sizes: the default job's θ (~100 floats), the LSTM optimizer's (tens of thousands) and 1M
 and 4M floats.
 
@@ -190,25 +191,30 @@ def sha256_twice(tree: Any, template: TreeTemplate) -> None:
             hashlib.sha256(memoryview(leaf).cast("B")).digest()
 
 
-def best_ms(fns: dict[str, Callable[[], Any]], repeats: int, budget_s: float) -> dict[str, float]:
-    """Best per-call time of each function in ms; calls interleaved so all see the same load."""
+def best_ms(fns: dict[str, Callable[[], Any]], repeats: int, budget_s: float
+            ) -> dict[str, dict[str, float]]:
+    """Best per-call wall-clock and process CPU time of each function in ms (``{"wall": …,
+    "cpu": …}``); calls interleaved so that all see the same load."""
     loops = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
         fn()
         loops[name] = max(1, int(budget_s / repeats / max(time.perf_counter() - t0, 1e-6)))
-    best = dict.fromkeys(fns, float("inf"))
+    best = {clock: dict.fromkeys(fns, float("inf")) for clock in ("wall", "cpu")}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             for _ in range(loops[name]):
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / loops[name] * 1e3)
+            w1, c1 = time.perf_counter(), time.process_time()
+            best["wall"][name] = min(best["wall"][name], (w1 - w0) / loops[name] * 1e3)
+            best["cpu"][name] = min(best["cpu"][name], (c1 - c0) / loops[name] * 1e3)
     return best
 
 
 def measure(n: int, repeats: int, budget_s: float) -> dict[str, Any]:
-    """Both codecs and the sha256 alone for a tree of ``n`` floats."""
+    """Both codecs and the sha256 alone for a tree of ``n`` floats: times, and per clock the
+    ratio generated / hand and the difference over the sha256 time."""
     tree = make_tree(n)
     template = TreeTemplate(tree)
     for fn in (push_generated, push_hand, fetch_generated, fetch_hand):
@@ -218,13 +224,29 @@ def measure(n: int, repeats: int, budget_s: float) -> dict[str, Any]:
         ("push_generated", push_generated), ("push_hand", push_hand),
         ("fetch_generated", fetch_generated), ("fetch_hand", fetch_hand),
         ("sha256_x2", sha256_twice)]}
-    ms = best_ms(fns, repeats, budget_s)
-    row: dict[str, Any] = {"floats": n, "bytes": 4 * n, "ms": ms}
-    for way in ("push", "fetch"):
-        gen, hand = ms[f"{way}_generated"], ms[f"{way}_hand"]
-        row[f"{way}_ratio_generated_over_hand"] = gen / hand
-        row[f"{way}_extra_ms_over_sha256_ms"] = (gen - hand) / ms["sha256_x2"]
+    times = best_ms(fns, repeats, budget_s)
+    row: dict[str, Any] = {"floats": n, "bytes": 4 * n, "ms": times}
+    for clock, ms in times.items():
+        for way in ("push", "fetch"):
+            gen, hand = ms[f"{way}_generated"], ms[f"{way}_hand"]
+            row[f"{clock}_{way}_ratio"] = gen / hand  # generated over hand
+            row[f"{clock}_{way}_extra_over_sha256"] = (gen - hand) / ms["sha256_x2"]
     return row
+
+
+def print_table(rows: dict[str, dict[str, Any]], clock: str) -> None:
+    """One table of ``rows`` for ``clock`` ("cpu" or "wall")."""
+    print(f"{clock} ms per gradient / θ (ratio: generated over hand; extra: (generated - hand) "
+          "over the two sha256 passes)")
+    print(f"{'θ':>20} {'push gen':>9} {'hand':>8} {'ratio':>6} {'extra':>6} {'fetch gen':>10} "
+          f"{'hand':>8} {'ratio':>6} {'extra':>6} {'sha256×2':>9}")
+    for name, r in rows.items():
+        ms = r["ms"][clock]
+        print(f"{name:>20} {ms['push_generated']:>9.3f} {ms['push_hand']:>8.3f} "
+              f"{r[f'{clock}_push_ratio']:>6.2f} {r[f'{clock}_push_extra_over_sha256']:>6.2f} "
+              f"{ms['fetch_generated']:>10.3f} {ms['fetch_hand']:>8.3f} "
+              f"{r[f'{clock}_fetch_ratio']:>6.2f} {r[f'{clock}_fetch_extra_over_sha256']:>6.2f} "
+              f"{ms['sha256_x2']:>9.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,14 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/wire_codec.json")
     args = parser.parse_args(argv)
     rows = {name: measure(n, args.repeats, args.budget_s) for name, n in SIZES.items()}
-    print(f"{'θ':>20} {'push gen':>10} {'push hand':>10} {'ratio':>6} {'fetch gen':>10} "
-          f"{'fetch hand':>10} {'ratio':>6} {'sha256×2':>9} {'(gen-hand)/sha':>15}")
-    for name, r in rows.items():
-        ms = r["ms"]
-        print(f"{name:>20} {ms['push_generated']:>8.3f}ms {ms['push_hand']:>8.3f}ms "
-              f"{r['push_ratio_generated_over_hand']:>6.2f} {ms['fetch_generated']:>8.3f}ms "
-              f"{ms['fetch_hand']:>8.3f}ms {r['fetch_ratio_generated_over_hand']:>6.2f} "
-              f"{ms['sha256_x2']:>7.3f}ms {r['push_extra_ms_over_sha256_ms']:>15.2f}")
+    for clock in ("cpu", "wall"):
+        print_table(rows, clock)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

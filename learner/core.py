@@ -523,11 +523,6 @@ class Learner:
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def theta_at(self) -> tuple[int, Any]:
-        """``(version, θ)``: the current θ and its version, consistent with each other."""
-        with self._lock:
-            return self.version, self.theta
-
     def snapshot(self) -> tuple[int, int, Any]:
         """``(version, gen_id, θ)``, consistent with each other."""
         with self._lock:

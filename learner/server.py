@@ -9,10 +9,9 @@ or mismatched push is refused without being buffered.
 
 Methods: ``FetchTheta`` (server stream of θ chunks, or one ``unchanged`` chunk),
 ``PushGradient`` (client stream of gradient chunks → ``Ack``), ``PushSmallGradient`` (the same in
-one message, for gradients that fit in one chunk) and ``Status``. Chunk messages are framed and
-parsed here directly (:func:`frame_gradient_chunk`, :func:`parse_gradient_chunk`,
-:func:`parse_theta_chunk`) to keep the protobuf runtime from copying tensor bytes; the bytes on
-the wire are the messages of ``proto/l2o.proto``.
+one message, for gradients that fit in one chunk) and ``Status``. Requests and replies are the
+generated classes of ``proto/l2o_pb2.py``; :func:`add_learner_servicer` registers them with a
+gradient-chunk parser that turns an unparsable message into a MALFORMED ``Ack``.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -38,11 +38,10 @@ from proto.wire import (
     WireError,
     check_manifest,
     flatten_tree,
-    frame_fields,
-    iter_chunk_views,
     manifest_from_proto,
     manifest_to_proto,
-    parse_fields,
+    theta_messages,
+    total_bytes,
 )
 from services.auth import BearerTokenInterceptor, server_credentials
 
@@ -77,63 +76,27 @@ def ack_from_result(result: SubmitResult) -> l2o_pb2.Ack:
                        version=result.version)
 
 
-def _signed(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
+@dataclass(frozen=True)
+class Unparsable:
+    """A pushed message that is not a ``GradientChunk``; the push is refused as MALFORMED."""
+
+    detail: str
 
 
-@dataclass
-class RawGradientChunk:
-    """A ``GradientChunk`` parsed without copying its data (see :func:`parse_gradient_chunk`)."""
-
-    header: l2o_pb2.GradientHeader | None
-    data: memoryview | bytes
-    error: str = ""
-
-
-def parse_gradient_chunk(message: bytes) -> RawGradientChunk:
-    """A serialized ``GradientChunk``; never raises (a bad message comes back with ``error``)."""
+def parse_gradient_chunk(message: bytes) -> l2o_pb2.GradientChunk | Unparsable:
+    """A serialized ``GradientChunk``; never raises (gRPC would fail the call, and the worker
+    would not learn why), an unparsable message comes back as :class:`Unparsable`."""
     try:
-        fields = parse_fields(message)
-        header = fields.get(1)
-        return RawGradientChunk(
-            header=None if header is None else l2o_pb2.GradientHeader.FromString(bytes(header)),
-            data=fields.get(2, b""))
-    except Exception as e:
-        return RawGradientChunk(header=None, data=b"", error=f"unparsable GradientChunk: {e}")
-
-
-def frame_gradient_chunk(header: bytes | None, data: bytes | memoryview | None) -> bytes:
-    """A serialized ``GradientChunk`` (``header`` already serialized), data copied once."""
-    return frame_fields((1, header), (2, data))
-
-
-@dataclass
-class RawThetaChunk:
-    """A ``ThetaChunk`` parsed without copying its data (see :func:`parse_theta_chunk`)."""
-
-    unchanged: bool
-    version: int
-    header: l2o_pb2.ThetaHeader | None
-    data: memoryview | bytes
-
-
-def parse_theta_chunk(message: bytes) -> RawThetaChunk:
-    """A serialized ``ThetaChunk``; raises :class:`WireError` (MALFORMED) if unparsable."""
-    fields = parse_fields(message)
-    header = fields.get(3)
-    return RawThetaChunk(
-        unchanged=bool(fields.get(1, 0)), version=_signed(int(fields.get(2, 0))),
-        header=None if header is None else l2o_pb2.ThetaHeader.FromString(bytes(header)),
-        data=fields.get(4, b""))
+        return l2o_pb2.GradientChunk.FromString(message)
+    except DecodeError as e:
+        return Unparsable(f"unparsable GradientChunk: {e}")
 
 
 class LearnerServicer:
     """Serves one learner: θ downloads, gradient uploads and status.
 
-    Its streaming methods take and yield raw chunk types (:class:`RawGradientChunk`, serialized
-    ``ThetaChunk`` bytes) so tensor bytes are not copied by the protobuf runtime: register it with
-    :func:`add_learner_servicer`, not the generated ``add_LearnerServicer_to_server``. On the wire
-    the messages are exactly those of ``proto/l2o.proto``.
+    Its push methods take ``GradientChunk`` messages or :class:`Unparsable`: register it with
+    :func:`add_learner_servicer`, not the generated ``add_LearnerServicer_to_server``.
     """
 
     def __init__(self, learner: Learner, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
@@ -141,21 +104,22 @@ class LearnerServicer:
         self.chunk_bytes = chunk_bytes
         self.template = TreeTemplate(learner.theta)
         self._cache_lock = threading.Lock()
-        self._cache: tuple[int, int, bytes, list[memoryview]] | None = None
+        self._cache: tuple[int, int, list[l2o_pb2.ThetaChunk]] | None = None
 
-    def _encoded(self, version: int, gen_id: int, theta: Any) -> tuple[bytes, list[memoryview]]:
+    def _encoded(self, version: int, gen_id: int, theta: Any) -> list[l2o_pb2.ThetaChunk]:
+        """θ's chunk messages, built once per version."""
         with self._cache_lock:
             if self._cache is None or self._cache[:2] != (version, gen_id):
                 manifest, views = flatten_tree(theta)
                 header = l2o_pb2.ThetaHeader(
                     run_id=self.learner.run_id, version=version, gen_id=gen_id,
-                    manifest=manifest_to_proto(manifest),
-                    total_bytes=sum(s.length for s in manifest)).SerializeToString()
-                self._cache = (version, gen_id, header, views)
-            return self._cache[2], self._cache[3]
+                    manifest=manifest_to_proto(manifest), total_bytes=total_bytes(manifest))
+                self._cache = (version, gen_id,
+                               list(theta_messages(version, header, views, self.chunk_bytes)))
+            return self._cache[2]
 
     def FetchTheta(self, request: l2o_pb2.FetchRequest, context: grpc.ServicerContext
-                   ) -> Iterator[bytes]:
+                   ) -> Iterator[l2o_pb2.ThetaChunk]:
         """θ in chunks, or one ``unchanged`` chunk when the caller already has this version.
 
         A caller whose ``have_version`` is ahead of the learner's (the learner was restarted from
@@ -168,33 +132,27 @@ class LearnerServicer:
                           f"{learner.run_id!r}")
         version, gen_id, theta = learner.snapshot()
         if request.have_version == version:
-            yield frame_fields((1, True), (2, version))
+            yield l2o_pb2.ThetaChunk(unchanged=True, version=version)
             return
-        header, views = self._encoded(version, gen_id, theta)
-        first = True
-        for chunk in iter_chunk_views(views, self.chunk_bytes):
-            yield frame_fields((2, version), (3, header if first else None), (4, chunk))
-            first = False
-        if first:  # a θ without bytes
-            yield frame_fields((2, version), (3, header))
+        yield from self._encoded(version, gen_id, theta)
 
-    def PushGradient(self, request_iterator: Iterator[RawGradientChunk],
+    def PushGradient(self, request_iterator: Iterator[l2o_pb2.GradientChunk | Unparsable],
                      context: grpc.ServicerContext) -> l2o_pb2.Ack:
         """Take one gradient; the ``Ack`` says accepted or why not."""
         return ack_from_result(self._push(request_iterator))
 
-    def PushSmallGradient(self, request: RawGradientChunk, context: grpc.ServicerContext
-                          ) -> l2o_pb2.Ack:
+    def PushSmallGradient(self, request: l2o_pb2.GradientChunk | Unparsable,
+                          context: grpc.ServicerContext) -> l2o_pb2.Ack:
         """Take one gradient sent as a single chunk (header and all bytes)."""
         return ack_from_result(self._push(iter((request,))))
 
-    def _push(self, chunks: Iterator[RawGradientChunk]) -> SubmitResult:
+    def _push(self, chunks: Iterator[l2o_pb2.GradientChunk | Unparsable]) -> SubmitResult:
         learner = self.learner
-        first = next(chunks, None)
-        if first is None or first.error or first.header is None:
-            why = first.error if first is not None and first.error else (
-                "the first chunk carries no header")
-            return learner.reject(Reason.MALFORMED, why)
+        first = next(chunks, l2o_pb2.GradientChunk())
+        if isinstance(first, Unparsable):
+            return learner.reject(Reason.MALFORMED, first.detail)
+        if not first.HasField("header"):
+            return learner.reject(Reason.MALFORMED, "the first chunk carries no header")
         header = header_from_proto(first.header)
         try:
             manifest = manifest_from_proto(first.header.manifest)
@@ -212,9 +170,9 @@ class LearnerServicer:
             asm = ByteAssembler(manifest, checked=True)
             asm.add(first.data)
             for chunk in chunks:
-                if chunk.error:
-                    raise WireError(Reason.MALFORMED, chunk.error)
-                if chunk.header is not None:
+                if isinstance(chunk, Unparsable):
+                    raise WireError(Reason.MALFORMED, chunk.detail)
+                if chunk.HasField("header"):
                     raise WireError(Reason.MALFORMED, "a second header in one gradient stream")
                 asm.add(chunk.data)
             grad = asm.finish(like=self.template)
@@ -242,19 +200,13 @@ class LearnerServicer:
         )
 
 
-#: Method paths of the service.
-FETCH_THETA = f"/{SERVICE_NAME}/FetchTheta"
-PUSH_GRADIENT = f"/{SERVICE_NAME}/PushGradient"
-PUSH_SMALL_GRADIENT = f"/{SERVICE_NAME}/PushSmallGradient"
-STATUS = f"/{SERVICE_NAME}/Status"
-
-
 def add_learner_servicer(servicer: LearnerServicer, server: grpc.Server) -> None:
-    """Register ``servicer`` under ``l2o.v1.Learner`` with the zero-copy chunk (de)serializers."""
+    """Register ``servicer`` under ``l2o.v1.Learner``; pushed chunks are parsed by
+    :func:`parse_gradient_chunk`, everything else by the generated classes."""
     handlers = {
         "FetchTheta": grpc.unary_stream_rpc_method_handler(
             servicer.FetchTheta, request_deserializer=l2o_pb2.FetchRequest.FromString,
-            response_serializer=None),  # the servicer yields serialized ThetaChunk bytes
+            response_serializer=l2o_pb2.ThetaChunk.SerializeToString),
         "PushGradient": grpc.stream_unary_rpc_method_handler(
             servicer.PushGradient, request_deserializer=parse_gradient_chunk,
             response_serializer=l2o_pb2.Ack.SerializeToString),

@@ -8,7 +8,9 @@ receiver assembles the chunks into one preallocated buffer (:class:`ByteAssemble
 tensor as its bytes arrive) and views the tensors out of it without further copies.
 
 Everything here is pure: no gRPC. :func:`manifest_to_proto` and :func:`manifest_from_proto` convert
-to and from the ``l2o.v1.TensorSpec`` messages of ``proto/l2o.proto``.
+to and from the ``l2o.v1.TensorSpec`` messages of ``proto/l2o.proto``; :func:`gradient_messages`
+and :func:`theta_messages` cut a tree's bytes into its generated ``GradientChunk`` and
+``ThetaChunk`` messages.
 
 Errors are :class:`WireError` carrying a :class:`Reason` (the same codes as the proto's ``Reason``
 enum), so a server can tell a worker exactly why its gradient was refused.
@@ -28,6 +30,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from proto import l2o_pb2
 
 #: Default chunk size (1 MiB); chunks are kept within [MIN_CHUNK_BYTES, MAX_CHUNK_BYTES].
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -120,11 +124,6 @@ def _flatten(tree: Any) -> tuple[list[Any], list[str]]:
         if len(_PATHS) < 256:
             _PATHS[treedef] = paths
     return leaves, paths
-
-
-def tree_paths(tree: Any) -> list[str]:
-    """The ``keystr`` path of every leaf of ``tree``, in flattening order."""
-    return _flatten(tree)[1]
 
 
 def _leaf_bytes(leaf: Any) -> tuple[np.ndarray, memoryview]:
@@ -244,7 +243,7 @@ class TreeTemplate:
         return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
 
 
-def as_template(like: Any) -> TreeTemplate | None:
+def tree_template(like: Any) -> TreeTemplate | None:
     """``like`` as a :class:`TreeTemplate` (None stays None)."""
     if like is None or isinstance(like, TreeTemplate):
         return like
@@ -278,7 +277,7 @@ def check_manifest(manifest: Sequence[TensorSpec], like: Any = None,
     if max_bytes is not None and offset > max_bytes:
         raise WireError(Reason.TOO_LARGE, f"{offset} bytes exceed the limit of {max_bytes}")
     if like is not None:
-        as_template(like).check(manifest)
+        tree_template(like).check(manifest)
     return offset
 
 
@@ -340,7 +339,7 @@ class ByteAssembler:
                             f"byte stream ended after {self.received} of {self.total} bytes")
         if self.verify:
             self._hash_upto(self.total)  # zero-length tensors at the end
-        template = as_template(like)
+        template = tree_template(like)
         if template is not None:
             template.check(self.manifest)
         arrays = _views(self.manifest, self.buffer)
@@ -359,29 +358,6 @@ def _views(manifest: Sequence[TensorSpec], buffer: bytes | bytearray | memoryvie
     return arrays
 
 
-def tree_from_buffer(manifest: Sequence[TensorSpec], buffer: bytes | bytearray | memoryview,
-                     like: Any = None, verify: bool = True) -> Any:
-    """The tree ``manifest`` describes, its arrays viewing ``buffer`` (no copies).
-
-    With ``like`` the result has ``like``'s tree structure (paths, shapes and dtypes are checked);
-    without, it is rebuilt from the paths as nested dicts and lists.
-    """
-    template = as_template(like)
-    if check_manifest(manifest, like=template) != memoryview(buffer).nbytes:
-        raise WireError(Reason.MALFORMED,
-                        f"buffer of {memoryview(buffer).nbytes} bytes for a manifest of "
-                        f"{total_bytes(manifest)}")
-    if verify:
-        view = memoryview(buffer)
-        for s in manifest:
-            if hashlib.sha256(view[s.offset:s.offset + s.length]).digest() != s.sha256:
-                raise WireError(Reason.BAD_CHECKSUM, f"{s.path}: sha256 mismatch")
-    arrays = _views(manifest, buffer)
-    if template is not None:
-        return template.unflatten(arrays)
-    return unflatten_paths([s.path for s in manifest], arrays)
-
-
 def decode_tree(manifest: Sequence[TensorSpec], chunks: Iterable[bytes], like: Any = None,
                 *, max_bytes: int | None = None, verify: bool = True) -> Any:
     """The tree encoded as ``(manifest, chunks)`` by :func:`encode_tree`.
@@ -391,7 +367,7 @@ def decode_tree(manifest: Sequence[TensorSpec], chunks: Iterable[bytes], like: A
     specific reason: WRONG_TREE, WRONG_SHAPE, WRONG_DTYPE, TOO_LARGE (beyond ``max_bytes``),
     MALFORMED (stream too short/long, inconsistent manifest), BAD_CHECKSUM.
     """
-    template = as_template(like)
+    template = tree_template(like)
     check_manifest(manifest, like=template, max_bytes=max_bytes)
     asm = ByteAssembler(manifest, verify=verify)
     for chunk in chunks:
@@ -449,10 +425,8 @@ def unflatten_paths(paths: Sequence[str], leaves: Sequence[Any]) -> Any:
     return listify(root)
 
 
-def manifest_to_proto(manifest: Sequence[TensorSpec]) -> list[Any]:
+def manifest_to_proto(manifest: Sequence[TensorSpec]) -> list[l2o_pb2.TensorSpec]:
     """``l2o.v1.TensorSpec`` messages for ``manifest``."""
-    from proto import l2o_pb2
-
     return [l2o_pb2.TensorSpec(path=s.path, dtype=s.dtype, shape=list(s.shape), sha256=s.sha256,
                                offset=s.offset, length=s.length) for s in manifest]
 
@@ -464,89 +438,27 @@ def manifest_from_proto(specs: Iterable[Any]) -> list[TensorSpec]:
             for s in specs]
 
 
-# --- protobuf framing of the chunk messages, without copying tensor bytes -----------------------
-#
-# ``GradientChunk`` and ``ThetaChunk`` messages carry up to a megabyte of tensor bytes each. Built
-# and parsed through the protobuf runtime, every chunk's bytes would be copied several times; these
-# helpers write and read the same protobuf wire format directly: a chunk is framed with a single
-# copy, and parsed into memoryviews of the received message.
-
-_WT_VARINT, _WT_I64, _WT_LEN, _WT_I32 = 0, 1, 2, 5
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    value &= (1 << 64) - 1  # negative int64 values are ten-byte varints
-    while True:
-        bits = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
+def _flag_first(chunks: Iterable[bytes]) -> Iterator[tuple[bool, bytes]]:
+    """``(is_first, chunk)`` for each chunk; a single ``(True, b"")`` when there are none."""
+    first = True
+    for data in chunks:
+        yield first, data
+        first = False
+    if first:
+        yield True, b""
 
 
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise WireError(Reason.MALFORMED, "truncated or overlong varint in a chunk message")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
+def gradient_messages(header: l2o_pb2.GradientHeader, views: Sequence[memoryview],
+                      chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[l2o_pb2.GradientChunk]:
+    """The ``GradientChunk`` messages of one gradient: its bytes in chunks, ``header`` on the
+    first (a gradient without bytes is one message carrying only the header)."""
+    for first, data in _flag_first(iter_chunks(views, chunk_bytes)):
+        yield l2o_pb2.GradientChunk(header=header if first else None, data=data)
 
 
-def frame_fields(*fields: tuple[int, bytes | memoryview | int | None]) -> bytes:
-    """A protobuf message of ``(field_number, value)`` pairs: ints as varints, bytes as LEN fields.
-
-    ``None`` values (and zero ints, as proto3 does) are left out. The result is one new ``bytes``:
-    payloads are copied exactly once.
-    """
-    parts: list[bytes | memoryview] = []
-    for number, value in fields:
-        if value is None:
-            continue
-        if isinstance(value, bool | int):
-            if value:
-                parts.append(_varint(number << 3 | _WT_VARINT))
-                parts.append(_varint(int(value)))
-            continue
-        parts.append(_varint(number << 3 | _WT_LEN))
-        parts.append(_varint(len(value) if isinstance(value, bytes) else value.nbytes))
-        parts.append(value)
-    return b"".join(parts)
-
-
-def parse_fields(message: bytes | memoryview) -> dict[int, int | memoryview]:
-    """The fields of a protobuf message: varints as ints, LEN fields as memoryviews (no copy).
-
-    A repeated field keeps its last value (as protobuf does for singular fields). Raises
-    :class:`WireError` (MALFORMED) on truncated input or unknown wire types.
-    """
-    buf = memoryview(message)
-    out: dict[int, int | memoryview] = {}
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == _WT_VARINT:
-            out[number], pos = _read_varint(buf, pos)
-        elif wire_type == _WT_LEN:
-            length, pos = _read_varint(buf, pos)
-            if pos + length > len(buf):
-                raise WireError(Reason.MALFORMED, "truncated field in a chunk message")
-            out[number] = buf[pos:pos + length]
-            pos += length
-        elif wire_type == _WT_I64:
-            pos += 8
-        elif wire_type == _WT_I32:
-            pos += 4
-        else:
-            raise WireError(Reason.MALFORMED, f"unsupported protobuf wire type {wire_type}")
-        if pos > len(buf):
-            raise WireError(Reason.MALFORMED, "truncated field in a chunk message")
-    return out
+def theta_messages(version: int, header: l2o_pb2.ThetaHeader, views: Sequence[memoryview],
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[l2o_pb2.ThetaChunk]:
+    """The ``ThetaChunk`` messages of θ at ``version``: its bytes in chunks, ``header`` on the
+    first (a θ without bytes is one message carrying only the header)."""
+    for first, data in _flag_first(iter_chunks(views, chunk_bytes)):
+        yield l2o_pb2.ThetaChunk(version=version, header=header if first else None, data=data)

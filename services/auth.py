@@ -52,16 +52,6 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def bearer_call_credentials(token: str) -> grpc.CallCredentials:
-    """Call credentials adding the bearer token to every call (for use on TLS channels)."""
-
-    class _Plugin(grpc.AuthMetadataPlugin):
-        def __call__(self, context: Any, callback: Callable) -> None:
-            callback((("authorization", f"Bearer {token}"),), None)
-
-    return grpc.metadata_call_credentials(_Plugin(), name="l2o-bearer")
-
-
 def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     def abort(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

@@ -145,9 +145,13 @@ def train(
 @app.command("eval")
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A params or full checkpoint file.")],
-    task: Annotated[str, typer.Option(help="Task name (see `l2o tasks`).")] = "digits_mlp",
-    steps: Annotated[int, typer.Option(help="Inner steps.")] = 100,
-    seeds: Annotated[int, typer.Option(help="Fresh initializations.")] = 5,
+    task: Annotated[str | None, typer.Option(
+        help="Task name (see `l2o tasks`); default: the run's eval task (digits_mlp without "
+             "one).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Inner steps; default: the run's eval.steps.")] = None,
+    seeds: Annotated[int | None, typer.Option(
+        help="Fresh initializations; default: the run's eval.seeds.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the result JSON and a PNG here.")] = None,
     suite: Annotated[str | None, typer.Option(
         help="'l2o-scale': every L2O-Scale evaluation problem in turn (instead of --task); "
@@ -165,8 +169,12 @@ def eval_cmd(
              "one job per task on a Redis stream; local Ray and the embedded Redis unless "
              "$RAY_ADDRESS / $REDIS_URL). 0: score them in this process.")] = 0,
 ) -> None:
-    """Score a checkpoint's optimizer on a task (or a suite of tasks) against tuned Adam."""
-    import jax
+    """Score a checkpoint's optimizer on a task (or a suite of tasks) against tuned Adam.
+
+    Without --task, --steps and --seeds the evaluation is the run's own (its config is read from
+    the checkpoint, or from a full checkpoint beside it): the result is the ``eval`` block of the
+    run's summary.json. Without a run config, the default job's evaluation settings apply.
+    """
 
     if pool < 0:
         _fail("--pool must be 0 or more")
@@ -179,66 +187,64 @@ def eval_cmd(
         _eval_heldout(checkpoint, suite, seeds, out, _split_names(tasks), pool)
         return
 
-    from l2o.evaluation.comparison import evaluate
     from l2o.io.checkpoints import CheckpointError
-    from l2o.io.config import TaskConfig
-    from l2o.training.build import task_family_from_config
-    from l2o.training.job import load_theta
+    from l2o.training.job import EVAL_SUMMARY_KEYS, evaluate_theta, load_theta, write_outputs
 
     try:
         lopt, theta, meta = load_theta(checkpoint)
-        if lopt.name == "unsupervised_rule":  # scored by its features, not against Adam
-            _eval_unsupervised(checkpoint, lopt, theta, meta, steps, seeds, out)
-            return
-        family = task_family_from_config(TaskConfig(name=task))
+        cfg = _eval_config(checkpoint, meta, task, steps, seeds,
+                           needs_run=lopt.name == "unsupervised_rule")
     except (CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
         _fail(str(e))
         return
-    k_task, k_run = jax.random.split(jax.random.PRNGKey(0))
-    result = evaluate(family.sample_task(k_task), lopt, theta, steps=steps, seeds=seeds,
-                      key=k_run, adam_learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-                      adam_steps=5 * steps)
-    summary = {"run": str(checkpoint), "eval": {k: v for k, v in result.items()
-                                                 if not isinstance(v, list | dict)}}
-    console.print(_summary_table(summary))
-    if out is not None:
-        from l2o.training.job import write_outputs
+    # the unsupervised rule is scored by its features (its PNGs go here), not against Adam
+    result = evaluate_theta(cfg, lopt, theta,
+                            figures_dir=out if out is not None else checkpoint.resolve().parent)
+    summary = {"run": str(checkpoint),
+               "eval": {k: result[k] for k in EVAL_SUMMARY_KEYS if k in result}}
+    if result.get("kind") == "unsupervised_rule":
+        from l2o.unsupervised.evaluation import format_result
 
+        console.print(format_result(result))
+    else:
+        console.print(_summary_table(summary))
+    if out is not None:
         write_outputs(out, summary, result)
         console.print(f"wrote {out / 'summary.json'}")
 
 
-def _eval_unsupervised(checkpoint: Path, lopt: Any, theta: Any, meta: dict[str, Any], steps: int,
-                       seeds: int, out: Path | None) -> None:
-    """``l2o eval`` of an unsupervised-rule checkpoint: its run's base model and data, rule
-    features vs random-init vs supervised (``l2o.unsupervised.evaluation``)."""
-    from l2o.io.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint
-    from l2o.io.config import TrainConfig
-    from l2o.training.job import evaluate_theta
-    from l2o.unsupervised.evaluation import format_result
+def _run_config(checkpoint: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The config of the run ``checkpoint`` belongs to: in its metadata (a full checkpoint) or in
+    the latest full checkpoint of its run directory (a params checkpoint); None if neither."""
+    from l2o.io.checkpoints import latest_checkpoint, read_checkpoint
 
-    config = meta.get("config")
-    if config is None:  # a params checkpoint: the run's config is in a full one beside it
-        full = latest_checkpoint(checkpoint.resolve().parent.parent, "full")
-        config = read_checkpoint(full)[1].get("config") if full is not None else None
-    if config is None:
+    if meta.get("config") is not None:
+        return meta["config"]
+    full = latest_checkpoint(checkpoint.resolve().parent.parent, "full")
+    return read_checkpoint(full)[1].get("config") if full is not None else None
+
+
+def _eval_config(checkpoint: Path, meta: dict[str, Any], task: str | None, steps: int | None,
+                 seeds: int | None, needs_run: bool = False) -> TrainConfig:
+    """The config whose evaluation ``l2o eval`` runs: the checkpoint's run config (the default
+    job's without one) with the options given. ``needs_run``: CheckpointError without a run."""
+    from l2o.io.checkpoints import CheckpointError
+    from l2o.io.config import TaskConfig
+
+    config = _run_config(checkpoint, meta)
+    if config is None and needs_run:
         raise CheckpointError(f"{checkpoint}: the unsupervised rule needs its run's base model "
                               "and data; give a full checkpoint or one inside its run directory")
-    cfg = TrainConfig.model_validate(config)
-    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"steps": steps,
-                                                                     "seeds": seeds})})
-    figures = out if out is not None else checkpoint.resolve().parent
-    result = evaluate_theta(cfg, lopt, theta, figures_dir=figures)
-    console.print(format_result(result))
-    if out is not None:
-        from l2o.io.atomic import write_json
-
-        write_json(out / "summary.json", {"run": str(checkpoint), "eval": result})
-        console.print(f"wrote {out / 'summary.json'}")
+    cfg = TrainConfig.model_validate(config) if config is not None else TrainConfig()
+    update: dict[str, Any] = {k: v for k, v in (("steps", steps), ("seeds", seeds))
+                              if v is not None}
+    if task is not None:
+        update["task"] = TaskConfig(name=task)
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update=update)})
 
 
-def _eval_suite(checkpoint: Path, suite: str, offline: bool, steps: int, seeds: int,
-                out: Path | None) -> None:
+def _eval_suite(checkpoint: Path, suite: str, offline: bool, steps: int | None,
+                seeds: int | None, out: Path | None) -> None:
     """``l2o eval --suite``: each problem of the suite; a missing dataset skips its problem."""
     import jax
 
@@ -254,10 +260,12 @@ def _eval_suite(checkpoint: Path, suite: str, offline: bool, steps: int, seeds: 
     if suite != "l2o-scale":
         _fail(f"unknown suite {suite!r}; known: l2o-scale")
     try:
-        lopt, theta, _ = load_theta(checkpoint)
+        lopt, theta, meta = load_theta(checkpoint)
+        ev = _eval_config(checkpoint, meta, None, steps, seeds).eval
     except (CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
         _fail(str(e))
         return
+    steps, seeds = ev.steps, ev.seeds
     results: dict[str, Any] = {}
     table = Table("problem", "task", "learned", "tuned Adam", "speedup", title=f"{suite} suite")
     for label, (real, standin) in L2O_SCALE_EVAL_TASKS.items():
@@ -270,8 +278,8 @@ def _eval_suite(checkpoint: Path, suite: str, offline: bool, steps: int, seeds: 
             continue
         k_task, k_run = jax.random.split(jax.random.PRNGKey(0))
         res = evaluate(family.sample_task(k_task), lopt, theta, steps=steps, seeds=seeds,
-                       key=k_run, adam_learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-                       adam_steps=5 * steps)
+                       key=k_run, adam_learning_rates=tuple(ev.adam_learning_rates),
+                       adam_steps=ev.adam_steps_factor * steps)
         results[label] = {"task_name": name, **{k: v for k, v in res.items()
                                                 if not isinstance(v, list | dict)}}
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -324,7 +332,7 @@ def _heldout_table(result: dict[str, Any]) -> Table:
     return table
 
 
-def _eval_heldout(checkpoint: Path, suite: str, seeds: int, out: Path | None,
+def _eval_heldout(checkpoint: Path, suite: str, seeds: int | None, out: Path | None,
                   names: list[str] | None, pool: int = 0) -> None:
     """``l2o eval --suite heldout``: the checkpoint's optimizer (as an optax transformation) on
     the held-out suite (``l2o.suite.evaluate.evaluate_on_suite``; with ``pool``, sharded over
@@ -342,17 +350,18 @@ def _eval_heldout(checkpoint: Path, suite: str, seeds: int, out: Path | None,
         _fail(str(e))
         return
     out = out if out is not None else checkpoint.resolve().parent / f"suite-{suite}"
+    given = {} if seeds is None else {"seeds": seeds}  # else the suite's own number of seeds
     try:
         if pool:
             from workers.eval_worker import evaluate_on_suite_with_pool
 
             result = evaluate_on_suite_with_pool(checkpoint, suite, pool, tasks=names,
-                                                 seeds=seeds, out_dir=out, label=checkpoint.name,
-                                                 log_line=_suite_log)
+                                                 out_dir=out, label=checkpoint.name,
+                                                 log_line=_suite_log, **given)
         else:
             result = evaluate_on_suite(
                 lambda n: as_gradient_transformation(lopt, theta, num_steps=n), suite,
-                tasks=names, seeds=seeds, out_dir=out, label=checkpoint.name, log=_suite_log)
+                tasks=names, out_dir=out, label=checkpoint.name, log=_suite_log, **given)
     except ValueError as e:  # an unknown suite or task name
         _fail(f"{e} (l2o eval also knows the suite l2o-scale)")
         return

@@ -18,26 +18,18 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from learner.server import (
-    FETCH_THETA,
-    GRPC_OPTIONS,
-    PUSH_GRADIENT,
-    PUSH_SMALL_GRADIENT,
-    SERVICE_NAME,
-    STATUS,
-    frame_gradient_chunk,
-    parse_theta_chunk,
-)
-from proto import l2o_pb2
+from learner.server import GRPC_OPTIONS, SERVICE_NAME
+from proto import l2o_pb2, l2o_pb2_grpc
 from proto.wire import (
     DEFAULT_CHUNK_BYTES,
     ByteAssembler,
     Reason,
     WireError,
     flatten_tree,
-    iter_chunk_views,
+    gradient_messages,
     manifest_from_proto,
     manifest_to_proto,
+    total_bytes,
 )
 from services.auth import auth_metadata, channel_credentials
 from services.retry import RetryGaveUp, RetryPolicy, grpc_code, retry_call
@@ -144,17 +136,11 @@ class LearnerClient:
                                                 options=GRPC_OPTIONS)
         else:
             self._channel = grpc.insecure_channel(self.address, options=GRPC_OPTIONS)
-        ch = self._channel
-        self._fetch = ch.unary_stream(FETCH_THETA,
-                                      request_serializer=l2o_pb2.FetchRequest.SerializeToString,
-                                      response_deserializer=parse_theta_chunk)
-        self._push = ch.stream_unary(PUSH_GRADIENT, request_serializer=None,  # framed bytes
-                                     response_deserializer=l2o_pb2.Ack.FromString)
-        self._push_small = ch.unary_unary(PUSH_SMALL_GRADIENT, request_serializer=None,
-                                          response_deserializer=l2o_pb2.Ack.FromString)
-        self._status = ch.unary_unary(STATUS,
-                                      request_serializer=l2o_pb2.StatusRequest.SerializeToString,
-                                      response_deserializer=l2o_pb2.StatusReply.FromString)
+        stub = l2o_pb2_grpc.LearnerStub(self._channel)
+        self._fetch = stub.FetchTheta
+        self._push = stub.PushGradient
+        self._push_small = stub.PushSmallGradient
+        self._status = stub.Status
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def _reconnect(self) -> None:
@@ -233,10 +219,10 @@ class LearnerClient:
             if first.unchanged:
                 stream.cancel()
                 return FetchResult(int(first.version), self.last_gen_id, None)
-            h = first.header
-            if h is None:
+            if not first.HasField("header"):
                 stream.cancel()
                 raise WireError(Reason.MALFORMED, "the first θ chunk carries no header")
+            h = first.header
             asm = ByteAssembler(manifest_from_proto(h.manifest))
             asm.add(first.data)
             for chunk in stream:
@@ -260,21 +246,16 @@ class LearnerClient:
         """Stream one gradient; the learner's ``Ack`` (``accepted``, ``reason``, ``detail``,
         ``version``). A retried push answered DUPLICATE was taken by an earlier attempt."""
         manifest, views = flatten_tree(grad_tree)
+        total = total_bytes(manifest)
         header = l2o_pb2.GradientHeader(
             run_id=self.run_id, theta_version=theta_version, gen_id=gen_id,
             worker_id=str(worker_id), seq=seq, estimator=estimator, inner_steps=inner_steps,
             mean_inner_loss=mean_inner_loss, manifest=manifest_to_proto(manifest),
-            total_bytes=sum(s.length for s in manifest)).SerializeToString()
+            total_bytes=total)
 
-        def chunks() -> Iterator[bytes]:
-            first = True
-            for data in iter_chunk_views(views, self.chunk_bytes):
-                yield frame_gradient_chunk(header if first else None, data)
-                first = False
-            if first:
-                yield frame_gradient_chunk(header, None)
+        def chunks() -> Iterator[l2o_pb2.GradientChunk]:
+            return gradient_messages(header, views, self.chunk_bytes)
 
-        total = sum(s.length for s in manifest)
         if total <= self.chunk_bytes:  # one message: a unary call, cheaper than a stream
             message = next(chunks())
             return self._call(lambda: self._push_small(message, metadata=self._metadata,

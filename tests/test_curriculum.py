@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_tree_allclose, assert_tree_equal
 
 from l2o.io.checkpoints import load_checkpoint
 from l2o.io.config import ConfigError, config_from_dict, preset
@@ -137,11 +138,6 @@ class Scripted:
         return SCRIPT[trainer.step]
 
 
-def assert_tree_equal(a, b):
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def test_trainer_advances_restores_best_and_resumes(tmp_path):
     cfg = tiny_curriculum_config(tmp_path)
     scorer = Scripted()
@@ -185,9 +181,7 @@ def test_trainer_advances_restores_best_and_resumes(tmp_path):
     tr3 = Trainer(tiny_curriculum_config(tmp_path / "straight"), scorer=scorer3)
     tr3.train()
     assert tr3.step == 20
-    for a, b in zip(jax.tree_util.tree_leaves(tr3.state.theta),
-                    jax.tree_util.tree_leaves(tr2.state.theta), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert_tree_allclose(tr3.state.theta, tr2.state.theta, rtol=1e-6, atol=1e-7)
 
 
 def test_trainer_default_scorer_is_the_mean_final_loss_at_the_eval_horizon(tmp_path):

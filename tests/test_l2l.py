@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_tree_allclose
 
 from l2o.io.checkpoints import read_checkpoint
 from l2o.io.config import PRESETS, config_from_dict, preset
@@ -34,11 +35,6 @@ def _run(opt, params, grad_fn, steps):
     for _ in range(steps):
         state = opt.update(state, grad_fn(opt.params(state)))
     return opt.params(state)
-
-
-def _tree_close(a, b, **kw):
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
 
 
 def _quadratic_problem():
@@ -99,7 +95,7 @@ def test_lambda_endpoints_reproduce_lstm_and_adam(make, lam):
         for _ in range(6):
             u, s = tx.update(grad(want), s, want)
             want = optax.apply_updates(want, u)
-    _tree_close(got, want, rtol=1e-6, atol=1e-7)
+    assert_tree_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_learned_lambda_shapes_and_per_coordinate_lambda():

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import struct
+from helpers import assert_tree_equal
 
 from l2o.estimators import Imitation, TruncatedBackprop, TruncatedStep, imitation_loss
 from l2o.estimators.curvature import (
@@ -271,9 +272,7 @@ def test_defaults_leave_the_estimate_unchanged():
         for k in range(3):
             ga, wa, ma = est_a.compute_gradient_estimate(theta, wa, jax.random.PRNGKey(k))
             gb, wb, mb = est_b.compute_gradient_estimate(theta, wb, jax.random.PRNGKey(k))
-            for x, y in zip(jax.tree_util.tree_leaves((ga, wa, ma)),
-                            jax.tree_util.tree_leaves((gb, wb, mb))):
-                np.testing.assert_array_equal(x, y)
+            assert_tree_equal((ga, wa, ma), (gb, wb, mb))
             assert set(ma) == set(mb) and "curvature" not in ma
 
 

@@ -14,6 +14,7 @@ import optax
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import assert_tree_allclose, assert_tree_equal
 
 from l2o.io.checkpoints import latest_checkpoint, load_checkpoint
 from l2o.io.config import ServiceConfig, TrainConfig
@@ -44,12 +45,6 @@ def make_theta() -> dict[str, Any]:
 
 def grad_like(theta: Any, value: float) -> Any:
     return jax.tree_util.tree_map(lambda x: np.full(np.shape(x), value, np.float32), theta)
-
-
-def tree_equal(a: Any, b: Any) -> bool:
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
-                                      for x, y in zip(la, lb, strict=True))
 
 
 @contextlib.contextmanager
@@ -84,9 +79,10 @@ def test_wire_roundtrip_and_errors() -> None:
     theta = make_theta()
     manifest, chunks = encode_tree(theta, chunk_bytes=256 << 10)
     chunks = list(chunks)
-    assert tree_equal(decode_tree(manifest, chunks, like=theta), theta)
+    assert_tree_equal(decode_tree(manifest, chunks, like=theta), theta)
     rebuilt = decode_tree(manifest, chunks)  # no template: nested dicts from the paths
-    assert tree_equal(rebuilt, theta) and set(rebuilt) == {"layer", "scale"}
+    assert_tree_equal(rebuilt, theta)
+    assert set(rebuilt) == {"layer", "scale"}
     assert unflatten_paths(["[0]", "[1]['a']"], [1, 2]) == [1, {"a": 2}]
     corrupt = [bytes([chunks[0][0] ^ 1]) + chunks[0][1:]] + chunks[1:]
     cases = [
@@ -109,7 +105,8 @@ def test_accepts_and_applies_hand_computed_update(tmp_path: Path) -> None:
     with service(tmp_path, tx, batch_size=2, max_staleness=1) as (learner, client, _):
         client.wait_ready(10)
         version, theta0 = client.fetch_theta()
-        assert version == 0 and tree_equal(theta0, make_theta())
+        assert version == 0
+        assert_tree_equal(theta0, make_theta())
         g1, g2 = grad_like(theta0, 1.0), grad_like(theta0, -3.0)
         ack = push(client, g1, seq=0, loss=2.0)
         assert ack.accepted and reason_name(ack) == "OK"
@@ -122,9 +119,7 @@ def test_accepts_and_applies_hand_computed_update(tmp_path: Path) -> None:
         expected = optax.apply_updates(make_theta(), updates)
         version, theta1 = client.fetch_theta(have_version=0)
         assert version == 1
-        for got, want in zip(jax.tree_util.tree_leaves(theta1),
-                             jax.tree_util.tree_leaves(expected), strict=True):
-            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        assert_tree_allclose(theta1, expected, rtol=1e-6, atol=1e-7)
         assert client.fetch_theta(have_version=1) == (1, None)
         status = client.status()
         assert status["version"] == 1 and status["updates"] == 1
@@ -173,8 +168,8 @@ def test_rejections_leave_theta_and_state_untouched(tmp_path: Path) -> None:
             other_run.fetch_theta()
         other_run.close()
         assert learner.version == 1 and learner.status()["buffer_depth"] == 0
-        assert tree_equal(client.fetch_theta()[1], theta1)
-        assert tree_equal(learner.opt_state, state1)
+        assert_tree_equal(client.fetch_theta()[1], theta1)
+        assert_tree_equal(learner.opt_state, state1)
         status = client.status()
         assert status["dropped_stale"] == 1 and status["duplicate"] == 1
         assert status["rejected"] == 8 and status["rejected_by_reason"]["NAN_OR_INF"] == 2
@@ -233,8 +228,8 @@ def test_checkpoint_restart_resumes_version_and_dedup(tmp_path: Path) -> None:
         resumed = Learner.resume(make_theta(), tx, cfg, tmp_path, RUN, checkpoint_every=2,
                                  tensorboard=False)
         assert resumed.resumed_from is not None and resumed.version == 3
-        assert tree_equal(resumed.theta, learner.theta)
-        assert tree_equal(resumed.opt_state, learner.opt_state)
+        assert_tree_equal(resumed.theta, learner.theta)
+        assert_tree_equal(resumed.opt_state, learner.opt_state)
         server2, port2 = serve(resumed, "127.0.0.1", 0, TOKEN)
         address["now"] = f"127.0.0.1:{port2}"  # the client rediscovers the new address
         try:
@@ -362,6 +357,10 @@ def test_multi_chunk_stream_and_raw_protobuf_clients(tmp_path: Path) -> None:
             for want, stream in streams:
                 ack = stub.PushGradient(iter(stream), metadata=md, timeout=30)
                 assert Reason(ack.reason).name == want and ack.accepted == (want == "OK"), ack
+            raw_push = channel.stream_unary(f"/{SERVICE_NAME}/PushGradient",
+                                            response_deserializer=l2o_pb2.Ack.FromString)
+            ack = raw_push(iter([b"\x0a\x05ab"]), metadata=md, timeout=30)  # truncated header
+            assert Reason(ack.reason).name == "MALFORMED" and "unparsable" in ack.detail, ack
             assert learner.wait_for_version(2, timeout=30)
             first = next(iter(stub.FetchTheta(l2o_pb2.FetchRequest(run_id=RUN, have_version=2),
                                               metadata=md, timeout=30)))
@@ -378,7 +377,8 @@ def test_new_generation_refuses_old_generation(tmp_path: Path) -> None:
         gen = learner.new_generation(grad_like(make_theta(), 0.0))
         assert gen == 1 and learner.version == 1
         result = client.fetch(have_version=0)
-        assert result.gen_id == 1 and tree_equal(result.theta, grad_like(make_theta(), 0.0))
+        assert result.gen_id == 1
+        assert_tree_equal(result.theta, grad_like(make_theta(), 0.0))
         assert reason_name(push(client, g, version=1, seq=0, gen_id=0)) == "STALE_GENERATION"
         assert push(client, g, version=1, seq=1, gen_id=1).accepted
 

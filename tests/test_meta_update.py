@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import struct
+from helpers import assert_tree_equal
 
 import l2o.training.trainer as trainer_module
 import learner.core as learner_module
@@ -23,12 +24,6 @@ from learner.core import GradientHeader, Learner
 #: finite, but its square overflows float32: Adam's second moment becomes inf while the step it
 #: takes is 0, so θ stays finite and only the optimizer state is poisoned
 OVERFLOWING = 1e20
-
-
-def tree_equal(a: Any, b: Any) -> bool:
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
-                                      for x, y in zip(la, lb, strict=True))
 
 
 def full_like(tree: Any, value: float) -> Any:
@@ -78,7 +73,8 @@ def test_a_non_finite_gradient_or_result_leaves_the_state_untouched():
         new, info = meta_update(tx, state, on_device(grad))
         assert not bool(info.applied) and bool(info.grad_finite) == grad_finite
         assert not bool(info.result_finite) or not grad_finite
-        assert tree_equal(new, state) and int(new.version) == 0
+        assert_tree_equal(new, state)
+        assert int(new.version) == 0
 
 
 def test_the_trainer_and_the_learner_share_one_meta_update():
@@ -139,7 +135,8 @@ def test_learner_skips_and_counts_a_non_finite_update(tmp_path):
     status = learner.status()
     assert status["skipped_nonfinite"] == 2 and status["failed_updates"] == 0
     assert status["applied"] == 0 and status["version"] == 0 and status["buffer_depth"] == 0
-    assert tree_equal(learner.theta, theta0) and tree_equal(learner.opt_state, state0)
+    assert_tree_equal(learner.theta, theta0)
+    assert_tree_equal(learner.opt_state, state0)
     submit(1.0, 4)
     submit(1.0, 5)
     assert learner.step() and learner.version == 1

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_tree_allclose, assert_tree_equal
 
 from l2o.estimators.truncated_step import TruncatedStep
 from l2o.io.config import config_from_dict
@@ -69,8 +70,7 @@ def test_slab_layout_round_trip():
     assert lay.total == 17 and lay.num_tensors == 3
     flat = lay.flatten(p)
     back = lay.apply_step(p, jnp.zeros_like(flat))
-    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(p)):
-        np.testing.assert_array_equal(a, b)
+    assert_tree_equal(back, p)
     means = lay.tensor_mean(flat[None])
     np.testing.assert_allclose(means[0], [jnp.mean(p["b"]), 2.0, jnp.mean(p["w"])], rtol=1e-6)
     assert lay.expand(means).shape == (1, 17)
@@ -94,8 +94,7 @@ def test_fused_step_matches_matmul_form():
     np.testing.assert_allclose(fused(net, skip, x), ref(net, skip, x), rtol=1e-5, atol=1e-8)
     ga = jax.grad(lambda *a: jnp.sum(jnp.sin(100 * fused(*a))), (0, 1, 2))(net, skip, x)
     gb = jax.grad(lambda *a: jnp.sum(jnp.sin(100 * ref(*a))), (0, 1, 2))(net, skip, x)
-    for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert_tree_allclose(ga, gb, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(LOPTS))
@@ -171,8 +170,7 @@ def test_rnn_mlp_matches_mlp_at_init():
     a = rnn.opt_fn(theta).update(rnn.opt_fn(theta).init(p), g)
     mlp = MLPLOpt(hidden_sizes=(8,))
     b = mlp.opt_fn(mlp_theta).update(mlp.opt_fn(mlp_theta).init(p), g)
-    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8)
+    assert_tree_allclose(a.params, b.params, rtol=1e-6, atol=1e-8)
 
 
 def test_optax_bridge_with_mlp_lopt():

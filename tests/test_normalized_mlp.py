@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_tree_allclose
 
 from l2o.estimators.schedules import LogUniformHorizon
 from l2o.estimators.truncated_step import TruncatedStep
@@ -73,8 +74,7 @@ def test_gradient_scale_does_not_change_the_step():
     _, b = _run(tx, _params(), lambda t, p: jax.tree_util.tree_map(lambda g: 1e3 * g, noise[t]),
                 5)
     for ua, ub in zip(a, b):
-        for x, y in zip(jax.tree_util.tree_leaves(ua), jax.tree_util.tree_leaves(ub)):
-            np.testing.assert_allclose(x, y, rtol=2e-3, atol=1e-7)
+        assert_tree_allclose(ua, ub, rtol=2e-3, atol=1e-7)
 
 
 def test_composes_with_optax_chain_under_jit_and_minimizes():
@@ -140,9 +140,7 @@ def test_learned_optimizer_interface_matches_the_optax_transform():
     state = opt.update(opt.init(params, num_steps=50), g)
     tx = lopt.as_optax(theta, num_steps=50)
     u, _ = tx.update(g, tx.init(params), params)
-    for a, b in zip(jax.tree_util.tree_leaves(opt.params(state)),
-                    jax.tree_util.tree_leaves(optax.apply_updates(params, u))):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert_tree_allclose(opt.params(state), optax.apply_updates(params, u), rtol=1e-6)
 
 
 def test_truncated_step_tells_the_optimizer_the_drawn_horizon():

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_tree_equal
 
 from l2o.io.checkpoints import (
     FORMAT_VERSION,
@@ -247,8 +248,7 @@ def test_corrupted_checkpoint_leaves_trainer_untouched(tmp_path):
     with pytest.raises(CheckpointError, match="truncated"):
         fresh.restore()
     assert fresh.step == 0
-    for a, b in zip(before, jax.tree_util.tree_leaves(fresh.state.theta)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_tree_equal(before, fresh.state.theta)
 
 
 def test_meta_training_lowers_meta_loss_on_quadratics(tmp_path):
@@ -374,3 +374,29 @@ def test_cli_presets_lists_names_and_descriptions():
     assert "description" in result.output and "{" not in result.output  # a table, not JSON
     assert "l2o-scale-enhanced" in result.output
     assert "L2O-Scale with the curriculum" in result.output
+
+
+def test_cli_eval_reproduces_the_eval_of_the_runs_summary(tmp_path):
+    """``l2o eval`` on a checkpoint of a tiny ``train --local`` run, without options, scores θ as
+    the run did: the same task, key, seeds, Adam grid and summary keys as its summary.json."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    cfg = quadratic_config(tmp_path, meta_steps=2, checkpoint_every=2,
+                           eval={"steps": 5, "seeds": 2})
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--local", "--config", str(tmp_path / "tiny.yaml")])
+    assert res.exit_code == 0, res.output
+    run = json.loads((cfg.run_path() / "summary.json").read_text())
+    assert run["eval"]["steps"] == 5 and run["eval"]["learned_final_loss"] is not None
+    for kind in ("params", "full"):
+        out = tmp_path / f"eval-{kind}"
+        res = runner.invoke(app, ["eval", str(latest_checkpoint(cfg.run_path(), kind)),
+                                  "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "summary.json").read_text())["eval"] == run["eval"], kind

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_tree_allclose
 
 from l2o.optimizers.base import LearnedOptimizer
 from l2o.optimizers.registry import make_learned_optimizer
@@ -47,11 +48,6 @@ def setup():
     theta = RULE.init(jax.random.PRNGKey(0))
     params = MODEL.init(jax.random.PRNGKey(1))
     return theta, params, _data()
-
-
-def _tree_close(a, b, **kw):
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +217,7 @@ def test_forward_and_backward_updates_identical_by_default(setup):
     theta, params, x = setup
     assert "backward" not in theta
     up = updates(theta, MODEL, params, x)   # from w·(1 − lr) − Δ·lr of both matrices
-    _tree_close(up.w, up.bw, rtol=1e-3, atol=1e-3)
+    assert_tree_allclose(up.w, up.bw, rtol=1e-3, atol=1e-3)
     assert all(float(jnp.max(jnp.abs(d))) > 0.01 for d in up.w)
 
 
@@ -238,7 +234,7 @@ def test_separate_backward_updates(setup):
     same = {**theta, "backward": theta["forward"]}
     tied = params.replace(bw=params.w)
     up = sep_updates(same, MODEL, tied, x)
-    _tree_close(up.w, up.bw, rtol=1e-5, atol=1e-6)
+    assert_tree_allclose(up.w, up.bw, rtol=1e-5, atol=1e-6)
 
 
 def test_fixed_backward_weights_are_left_alone(setup, monkeypatch):
@@ -248,12 +244,12 @@ def test_fixed_backward_weights_are_left_alone(setup, monkeypatch):
     ones = jax.tree_util.tree_map(jnp.ones_like, params)
     monkeypatch.setattr(UnsupervisedUpdateRule, "updates", lambda self, *a: ones)
     new = fixed.apply({}, MODEL, params, x)
-    _tree_close(new.bw, params.bw, rtol=0, atol=0)
+    assert_tree_allclose(new.bw, params.bw, rtol=0, atol=0)
     lr = fixed.inner_lr
-    _tree_close(new.w, [w * (1 - lr) - lr for w in params.w], rtol=1e-6, atol=1e-7)
-    _tree_close(new.b, [b * (1 - lr) - lr for b in params.b], rtol=1e-6, atol=1e-7)
+    assert_tree_allclose(new.w, [w * (1 - lr) - lr for w in params.w], rtol=1e-6, atol=1e-7)
+    assert_tree_allclose(new.b, [b * (1 - lr) - lr for b in params.b], rtol=1e-6, atol=1e-7)
     moving = RULE.apply({}, MODEL, params, x)
-    _tree_close(moving.bw, [w * (1 - lr) - lr for w in params.bw], rtol=1e-6, atol=1e-7)
+    assert_tree_allclose(moving.bw, [w * (1 - lr) - lr for w in params.bw], rtol=1e-6, atol=1e-7)
 
 
 def _rule_kwargs():

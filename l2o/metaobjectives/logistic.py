@@ -10,7 +10,7 @@ so random, rule-trained and supervised features are compared on the same footing
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,10 +22,6 @@ class LogisticScores:
     accuracy: float
     log_loss: float
     train_accuracy: float
-
-    def as_dict(self) -> dict[str, float]:
-        """The scores as a plain dict."""
-        return asdict(self)
 
 
 def logistic_regression_scores(train_features, train_labels, test_features, test_labels,

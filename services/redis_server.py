@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -235,10 +236,12 @@ class EmbeddedRedis:
         """Start the server in ``directory`` (default: a fresh private one) and wait for it.
 
         With ``data`` (a directory) the server loads and keeps its data there (append-only
-        file, ``appendfsync everysec``, and RDB snapshots) and advertises its socket there;
-        without, it keeps nothing.
+        file, ``appendfsync everysec``, and RDB snapshots), advertises its socket there, and is
+        started again by a supervisor thread whenever it dies; without, it keeps nothing.
         """
         self._own_dir = directory is None
+        self.restarts = 0  # times the supervisor started a dead persistent server again
+        self._lock = threading.RLock()  # the supervisor never restarts a stopped server
         self.dir = Path(directory) if directory else (
             _runtime_root() / f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -263,18 +266,31 @@ class EmbeddedRedis:
                 "databases 1",
             ]) + "\n"
         )
-        main_thread = threading.current_thread() is threading.main_thread()
-        self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-            [self.binary, str(conf)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            # PDEATHSIG fires when the *thread* that forked exits: only safe from the main thread
-            preexec_fn=_set_pdeathsig if main_thread and _PRCTL is not None else None,
-            start_new_session=True,  # a Ctrl-C to the driver's group reaches us via atexit only
-        )
+        self.conf = conf
+        self.start_timeout_s = start_timeout_s
         self._owner_pid = os.getpid()
         self._stopped = False
         atexit.register(self.stop)
-        deadline = time.monotonic() + start_timeout_s
+        self._launch()
+        self._marker = self.data / "socket" if persist else None
+        if self._marker is not None:
+            self._marker.write_text(str(self.socket))
+            # a persistent server that dies is started again on the same socket and data
+            threading.Thread(target=self._supervise, name="l2o-redis-supervisor",
+                             daemon=True).start()
+
+    def _launch(self) -> None:
+        """Start ``redis-server`` on :attr:`conf` and wait until it answers."""
+        main_thread = threading.current_thread() is threading.main_thread()
+        self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            [self.binary, str(self.conf)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            # PDEATHSIG fires when the *thread* that forked exits: only safe from the main thread
+            # (a server restarted by the supervisor is stopped at exit by ``atexit`` only)
+            preexec_fn=_set_pdeathsig if main_thread and _PRCTL is not None else None,
+            start_new_session=True,  # a Ctrl-C to the driver's group reaches us via atexit only
+        )
+        deadline = time.monotonic() + self.start_timeout_s
         while True:
             if self.proc.poll() is not None:
                 log = (self.dir / "redis.log")
@@ -289,15 +305,28 @@ class EmbeddedRedis:
                     pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"embedded redis-server did not start in {start_timeout_s} s")
+                raise RuntimeError(
+                    f"embedded redis-server did not start in {self.start_timeout_s} s")
             time.sleep(0.02)
-        self._marker = self.data / "socket" if persist else None
-        if self._marker is not None:
-            self._marker.write_text(str(self.socket))
+
+    def _supervise(self, period_s: float = 0.5) -> None:
+        """Until :meth:`stop`: start the server again whenever it died (its clients retry)."""
+        while not self._stopped:
+            time.sleep(period_s)
+            with self._lock:
+                if self._stopped or self.proc.poll() is None:
+                    continue
+                self.restarts += 1
+                self.socket.unlink(missing_ok=True)
+                try:
+                    self._launch()
+                except RuntimeError as e:  # the run's clients give up after their deadline
+                    logging.getLogger(__name__).warning("embedded Redis did not restart: %s", e)
 
     def client(self, **kwargs) -> redis.Redis:
-        """A new client of this server."""
-        return redis.Redis.from_url(self.url, **kwargs)
+        """A new client of this server (with :class:`RedisSettings`' timeouts unless given)."""
+        return redis.Redis.from_url(self.url, **{**RedisSettings.from_env().client_kwargs(),
+                                                 **kwargs})
 
     def alive(self) -> bool:
         """Whether the server process is still running."""
@@ -305,9 +334,10 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Shut the server down (idempotent) and remove its directory."""
-        if self._stopped or os.getpid() != self._owner_pid:
-            return
-        self._stopped = True
+        with self._lock:
+            if self._stopped or os.getpid() != self._owner_pid:
+                return
+            self._stopped = True
         marker = getattr(self, "_marker", None)
         if marker is not None and marker.exists() and marker.read_text().strip() == str(
                 self.socket):

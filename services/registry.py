@@ -687,7 +687,7 @@ class RegistryHooks:
         if self._registry is None:
             from services.redis_server import redis_connection  # noqa: PLC0415
 
-            client, _ = redis_connection(self.redis_url)
+            client, _ = redis_connection(self.redis_url, wait=True)  # may be restarting
             self._registry = Registry(client, self.run_id)
         return self._registry
 

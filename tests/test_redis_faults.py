@@ -180,6 +180,22 @@ def test_embedded_server_keeps_the_registry_across_a_kill(tmp_path):
         again.stop()
 
 
+def test_a_killed_embedded_server_is_restarted_and_clients_ride_it_out(tmp_path):
+    srv = EmbeddedRedis(data=run_data_dir(tmp_path / "run"))
+    try:
+        client, _ = redis_connection(srv.url)
+        reg = Registry(client, "r-2")
+        reg.set_status("running", updates=1)
+        time.sleep(1.5)  # AOF everysec
+        srv.proc.send_signal(signal.SIGKILL)
+        reg.set_status(None, updates=2)  # retried until the supervisor has it back
+        assert srv.restarts == 1 and srv.alive()
+        assert reg.state() == "running" and reg.status()["updates"] == 2
+    finally:
+        srv.stop()
+    assert not srv.alive()
+
+
 def test_two_run_directories_never_share_embedded_data(tmp_path):
     servers = [EmbeddedRedis(data=run_data_dir(tmp_path / name)) for name in ("a", "b")]
     try:

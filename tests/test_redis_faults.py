@@ -294,15 +294,10 @@ def test_status_shows_a_run_whose_driver_died_as_failed(external):
 # ---- a service run through a Redis restart ------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
-def test_service_run_survives_a_redis_restart(tmp_path, external):
-    """External Redis SIGKILLed and restarted 2.5 s later mid-run: the run finishes, writes its
-    summary, is ``done`` in the registry, and the leaderboard rows from before the kill remain.
-
-    The run ends on its time budget (the kill waits for a scored checkpoint, whose timing varies)
-    and must make progress after the restart."""
-    pytest.importorskip("ray")
+def _run_through_a_redis_kill(tmp_path, redis_url: str | None, client_of, kill) -> tuple:
+    """A short service run (ending on its time budget) during which, once a checkpoint is
+    scored, ``kill()`` kills Redis (and restarts it, or lets it be restarted); ``client_of()``
+    gives a client for watching, ``None`` until there is one. ``(cfg, summary, seen)``."""
     from l2o.io.config import config_from_dict
     from services.train import run_service
 
@@ -316,40 +311,89 @@ def test_service_run_survives_a_redis_restart(tmp_path, external):
         "service": {"num_unroll_workers": 1, "num_eval_workers": 1, "worker_num_cpus": 0.5,
                     "eval_idle_ms": 3000},
     })
-    client, _ = redis_connection(external.url)
     seen: dict = {}
 
-    def chaos() -> None:  # once a checkpoint is scored: note the rows, kill, restart
+    def chaos() -> None:  # once a checkpoint is scored: note the rows, kill
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not seen.get("stop"):
-            run_id = read_run_id(cfg.run_path())
-            rows = leaderboard(client, run_id=run_id, top=100) if run_id else []
+            run_id, client = read_run_id(cfg.run_path()), client_of()
+            rows = leaderboard(client, run_id=run_id, top=100) if run_id and client else []
             if rows:
                 reg = Registry(client, run_id)
                 seen["state"], seen["updates"] = reg.state(), reg.status().get("updates", 0)
                 seen["rows"] = {(r["version"], r["score"]) for r in rows}
                 time.sleep(1.5)  # AOF everysec
-                external.kill()
-                time.sleep(2.5)
-                external.start()
-                seen["restarted"] = True
+                kill()
+                seen["killed"] = True
                 return
             time.sleep(0.1)
 
     killer = threading.Thread(target=chaos, daemon=True)
     killer.start()
     try:
-        summary = run_service(cfg, redis_url=external.url, final_eval=False, poll_s=0.1)
+        summary = run_service(cfg, redis_url=redis_url, final_eval=False, poll_s=0.1)
     finally:
         seen["stop"] = True
         killer.join(timeout=30)
-    assert seen.get("restarted") and seen["state"] == "running", seen
+    assert seen.get("killed") and seen["state"] == "running", seen
     assert summary["updates"] > seen["updates"] + 5  # trained on after the restart
     assert (cfg.run_path() / "summary.json").exists()
+    return cfg, summary, seen
+
+
+def _check_registry_intact(client, summary: dict, seen: dict) -> None:
+    """The run is ``done`` and its leaderboard rows from before the kill are still there."""
     reg = Registry(client, summary["run_id"])
     assert reg.state() == "done" and run_status(client, reg.run_id)["state"] == "done"
     after = {(r["version"], r["score"]) for r in reg.leaderboard(top=100)}
     assert seen["rows"] <= after and len(after) > len(seen["rows"])
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_service_run_survives_an_external_redis_restart(tmp_path, external):
+    """External Redis (TCP, password, AOF) SIGKILLed and restarted 2.5 s later mid-run: the run
+    finishes, writes its summary, is ``done`` in the registry, and the leaderboard rows from
+    before the kill remain."""
+    pytest.importorskip("ray")
+    client, _ = redis_connection(external.url)
+
+    def kill() -> None:
+        external.kill()
+        time.sleep(2.5)
+        external.start()
+
+    _cfg, summary, seen = _run_through_a_redis_kill(tmp_path, external.url, lambda: client, kill)
+    _check_registry_intact(client, summary, seen)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_service_run_survives_its_embedded_redis_killed(tmp_path, monkeypatch):
+    """The run's embedded Redis SIGKILLed mid-run: its supervisor starts it again on the run
+    directory's data, the run finishes and the registry is intact (read afterwards from the
+    stopped run's data, as ``l2o status --run-dir`` does)."""
+    pytest.importorskip("ray")
+    from services import redis_server
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+
+    def client_of():
+        srv = redis_server._EMBEDDED
+        return srv.client(decode_responses=True) if srv is not None and srv.alive() else None
+
+    def kill() -> None:
+        seen_server["srv"] = redis_server._EMBEDDED
+        seen_server["srv"].proc.send_signal(signal.SIGKILL)
+
+    seen_server: dict = {}
+    cfg, summary, seen = _run_through_a_redis_kill(tmp_path, None, client_of, kill)
+    assert seen_server["srv"].restarts >= 1 and not seen_server["srv"].alive()  # run stopped it
+    client, _ = redis_connection(data=run_data_dir(cfg.run_path()), reuse_running=True)
+    try:
+        _check_registry_intact(client, summary, seen)
+    finally:
+        redis_server.shutdown_embedded()
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -52,7 +52,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from services.retry import RetryGaveUp, RetryPolicy
+from services.retry import RetryGaveUp
 
 __all__ = [
     "EmbeddedRedis",
@@ -91,22 +91,21 @@ class RedisSettings:
     connect_timeout_s: float = 5.0
     socket_timeout_s: float = 10.0
     outage_s: float = 60.0
-    backoff: RetryPolicy = field(default_factory=lambda: RetryPolicy(
-        deadline_s=60.0, initial_s=0.05, max_s=1.0))
+    #: the delays between retries: jittered, doubling from ``backoff_initial_s`` up to
+    #: ``backoff_max_s``
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 1.0
 
     @classmethod
     def from_env(cls) -> RedisSettings:
         """Defaults overridden by ``$L2O_REDIS_CONNECT_TIMEOUT_S``,
         ``$L2O_REDIS_SOCKET_TIMEOUT_S`` and ``$L2O_REDIS_OUTAGE_S``."""
         base = cls()
-        outage = _env_seconds("L2O_REDIS_OUTAGE_S", base.outage_s)
         return cls(connect_timeout_s=_env_seconds("L2O_REDIS_CONNECT_TIMEOUT_S",
                                                   base.connect_timeout_s),
                    socket_timeout_s=_env_seconds("L2O_REDIS_SOCKET_TIMEOUT_S",
                                                  base.socket_timeout_s),
-                   outage_s=outage,
-                   backoff=RetryPolicy(deadline_s=outage, initial_s=base.backoff.initial_s,
-                                       max_s=base.backoff.max_s))
+                   outage_s=_env_seconds("L2O_REDIS_OUTAGE_S", base.outage_s))
 
     def client_kwargs(self) -> dict[str, float]:
         """The timeouts as ``redis.Redis`` keyword arguments."""
@@ -119,13 +118,15 @@ class RedisUnavailable(RetryGaveUp):
 
 
 class _DeadlineRetry(Retry):
-    """redis-py's ``Retry`` with the backoff of :func:`services.retry.redis_retry`, bounded by
-    wall time (``settings.outage_s`` from a command's first failure) instead of a count."""
+    """redis-py's ``Retry`` bounded by wall time (``settings.outage_s`` from a command's first
+    attempt) instead of a count: with full jitter a count fitted to a deadline
+    (``services.retry.redis_retry``) runs out long before it when errors come fast (a refused
+    connection)."""
 
     def __init__(self, settings: RedisSettings, what: str) -> None:
-        policy = settings.backoff  # redis-py's n-th delay: at most min(cap, base * 2**n)
-        super().__init__(ExponentialWithJitterBackoff(cap=policy.max_s,
-                                                      base=policy.initial_s / 2), -1)
+        # redis-py's n-th delay: random in [0, min(cap, base * 2**n)]
+        super().__init__(ExponentialWithJitterBackoff(cap=settings.backoff_max_s,
+                                                      base=settings.backoff_initial_s / 2), -1)
         self.settings = settings
         self.what = what
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -127,13 +129,18 @@ def train(
                 e["step"], f"step {e['step']} meta-loss {e['meta_loss']:.4g} "
                            f"{e['inner_steps_per_s']:.0f} inner steps/s"))
         else:
+            from services.redis_server import RedisUnavailable
             from services.train import run_service
 
-            summary = run_service(cfg, progress=lambda s: show(
-                int(s.get("updates", 0)),
-                f"update {s.get('updates', 0)} meta-loss {s.get('last_meta_loss', 0):.4g} "
-                f"{s.get('gradients_per_second', 0):.1f} grads/s, "
-                f"staleness {s.get('staleness_mean', 0):.2f}"))
+            try:
+                summary = run_service(cfg, progress=lambda s: show(
+                    int(s.get("updates", 0)),
+                    f"update {s.get('updates', 0)} meta-loss {s.get('last_meta_loss', 0):.4g} "
+                    f"{s.get('gradients_per_second', 0):.1f} grads/s, "
+                    f"staleness {s.get('staleness_mean', 0):.2f}"))
+            except RedisUnavailable as e:  # one line naming Redis, not a traceback
+                _fail(str(e))
+                return
     console.print(_summary_table(summary))
     if (summary.get("eval") or {}).get("kind") == "unsupervised_rule":
         from l2o.unsupervised.evaluation import format_result
@@ -426,50 +433,90 @@ def presets() -> None:
     console.print(table)
 
 
-def _registry_client(redis_url: str | None):
-    from services.redis_server import redis_connection  # after _require_service: needs redis
+RunDirOption = Annotated[Path | None, typer.Option(
+    help="A run directory (RUN_DIR/RUN_NAME) whose embedded Redis to read; default: every run "
+         "directory under the default run_dir that has one. Ignored with a Redis URL.")]
+RedisUrlOption = Annotated[str | None, typer.Option(
+    help="Redis URL (default: $REDIS_URL, else the runs' embedded servers).")]
+
+
+def _registry_clients(redis_url: str | None, run_dir: Path | None) -> Iterator[Any]:
+    """Clients of the Redis servers to read: ``redis_url`` / ``$REDIS_URL``, else the embedded
+    server of ``run_dir``, else of every run directory under the default ``run_dir`` that has
+    embedded Redis data. A run's live server is read through its advertised socket; a stopped
+    run's data are read by a server this process starts and stops again."""
+    from services import redis_server  # after _require_service: needs redis
+
+    url = redis_url or os.environ.get("REDIS_URL")
+    if url:
+        dirs: list[Path | None] = [None]
+    elif run_dir is not None:
+        dirs = [redis_server.run_data_dir(run_dir)]
+        if not dirs[0].is_dir():
+            _fail(f"{run_dir} holds no embedded Redis data ({dirs[0]})")
+    else:
+        dirs = sorted(p for p in Path(TrainConfig().run_dir).glob("*/redis") if p.is_dir())
+    for data in dirs:
+        try:
+            client, _ = _reader_connection(url, data)
+            yield client
+        finally:
+            redis_server.shutdown_embedded()
+
+
+def _reader_connection(url: str | None, data: Path | None) -> tuple[Any, str]:
+    """:func:`services.redis_server.redis_connection` for a reader; a one-line error if none."""
+    from services.redis_server import redis_connection
 
     try:
-        client, _ = redis_connection(redis_url, reuse_running=True)
-    except ConnectionError as e:
+        return redis_connection(url, data=data, reuse_running=True)
+    except (ConnectionError, ValueError) as e:
         _fail(str(e))
-    return client
+        raise  # unreachable
 
 
 @app.command()
 def status(
     run: Annotated[str | None, typer.Argument(help="Run id; omit to list runs.")] = None,
-    redis_url: Annotated[str | None, typer.Option(help="Redis URL (default: $REDIS_URL, "
-                                                        "else the embedded server).")] = None,
+    redis_url: RedisUrlOption = None,
+    run_dir: RunDirOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """A run's state, counters, checkpoints and latest evaluation, from the registry."""
+    """A run's state, counters, checkpoints and latest evaluation, from the registry.
+
+    A run shown ``failed`` whose stored state is live (``status.state``) lost its driver: no
+    heartbeat came for several intervals (see ``services.registry.shown_state``).
+    """
     _require_service("l2o status", REGISTRY_MODULES)
     from services.registry import list_runs, run_status
 
-    client = _registry_client(redis_url)
     if run is None:
         table = Table("run", "state", "created")
-        for r in list_runs(client):
+        rows = [r for client in _registry_clients(redis_url, run_dir) for r in list_runs(client)]
+        for r in sorted(rows, key=lambda r: -r["created_at"]):
             table.add_row(r["run_id"], str(r["state"]), time.strftime(
                 "%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])))
         console.print(table)
         return
-    try:
-        info = run_status(client, run)
-    except KeyError as e:
-        _fail(str(e.args[0]))
+    info = None
+    for client in _registry_clients(redis_url, run_dir):
+        try:
+            info = run_status(client, run)
+            break
+        except KeyError:
+            continue
+    if info is None:
+        _fail(f"no run {run!r} in the registry (give --run-dir or --redis-url)")
         return
     if as_json:
         console.print_json(json.dumps(info, default=str))
         return
     table = Table("figure", "value", title=f"run {run}")
     for key in ("state", "learner_address", "checkpoints", "evals", "eval_backlog",
-                "dead_letters"):
+                "dead_letters", "heartbeat_age_s"):
         table.add_row(key, str(info.get(key)))
     for key, value in sorted((info.get("status") or {}).items()):
-        if key != "state":
-            table.add_row(f"status.{key}", str(value))
+        table.add_row(f"status.{key}", str(value))
     if info.get("latest_eval"):
         for key in ("version", "learned_final_loss", "adam_final_loss", "speedup"):
             table.add_row(f"latest_eval.{key}", str(info["latest_eval"].get(key)))
@@ -479,15 +526,17 @@ def status(
 @app.command("leaderboard")
 def leaderboard_cmd(
     top: Annotated[int, typer.Option(help="Rows to show.")] = 10,
-    run: Annotated[str | None, typer.Option(help="Only this run.")] = None,
-    redis_url: Annotated[str | None, typer.Option(help="Redis URL (default: $REDIS_URL, "
-                                                        "else the embedded server).")] = None,
+    run: Annotated[str | None, typer.Option(help="Only this run (its id).")] = None,
+    redis_url: RedisUrlOption = None,
+    run_dir: RunDirOption = None,
 ) -> None:
     """The best scored checkpoints (learned / tuned-Adam final loss; lower is better)."""
     _require_service("l2o leaderboard", REGISTRY_MODULES)
     from services.registry import leaderboard
 
-    rows = leaderboard(_registry_client(redis_url), top=top, run_id=run)
+    rows = sorted((r for client in _registry_clients(redis_url, run_dir)
+                   for r in leaderboard(client, top=top, run_id=run)),
+                  key=lambda r: r["score"])[:top]
     table = Table("#", "run", "version", "score", "learned", "adam", "speedup", "task")
     for i, r in enumerate(rows, 1):
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)

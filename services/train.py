@@ -3,9 +3,11 @@
 This is the ``ray job submit`` entrypoint and what ``l2o train`` runs through. :func:`run_service`
 drives a :class:`ServiceRun` through its phases:
 
-1. ``ServiceRun(cfg)`` opens Redis (``service.redis_url``, ``$REDIS_URL``, else an embedded server
-   on a unix socket);
-2. ``start`` writes the run manifest, marks the run ``starting`` and connects to Ray: the cluster
+1. ``ServiceRun(cfg)`` takes the run's id (stored in the run directory, so a resume keeps it:
+   ``services.registry.run_id_for``) and opens Redis (``service.redis_url``, ``$REDIS_URL``, else
+   an embedded server on a unix socket keeping its data in ``<run_dir>/redis``);
+2. ``start`` writes the run manifest, marks the run ``starting``, starts the driver's heartbeat
+   (every ``services.registry.HEARTBEAT_S``, until ``close``) and connects to Ray: the cluster
    at ``address`` / ``$RAY_ADDRESS`` (``auto``: the running local ``ray start`` cluster; jobs
    submitted with ``ray job submit`` have it set), else a fresh private local Ray instance,
    stopped again at the end (never another job's instance: attaching to one would tie this run
@@ -25,6 +27,11 @@ drives a :class:`ServiceRun` through its phases:
    run directory;
 6. ``close`` shuts down everything the run started (``mark_failed`` first marks a run that
    raised ``failed``).
+
+Redis may restart or be away for up to ``$L2O_REDIS_OUTAGE_S`` seconds (default 60) at any phase:
+every registry call of the driver and the workers is retried that long
+(``services.redis_server.RedisSettings``). Past it the run fails with one line naming Redis; the
+run is then left marked live in Redis, and readers show it ``failed`` once its heartbeat is stale.
 
 The bearer token is ``$L2O_TOKEN`` / ``service.token_file``; without either a random per-run token
 is generated and handed to the actors (never printed).
@@ -49,12 +56,14 @@ import logging
 import math
 import secrets
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from services.retry import LEARNER_RESTART, retry_call
+from services.registry import HEARTBEAT_S
+from services.retry import LEARNER_RESTART, describe, retry_call
 from workers.ray_setup import actor_name, actor_options, connect_ray, ships_code
 
 log = logging.getLogger(__name__)
@@ -203,11 +212,16 @@ def _check_workers(refs: dict[Any, int]) -> None:
     """
     import ray
 
+    from services.redis_server import RedisUnavailable
+
     ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
     for ref in ready:
         try:
             stats = ray.get(ref)
         except Exception as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, RedisUnavailable):  # the run's Redis, not the worker, failed
+                raise cause from e
             raise RuntimeError(f"unroll worker {refs[ref]} died: {e}") from e
         if len(ready) == len(refs):
             raise RuntimeError(f"every unroll worker stopped before the run ended (last: {stats})")
@@ -222,17 +236,19 @@ class ServiceRun:
         """Open Redis (``redis_url``, ``cfg.service.redis_url``, ``$REDIS_URL``, else an embedded
         server) and the run's registry, and create the run directory; nothing else starts."""
         from services import redis_server
-        from services.registry import Registry
+        from services.registry import Registry, run_id_for
 
         self.cfg = cfg
         self.t_start = time.monotonic()
         self.run_dir = cfg.run_path().resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = run_id_for(self.run_dir, cfg.run_name)
         had_embedded = redis_server._EMBEDDED is not None
-        self.redis, self.url = redis_server.redis_connection(redis_url or cfg.service.redis_url)
+        self.redis, self.url = redis_server.redis_connection(
+            redis_url or cfg.service.redis_url, data=redis_server.run_data_dir(self.run_dir))
         self.owns_redis = not had_embedded and redis_server._EMBEDDED is not None \
             and self.url == redis_server._EMBEDDED.url
-        self.registry = Registry(self.redis, cfg.run_name,
+        self.registry = Registry(self.redis, self.run_id,
                                  eval_max_deliveries=cfg.service.eval_max_deliveries,
                                  eval_idle_ms=cfg.service.eval_idle_ms)
         self.started_ray = False
@@ -248,6 +264,8 @@ class ServiceRun:
         self._last_bucket = -1
         self.train_seconds = 0.0
         self.worker_stats: list[Any] = []
+        self._beating = threading.Event()
+        self._heart: threading.Thread | None = None
 
     # -- start -----------------------------------------------------------------------------------
     def start(self, address: str | None = None,
@@ -260,9 +278,10 @@ class ServiceRun:
         cfg, svc, registry = self.cfg, self.cfg.service, self.registry
         token = load_token(svc.token_env, svc.token_file) or secrets.token_urlsafe(32)
         registry.write_manifest(cfg.model_dump(mode="json"), run_dir=str(self.run_dir),
-                                redis=redis_server.redact_url(self.url))
+                                run_name=cfg.run_name, redis=redis_server.redact_url(self.url))
         registry.set_status("starting", target_updates=cfg.meta_steps,
                             workers=svc.num_unroll_workers, eval_workers=svc.num_eval_workers)
+        self._start_heartbeat()
         self.redis.delete(registry.key("metrics"))
         registry.ensure_group()
         self._connect_ray(address)
@@ -275,6 +294,21 @@ class ServiceRun:
         registry.set_status("running")
         self.run_refs = {w.run.remote(): i for i, w in enumerate(self.unroll)}
         self.eval_refs = [e.run.remote() for e in self.evals]
+
+    def _start_heartbeat(self, interval_s: float = HEARTBEAT_S) -> None:
+        """Write the driver's heartbeat now and every ``interval_s`` until :meth:`close` (a
+        missed one, Redis being away, is logged: readers allow several)."""
+        self.registry.heartbeat(interval_s)
+
+        def beat() -> None:
+            while not self._beating.wait(interval_s):
+                try:
+                    self.registry.heartbeat(interval_s)
+                except Exception as e:  # noqa: BLE001 - the driver's own calls report Redis
+                    log.warning("heartbeat not written: %s", e)
+
+        self._heart = threading.Thread(target=beat, name="l2o-heartbeat", daemon=True)
+        self._heart.start()
 
     def _connect_ray(self, address: str | None) -> None:
         """Connect to Ray (:func:`init_ray`) and check the run's actors fit on it."""
@@ -293,11 +327,11 @@ class ServiceRun:
         from services.client import LearnerClient
 
         registry = self.registry
-        self.learner, address = start_learner(self.cfg, self.cfg.run_name, self.run_dir, token,
+        self.learner, address = start_learner(self.cfg, self.run_id, self.run_dir, token,
                                               self.url, add_path)
         registry.set_learner_address(address)
         # with TLS on, trust the learner's (self-signed) certificate
-        self.client = LearnerClient(address, token, self.cfg.run_name, self.cfg.service.tls_cert,
+        self.client = LearnerClient(address, token, self.run_id, self.cfg.service.tls_cert,
                                     resolve_address=registry.learner_address)
         # a resumed learner remembers the seqs it took; never hand them out again
         for worker_id, last in (self.client.status().get("worker_last_seq") or {}).items():
@@ -308,7 +342,7 @@ class ServiceRun:
         from workers.eval_worker import create_eval_worker
         from workers.unroll import create_unroll_worker
 
-        svc, run_id = self.cfg.service, self.cfg.run_name
+        svc, run_id = self.cfg.service, self.run_id
         sizing = {"num_cpus": svc.worker_num_cpus, "num_gpus": svc.worker_num_gpus,
                   "add_repo_to_path": add_path}
         config_dump = self.cfg.model_dump(mode="json")
@@ -420,7 +454,7 @@ class ServiceRun:
         first, last = meta_loss_first_last(read_metrics(self.redis, registry), cfg.log_every)
         best = (registry.leaderboard(top=1) or [None])[0]
         summary = {
-            "run": cfg.run_name, "mode": "service",
+            "run": cfg.run_name, "run_id": self.run_id, "mode": "service",
             "meta_loss_first": first, "meta_loss_last": last,
             "meta_steps": updates, "updates": updates,
             "version": int(meta.get("version", st.get("version", 0))),
@@ -447,11 +481,18 @@ class ServiceRun:
         return summary
 
     # -- clean-up --------------------------------------------------------------------------------
-    def mark_failed(self) -> None:
-        """Mark the run ``failed`` unless it got to ``done`` (best effort: it is failing)."""
+    def mark_failed(self, error: BaseException | None = None) -> None:
+        """Mark the run ``failed`` unless it got to ``done`` (best effort: it is failing). When
+        ``error`` is Redis gone for good nothing is tried: readers see the heartbeat stop."""
+        from services.redis_server import RedisUnavailable
+
+        if isinstance(error, RedisUnavailable):
+            log.error("run %s not marked failed in Redis (%s): readers will show it failed "
+                      "once its heartbeat is stale", self.run_id, error)
+            return
         try:
             if self.registry.state() not in ("done",):
-                self.registry.set_status("failed")
+                self.registry.set_status("failed", error=describe(error) if error else "")
         except Exception:  # noqa: BLE001 - best effort while failing
             pass
 
@@ -462,6 +503,7 @@ class ServiceRun:
 
         from services import redis_server
 
+        self._beating.set()
         if self.client is not None:
             try:
                 self.client.close()
@@ -502,8 +544,8 @@ def run_service(cfg: Any, *, address: str | None = None,
         run.loop(progress, poll_s)
         run.stop(eval_drain_timeout_s)
         return run.summarize(final_eval)
-    except BaseException:
-        run.mark_failed()
+    except BaseException as e:
+        run.mark_failed(e)
         raise
     finally:
         run.close(keep_actors)
@@ -562,7 +604,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     """A few human-readable lines of ``summary``."""
     ev = summary.get("eval") or {}
     lines = [
-        f"run {summary['run']} (service): {summary['updates']} meta-updates with "
+        f"run {summary.get('run_id', summary['run'])} (service): {summary['updates']} "
+        f"meta-updates with "
         f"{summary['workers']} unroll worker(s) in {summary['train_seconds']} s "
         f"({summary['updates_per_second']} updates/s)",
         f"gradients: {summary['gradients_accepted']} accepted, "
@@ -622,7 +665,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{st.get('gradients_per_second', 0):.1f} grads/s  "
                   f"meta-loss {st.get('last_meta_loss')}", flush=True)
 
-    summary = run_service(cfg, address=args.address, progress=progress)
+    from services.redis_server import RedisUnavailable
+
+    try:
+        summary = run_service(cfg, address=args.address, progress=progress)
+    except RedisUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(format_summary(summary))
     print(f"wrote {cfg.run_path() / 'summary.json'}")
     return 0

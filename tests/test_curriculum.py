@@ -513,7 +513,7 @@ def test_service_curriculum_moves_workers_and_restores_best(tmp_path, service_en
     # the workers moved to each stage's horizon, and no gradient computed at an old stage's
     # horizon was applied to a restored θ
     client, _ = redis_connection(service_env)
-    reg = Registry(client, cfg.run_name)
+    reg = Registry(client, summary["run_id"])  # the run id the service took
     assert reg.curriculum()["stage"] == 2
     records = [r for r in read_metrics(client, reg) if r["reason"] == "OK"]
     assert {(r["stage"], r["num_steps"]) for r in records} == {(0, 10), (1, 20), (2, 40)}

@@ -21,7 +21,14 @@ ray = pytest.importorskip("ray")
 
 from l2o.io.config import config_from_dict  # noqa: E402
 from services.redis_server import EmbeddedRedis, redis_connection  # noqa: E402
-from services.registry import GROUP, Registry, leaderboard, run_status  # noqa: E402
+from services.registry import (  # noqa: E402
+    GROUP,
+    Registry,
+    leaderboard,
+    list_runs,
+    read_run_id,
+    run_status,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +92,13 @@ def small_config(tmp_path: Path, **service) -> dict:
     }
 
 
+def run_id_of(cfg) -> str:
+    """The run id a service run of ``cfg`` took (stored in its run directory)."""
+    run_id = read_run_id(cfg.run_path())
+    assert run_id is not None and run_id.startswith(cfg.run_name + "-")
+    return run_id
+
+
 def ok_records(client, reg: Registry) -> list[tuple[str, int]]:
     """(worker, seq) of every gradient the workers saw accepted."""
     from services.train import read_metrics
@@ -104,13 +118,14 @@ def test_end_to_end_with_a_worker_killed(tmp_path, redis_url):
     def progress(st):
         # kill unroll-0 once it has contributed, well before the end
         if not killed and st["updates"] >= 5 and st["worker_last_seq"].get("unroll-0", -1) >= 1:
-            ray.kill(ray.get_actor(actor_name(cfg.run_name, "unroll-0")), no_restart=False)
+            ray.kill(ray.get_actor(actor_name(run_id_of(cfg), "unroll-0")), no_restart=False)
             killed["at"] = st["updates"]
 
     # fine polling: the kill must land mid-run however fast the machine is
     summary = run_service(cfg, redis_url=redis_url, progress=progress, poll_s=0.02)
     client, _ = redis_connection(redis_url)
-    reg = Registry(client, cfg.run_name)
+    reg = Registry(client, run_id_of(cfg))
+    assert summary["run_id"] == reg.run_id
 
     assert killed and killed["at"] < cfg.meta_steps, "the worker was not killed mid-run"
     assert summary["updates"] >= cfg.meta_steps
@@ -142,8 +157,8 @@ def test_end_to_end_with_a_worker_killed(tmp_path, redis_url):
     board = reg.leaderboard(top=100)
     assert {r["version"] for r in board} == set(scored)
     assert [r["score"] for r in board] == sorted(r["score"] for r in board)
-    assert any(r["run_id"] == cfg.run_name for r in leaderboard(client, top=1000))
-    st = run_status(client, cfg.run_name)
+    assert any(r["run_id"] == reg.run_id for r in leaderboard(client, top=1000))
+    st = run_status(client, reg.run_id)
     assert st["state"] == "done" and st["dead_letters"] == 0 and st["evals"] == len(scored)
     assert reg.evals_outstanding() == 0
 
@@ -195,12 +210,12 @@ def test_learner_killed_and_restarted(tmp_path, redis_url):
         seen.append((bool(killed), int(st["version"])))
         if not killed and st["updates"] >= 12:
             killed["version"] = int(st["version"])
-            ray.kill(ray.get_actor(actor_name(cfg.run_name, "learner")), no_restart=False)
+            ray.kill(ray.get_actor(actor_name(run_id_of(cfg), "learner")), no_restart=False)
 
     summary = run_service(cfg, redis_url=redis_url, progress=progress, final_eval=False,
                           poll_s=0.02)
     client, _ = redis_connection(redis_url)
-    reg = Registry(client, cfg.run_name)
+    reg = Registry(client, run_id_of(cfg))
     assert killed and killed["version"] < cfg.meta_steps
     assert summary["updates"] >= cfg.meta_steps
     after = [v for k, v in seen if k]
@@ -284,7 +299,8 @@ def test_rerun_resumes_on_a_fresh_redis(tmp_path, redis_url):
     data.update(meta_steps=8, checkpoint_every=4)
     first = run_service(config_from_dict(data), redis_url=redis_url, final_eval=False)
     client1, _ = redis_connection(redis_url)
-    first_seqs = [seq for _, seq in ok_records(client1, Registry(client1, data["run_name"]))]
+    first_id = first["run_id"]
+    first_seqs = [seq for _, seq in ok_records(client1, Registry(client1, first_id))]
     assert first["updates"] >= 8 and first_seqs
 
     other = EmbeddedRedis()
@@ -296,7 +312,40 @@ def test_rerun_resumes_on_a_fresh_redis(tmp_path, redis_url):
         assert second["updates"] >= cfg.meta_steps
         assert second["history"][0]["version"] >= first["version"]  # resumed, not restarted
         assert second["gradients_duplicate"] == 0 and second["gradients_rejected"] == 0
-        seqs = [seq for _, seq in ok_records(client, Registry(client, cfg.run_name))]
+        assert second["run_id"] == first_id  # a resume keeps its run id
+        seqs = [seq for _, seq in ok_records(client, Registry(client, first_id))]
         assert seqs and min(seqs) > max(first_seqs)
     finally:
         other.stop()
+
+
+def test_two_runs_of_one_name_on_one_redis_are_told_apart(tmp_path, redis_url):
+    """Two runs named alike (different run directories) one after the other on one Redis: each
+    has its own run id, manifest, status and leaderboard rows; neither overwrites the other."""
+    from services.train import run_service
+
+    data = small_config(tmp_path, num_unroll_workers=1)
+    data.update(meta_steps=6, checkpoint_every=3)
+    runs = []
+    for k in range(2):
+        cfg = config_from_dict({**data, "run_dir": str(tmp_path / f"runs{k}")})
+        summary = run_service(cfg, redis_url=redis_url, final_eval=False)
+        runs.append((cfg, summary))
+    (cfg_a, a), (cfg_b, b) = runs
+    assert cfg_a.run_name == cfg_b.run_name and a["run_id"] != b["run_id"]
+    assert {a["run_id"], b["run_id"]} == {run_id_of(cfg_a), run_id_of(cfg_b)}
+    client, _ = redis_connection(redis_url)
+    for cfg, summary in runs:
+        reg = Registry(client, summary["run_id"])
+        manifest = reg.manifest()
+        assert manifest["run_dir"] == str(cfg.run_path().resolve())
+        assert manifest["run_name"] == cfg.run_name
+        assert reg.state() == "done"
+        versions = {r["version"] for r in reg.leaderboard(top=100)}
+        assert 3 in versions and len(versions) >= 2  # (the final θ's version may pass 6)
+        assert all(p.startswith(str(cfg.run_path().resolve()))
+                   for p in reg.checkpoints().values())
+    board = {(r["run_id"], r["version"]) for r in leaderboard(client, top=10_000)}
+    assert {(a["run_id"], 3), (b["run_id"], 3)} <= board
+    listed = {r["run_id"]: r["state"] for r in list_runs(client)}
+    assert listed[a["run_id"]] == "done" and listed[b["run_id"]] == "done"

@@ -437,7 +437,7 @@ def test_unsupervised_rule_through_the_service(tmp_path):
         assert (run_dir / "receptive_fields.png").is_file()
         assert (run_dir / "activations.png").is_file()
         client, _ = redis_connection(srv.url)
-        reg = Registry(client, cfg.run_name)
+        reg = Registry(client, summary["run_id"])  # the run id the service took
         best = reg.leaderboard(top=1)[0]
         stored = reg.eval_result(int(best["version"]))
         assert best["score"] == pytest.approx(1.0 - stored["rule_logistic_accuracy"])

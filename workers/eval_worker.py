@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from services.redis_server import RedisUnavailable
 from workers.ray_setup import actor_name, actor_options, connect_ray, placement, ships_code
 
 if TYPE_CHECKING:
@@ -217,7 +218,7 @@ class EvalWorker:
         from services.redis_server import redis_connection
         from services.registry import Registry
 
-        self.redis, _ = redis_connection(redis_url)
+        self.redis, _ = redis_connection(redis_url, wait=True)  # its Redis may be restarting
         manifest = Registry(self.redis, run_id).manifest()
         if manifest is None:
             raise RuntimeError(f"run {run_id!r} has no manifest in the registry")
@@ -275,6 +276,8 @@ class EvalWorker:
             if self.hold_s > 0:
                 time.sleep(self.hold_s)
             self._score(job)
+        except RedisUnavailable:  # Redis gone past its outage deadline: not the job's fault
+            raise
         except Exception as e:  # noqa: BLE001 - any failure is the job's
             done.set()
             bad = isinstance(e, BadJob)  # retrying cannot help: dead-letter it now

@@ -18,6 +18,10 @@ One worker with ``max_staleness = 0`` and ``batch_size = 1`` therefore reproduce
 single-machine trainer update for update. A gradient refused as STALE is dropped: the worker
 refetches θ and goes on with the next seq.
 
+Every registry call (θ's address, seqs, the run state, metrics) rides out a Redis restart or
+outage of up to ``$L2O_REDIS_OUTAGE_S`` (``services.redis_server.RedisSettings``); past it the
+worker's ``run`` fails with :class:`~services.redis_server.RedisUnavailable`.
+
 When the learner is away (UNAVAILABLE, connection refused, a restart) the worker backs off with
 jitter for up to ``services.retry.LEARNER_RESTART``'s deadline, re-reads the learner's address from
 the Redis registry and reconnects by itself. A learner that restarted from an older checkpoint
@@ -129,7 +133,7 @@ class UnrollWorker:
         self.client_wait_s = client_wait_s
         self.metrics_maxlen = metrics_maxlen
         svc = self.cfg.service
-        self.redis, self.redis_url = redis_connection(redis_url)
+        self.redis, self.redis_url = redis_connection(redis_url, wait=True)
         self.registry = Registry(self.redis, run_id, eval_max_deliveries=svc.eval_max_deliveries,
                                  eval_idle_ms=svc.eval_idle_ms)
         self.family = task_family_from_config(self.cfg.worker_task(self.index))

@@ -45,14 +45,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
-from services.retry import RetryGaveUp
+from services.retry import DeadlineRetry, RedisUnavailable, RetryPolicy
 
 __all__ = [
     "EmbeddedRedis",
@@ -107,42 +104,15 @@ class RedisSettings:
                                                  base.socket_timeout_s),
                    outage_s=_env_seconds("L2O_REDIS_OUTAGE_S", base.outage_s))
 
+    def retry_policy(self) -> RetryPolicy:
+        """How a command is retried: the backoff, until ``outage_s``."""
+        return RetryPolicy(deadline_s=self.outage_s, initial_s=self.backoff_initial_s,
+                           max_s=self.backoff_max_s)
+
     def client_kwargs(self) -> dict[str, float]:
         """The timeouts as ``redis.Redis`` keyword arguments."""
         return {"socket_connect_timeout": self.connect_timeout_s,
                 "socket_timeout": self.socket_timeout_s}
-
-
-class RedisUnavailable(RetryGaveUp):
-    """Redis still failed with a connection or timeout error when ``outage_s`` had passed."""
-
-
-class _DeadlineRetry(Retry):
-    """redis-py's ``Retry`` bounded by wall time (``settings.outage_s`` from a command's first
-    attempt) instead of a count: with full jitter a count fitted to a deadline
-    (``services.retry.redis_retry``) runs out long before it when errors come fast (a refused
-    connection)."""
-
-    def __init__(self, settings: RedisSettings, what: str) -> None:
-        # redis-py's n-th delay: random in [0, min(cap, base * 2**n)]
-        super().__init__(ExponentialWithJitterBackoff(cap=settings.backoff_max_s,
-                                                      base=settings.backoff_initial_s / 2), -1)
-        self.settings = settings
-        self.what = what
-
-    def call_with_retry(self, do, fail, *args, **kwargs):  # noqa: ANN001, ANN201 - redis-py's
-        """``do()`` retried as redis-py does; past the deadline :class:`RedisUnavailable`."""
-        start = time.monotonic()
-        attempts = [0]
-
-        def failed(error: Exception, *rest: Any) -> None:
-            fail(error, *rest)
-            attempts[0] += 1
-            elapsed = time.monotonic() - start
-            if elapsed >= self.settings.outage_s:
-                raise RedisUnavailable(self.what, attempts[0], elapsed, error) from error
-
-        return super().call_with_retry(do, failed, *args, **kwargs)
 
 
 def redact_url(url: str | None) -> str:
@@ -412,7 +382,7 @@ def redis_connection(url: str | None = None, *, data: str | os.PathLike | None =
                                       health_check_interval=30, **settings.client_kwargs())
     except ValueError as e:
         raise ConnectionError(f"bad Redis URL {redact_url(url)}: {e}") from None
-    retry = _DeadlineRetry(settings, f"Redis at {redact_url(url)}")
+    retry = DeadlineRetry(settings.retry_policy(), f"Redis at {redact_url(url)}")
     if wait:
         client.set_retry(retry)
     if ping:

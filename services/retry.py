@@ -6,7 +6,7 @@ starts whose sleep would end past ``deadline_s`` after the first attempt. :func:
 runs a call under a policy with tenacity, retrying only errors that :func:`is_transient` (or the
 caller's predicate) calls transient; at the deadline it raises :class:`RetryGaveUp`, naming what
 was retried, how many times, for how long and the last error. :func:`poll_until` waits for a
-condition under the same backoff. :func:`redis_retry` is the same policy as redis-py's own
+condition under the same backoff. :class:`DeadlineRetry` is a policy as redis-py's own
 ``Retry``, with which a Redis client retries each command by itself.
 """
 
@@ -53,8 +53,6 @@ class RetryPolicy:
 
 #: A learner that is away (a restart): the driver's status polls and a worker's fetch and push.
 LEARNER_RESTART = RetryPolicy(deadline_s=300.0)
-#: A Redis connection that dropped: each command of a client from ``redis_connection``.
-REDIS = RetryPolicy(deadline_s=20.0, initial_s=0.05)
 
 #: gRPC codes that mean "not reachable right now". UNKNOWN and INTERNAL are in: a learner killed
 #: mid-stream can surface as "Stream removed".
@@ -182,14 +180,34 @@ def poll_until(done: Callable[[], bool], policy: RetryPolicy, *,
         stop=_stop(policy, abort), retry_error_callback=lambda _: False, sleep=sleep)(done)
 
 
-def redis_retry(policy: RetryPolicy = REDIS) -> Retry:
-    """``policy`` as redis-py's ``Retry``: its full-jitter ``ExponentialWithJitterBackoff`` (each
-    delay random in ``[0, backoff]``) and as many retries as the un-jittered delays fit in the
-    deadline. It retries redis-py's connection and timeout errors."""
-    retries, slept = 0, 0.0
-    while slept + policy.backoff(retries + 1) <= policy.deadline_s:
-        retries += 1
-        slept += policy.backoff(retries)
-    # redis-py's n-th delay is at most min(cap, base * 2**n): base = initial_s / 2
-    return Retry(ExponentialWithJitterBackoff(cap=policy.max_s, base=policy.initial_s / 2),
-                 retries)
+class RedisUnavailable(RetryGaveUp):
+    """Redis did not answer within its outage deadline (a restart that took too long, or gone)."""
+
+
+class DeadlineRetry(Retry):
+    """``policy`` as redis-py's ``Retry``, which a Redis client applies to every command: the
+    full-jitter ``ExponentialWithJitterBackoff`` (each delay random in ``[0, backoff]``), bounded
+    by wall time (``policy.deadline_s`` from a command's first attempt) rather than by a count,
+    which fast errors (a refused connection) would use up long before the deadline. Past it:
+    :class:`RedisUnavailable`, naming ``what``."""
+
+    def __init__(self, policy: RetryPolicy, what: str) -> None:
+        # redis-py's n-th delay is random in [0, min(cap, base * 2**n)]: base = initial_s / 2
+        super().__init__(ExponentialWithJitterBackoff(cap=policy.max_s, base=policy.initial_s / 2),
+                         -1)
+        self.policy = policy
+        self.what = what
+
+    def call_with_retry(self, do, fail, *args, **kwargs):  # noqa: ANN001, ANN201 - redis-py's
+        """``do()`` retried as redis-py does; past the deadline :class:`RedisUnavailable`."""
+        start = time.monotonic()
+        attempts = [0]
+
+        def failed(error: Exception, *rest: Any) -> None:
+            fail(error, *rest)
+            attempts[0] += 1
+            elapsed = time.monotonic() - start
+            if elapsed >= self.policy.deadline_s:
+                raise RedisUnavailable(self.what, attempts[0], elapsed, error) from error
+
+        return super().call_with_retry(do, failed, *args, **kwargs)

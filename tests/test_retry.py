@@ -12,12 +12,13 @@ pytest.importorskip("tenacity")
 import redis  # noqa: E402
 
 from services.retry import (  # noqa: E402
+    DeadlineRetry,
+    RedisUnavailable,
     RetryAborted,
     RetryGaveUp,
     RetryPolicy,
     is_transient,
     poll_until,
-    redis_retry,
     retry_call,
 )
 
@@ -134,10 +135,27 @@ def test_policy_checks_its_figures():
         RetryPolicy(deadline_s=1.0, jitter=1.5)
 
 
-def test_redis_retry_fits_the_deadline():
-    # un-jittered delays 0.05, 0.1, 0.2, 0.4, 0.8, 1, 1: 3.55 s, and one more would pass 4 s
-    retry = redis_retry(RetryPolicy(deadline_s=4.0, initial_s=0.05, max_s=1.0))
-    assert retry.get_retries() == 7
+def test_redis_retry_is_bounded_by_wall_time_not_by_a_count():
+    policy = RetryPolicy(deadline_s=0.3, initial_s=0.01, max_s=0.02)
+    retry = DeadlineRetry(policy, "Redis at test")
+    answers = iter([redis.ConnectionError("refused"), redis.TimeoutError("slow"), "PONG"])
+
+    def flaky() -> str:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert retry.call_with_retry(flaky, lambda *_: None) == "PONG"
+
+    def refused() -> str:
+        raise redis.ConnectionError("refused")
+
+    start = time.monotonic()
+    with pytest.raises(RedisUnavailable, match=r"Redis at test: gave up after \d+ attempt") as e:
+        retry.call_with_retry(refused, lambda *_: None)
+    assert 0.3 <= time.monotonic() - start < 2.0
+    assert e.value.attempts > 5  # fast errors: many attempts, stopped by time, not by a count
 
 
 def test_poll_until_waits_for_the_condition():

@@ -428,6 +428,7 @@ def status(
 ) -> None:
     """A run's state, counters, checkpoints and latest evaluation, from the registry."""
     _require_service("l2o status", REGISTRY_MODULES)
+    from l2o.io.secrets import redacted_config
     from services.registry import list_runs, run_status
 
     client = _registry_client(redis_url)
@@ -439,7 +440,8 @@ def status(
         console.print(table)
         return
     try:
-        info = run_status(client, run)
+        # redacted again: a manifest written before redaction may hold the Redis password
+        info = redacted_config(run_status(client, run))
     except KeyError as e:
         _fail(str(e.args[0]))
         return

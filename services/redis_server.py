@@ -2,7 +2,8 @@
 
 :func:`redis_connection` returns a client plus the URL every other process (Ray actors, the CLI)
 uses to reach the *same* server. With an explicit URL or ``$REDIS_URL`` it simply connects; a
-password in the URL is honoured by ``redis-py`` and never printed (see :func:`redact_url`).
+password in the URL is honoured by ``redis-py`` and never printed (see
+:func:`l2o.io.secrets.redact_url`).
 
 Otherwise it uses an embedded server. Readers (``l2o status``, ``l2o leaderboard``) first look
 for one already running for this user (its socket is advertised in the data directory), so they
@@ -33,41 +34,20 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from l2o.io.secrets import redact_url
 from services.retry import REDIS, redis_retry
 
 __all__ = [
     "EmbeddedRedis",
     "data_dir",
     "embedded_server",
-    "redact_url",
     "redis_connection",
     "redis_server_binary",
     "shutdown_embedded",
 ]
-
-
-def redact_url(url: str | None) -> str:
-    """``url`` with any password replaced by ``***`` (safe to log).
-
-    >>> redact_url("redis://user:secret@host:6379/0")
-    'redis://user:***@host:6379/0'
-    """
-    if not url:
-        return str(url)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable redis url>"
-    if parts.password is None and "@" not in parts.netloc:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    netloc = f"{user}:***@{hostport}" if user else f":***@{hostport}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def redis_server_binary() -> str:

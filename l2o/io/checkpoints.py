@@ -44,6 +44,7 @@ from flax import serialization
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from l2o.io.atomic import atomic_write
+from l2o.io.secrets import redacted_config
 
 MAGIC = b"L2OCKPT1"
 _HEADER = len(MAGIC) + 32 + 8
@@ -146,11 +147,15 @@ def save_checkpoint(path: str | os.PathLike, tree: Any,
     """Write ``tree`` (a pytree of arrays) and ``metadata`` to ``path`` atomically.
 
     Trainers and the learner pass a :class:`CheckpointMeta`; a plain dict is stored as it is.
+    Either way secrets are redacted first (:func:`l2o.io.secrets.redacted_config`: the Redis
+    URL's password, tokens), so a checkpoint can be handed to anyone; a resumed run takes its
+    Redis URL from its config file or ``$REDIS_URL``, never from a checkpoint.
     """
     path = Path(path)
     if isinstance(metadata, CheckpointMeta):
         metadata = metadata.to_dict()
-    state = {"tree": serialization.to_state_dict(_to_numpy(tree)), "metadata": metadata or {}}
+    state = {"tree": serialization.to_state_dict(_to_numpy(tree)),
+             "metadata": redacted_config(metadata or {})}
     payload = serialization.msgpack_serialize(state)
     digest = hashlib.sha256(payload).digest()
     with atomic_write(path) as f:

@@ -94,6 +94,8 @@ def train(
                 assignments)
     if not local:
         _require_service("l2o train (without --local)", SERVICE_MODULES)
+    from l2o.io.checkpoints import CheckpointError
+
     if fresh and cfg.run_path().exists():
         aside = cfg.run_path().with_name(f"{cfg.run_name}.{time.strftime('%Y%m%d-%H%M%S')}")
         cfg.run_path().rename(aside)
@@ -112,20 +114,23 @@ def train(
                 last_printed[0] = step // cfg.log_every
                 console.print(line)
 
-        if local:
-            from l2o.training.job import run_local
+        try:
+            if local:
+                from l2o.training.job import run_local
 
-            summary = run_local(cfg, on_log=lambda e: show(
-                e["step"], f"step {e['step']} meta-loss {e['meta_loss']:.4g} "
-                           f"{e['inner_steps_per_s']:.0f} inner steps/s"))
-        else:
-            from services.train import run_service
+                summary = run_local(cfg, on_log=lambda e: show(
+                    e["step"], f"step {e['step']} meta-loss {e['meta_loss']:.4g} "
+                               f"{e['inner_steps_per_s']:.0f} inner steps/s"))
+            else:
+                from services.train import run_service
 
-            summary = run_service(cfg, progress=lambda s: show(
-                int(s.get("updates", 0)),
-                f"update {s.get('updates', 0)} meta-loss {s.get('last_meta_loss', 0):.4g} "
-                f"{s.get('gradients_per_second', 0):.1f} grads/s, "
-                f"staleness {s.get('staleness_mean', 0):.2f}"))
+                summary = run_service(cfg, progress=lambda s: show(
+                    int(s.get("updates", 0)),
+                    f"update {s.get('updates', 0)} meta-loss {s.get('last_meta_loss', 0):.4g} "
+                    f"{s.get('gradients_per_second', 0):.1f} grads/s, "
+                    f"staleness {s.get('staleness_mean', 0):.2f}"))
+        except CheckpointError as e:  # e.g. no intact checkpoint to resume from
+            _fail(f"{e} (the files are left as they are; --fresh starts the run over)")
     console.print(_summary_table(summary))
     if (summary.get("eval") or {}).get("kind") == "unsupervised_rule":
         from l2o.unsupervised.evaluation import format_result

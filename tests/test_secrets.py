@@ -38,6 +38,9 @@ def test_redact_url_covers_sockets_queries_and_odd_urls():
     assert redact_url(redact_url(URL)) == redact_url(URL) == "redis://:***@127.0.0.1:1/0"
     assert SECRET not in redact_url(f"redis://[::1:{SECRET}")
     assert redact_url(None) == "None" and redact_url("") == ""
+    text = f"cannot reach {URL}: refused (unix:///s.sock?db=0&password={SECRET} too)"
+    assert redact_url(text) == ("cannot reach redis://:***@127.0.0.1:1/0: refused "
+                                "(unix:///s.sock?db=0&password=*** too)")
 
 
 def test_redacted_config_redacts_urls_and_tokens_only():
@@ -50,6 +53,8 @@ def test_redacted_config_redacts_urls_and_tokens_only():
     assert out["extra"] == [{"token": "***", "auth_token": "***", "password": "***"},
                             "redis://:***@127.0.0.1:1/0"]
     assert out["seed"] == 3 and config["service"]["redis_url"] == URL  # a copy
+    assert redacted_config({"last_error": f"cannot reach {URL}"}) == {
+        "last_error": "cannot reach redis://:***@127.0.0.1:1/0"}
 
 
 def run_config(run_dir: Path):

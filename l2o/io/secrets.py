@@ -13,6 +13,7 @@ use it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -22,13 +23,18 @@ MASK = "***"
 #: query parameters of a URL that hold a password (``unix:///run/redis.sock?password=…``)
 _SECRET_QUERY = frozenset({"password", "pass", "token"})
 
+#: in free text: the password of a URL's user info, and a ``password=`` query parameter
+_TEXT_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)\S*@")
+_TEXT_QUERY_PASSWORD = re.compile(r"([?&](?:password|pass|token)=)[^&\s]+", re.IGNORECASE)
+
 #: field names whose values are secrets (also any name ending in ``_`` + one of these)
 _SECRET_NAMES = ("token", "password", "secret")
 
 
 def redact_url(url: str | None) -> str:
     """``url`` with its password (in the user info or a ``password=`` query parameter) replaced
-    by ``***``, the user name kept; safe to log and to store.
+    by ``***``, the user name kept; safe to log and to store. Text with URLs in it (an error
+    message) gets the same done to each URL.
 
     >>> redact_url("redis://user:secret@host:6379/0")
     'redis://user:***@host:6379/0'
@@ -37,6 +43,8 @@ def redact_url(url: str | None) -> str:
     """
     if not url:
         return str(url)
+    if any(c.isspace() for c in url):  # text around a URL, e.g. an error message
+        return _TEXT_QUERY_PASSWORD.sub(rf"\g<1>{MASK}", _TEXT_USERINFO.sub(rf"\g<1>{MASK}@", url))
     try:
         parts = urlsplit(url)
         has_password = parts.password is not None

@@ -130,7 +130,9 @@ def train(
                     f"{s.get('gradients_per_second', 0):.1f} grads/s, "
                     f"staleness {s.get('staleness_mean', 0):.2f}"))
         except CheckpointError as e:  # e.g. no intact checkpoint to resume from
-            _fail(f"{e} (the files are left as they are; --fresh starts the run over)")
+            # from the learner actor it is a RayTaskError too, its text a traceback; .cause is it
+            cause = getattr(e, "cause", None) or e
+            _fail(f"{cause} (the files are left as they are; --fresh starts the run over)")
     console.print(_summary_table(summary))
     if (summary.get("eval") or {}).get("kind") == "unsupervised_rule":
         from l2o.unsupervised.evaluation import format_result

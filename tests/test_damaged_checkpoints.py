@@ -216,6 +216,11 @@ def test_learner_process_resumes_from_the_newest_intact_checkpoint(tmp_path, mon
         assert again.learner.version == 0
     finally:
         again.stop(checkpoint=False)
+    # none intact: the constructor (a Ray actor's) does not die; address() raises the error
+    damage(checkpoint_path(run_dir, "full", 0), "truncate")
+    broken = LearnerProcess(cfg, theta=make_theta(), token="t", autostart=True)
+    with pytest.raises(CheckpointError, match="no intact full checkpoint"):
+        broken.address()
 
 
 # --- through the CLI -------------------------------------------------------------------------

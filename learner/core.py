@@ -52,9 +52,9 @@ from l2o.io.checkpoints import (
     CheckpointError,
     CheckpointMeta,
     checkpoint_path,
-    latest_checkpoint,
-    load_run_checkpoint,
+    newest_intact_checkpoint,
     save_checkpoint,
+    set_aside,
 )
 from l2o.io.config import ServiceConfig
 from l2o.training.meta_update import MetaState, meta_update
@@ -227,6 +227,8 @@ class Learner:
         self.gen_id = int(gen_id)
         self.block_timeout_s = block_timeout_s
         self.resumed_from: Path | None = None
+        #: newer full checkpoints :meth:`resume` skipped as damaged (left in place)
+        self.skipped_checkpoints: list[Path] = []
 
         self._treedef = jax.tree_util.tree_structure(self.theta)
         self._shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(self.theta)]
@@ -268,18 +270,21 @@ class Learner:
         extra_metadata: dict | None = None,
         **kwargs: Any,
     ) -> Learner:
-        """A learner resumed from the newest full checkpoint in ``run_dir``, or a fresh one.
+        """A learner resumed from the newest intact full checkpoint in ``run_dir``, or a fresh
+        one.
 
-        ``theta`` is the template (and the starting θ when there is no checkpoint). Raises
-        :class:`~l2o.io.checkpoints.CheckpointError` for a damaged checkpoint, one of another run,
-        or one whose θ does not match the template.
+        ``theta`` is the template (and the starting θ when there is no checkpoint). Newer full
+        checkpoints that are damaged are skipped with a warning and left in place
+        (:func:`~l2o.io.checkpoints.newest_intact_checkpoint`). Raises
+        :class:`~l2o.io.checkpoints.CheckpointError` when no full checkpoint is intact, or for
+        the newest intact one when it is of another run or its θ does not match the template.
         """
-        path = latest_checkpoint(run_dir, "full")
-        if path is None:
+        target = {"theta": theta, "opt_state": meta_optimizer.init(theta)}
+        found = newest_intact_checkpoint(run_dir, target, "full")
+        if found is None:
             return cls(theta, meta_optimizer, config, run_dir, run_id, checkpoint_every,
                        on_params_checkpoint, extra_metadata, **kwargs)
-        target = {"theta": theta, "opt_state": meta_optimizer.init(theta)}
-        tree, meta = load_run_checkpoint(path, target, "full")
+        path, tree, meta = found.path, found.tree, found.meta
         if meta.run_id not in (None, run_id):
             raise CheckpointError(f"checkpoint {path} belongs to run {meta.run_id!r}, "
                                   f"not {run_id!r}")
@@ -292,6 +297,7 @@ class Learner:
         )
         learner._restore_tables(meta)
         learner.resumed_from = path
+        learner.skipped_checkpoints = list(found.skipped)
         log.info("learner resumed from %s at version %d", path, learner.version)
         if start:
             learner.start()
@@ -620,8 +626,9 @@ class Learner:
                     "rejected_by_reason": dict(self.rejected_by_reason),
                     "dedup": {w: s.to_json() for w, s in self._seen.items()},
                     "service": self.config.model_dump(mode="json")})
-            full = save_checkpoint(checkpoint_path(self.run_dir, "full", version),
-                                   {"theta": theta, "opt_state": opt_state}, meta)
+            full = checkpoint_path(self.run_dir, "full", version)
+            set_aside(full, self.skipped_checkpoints)
+            full = save_checkpoint(full, {"theta": theta, "opt_state": opt_state}, meta)
             params_path = checkpoint_path(self.run_dir, "params", version)
             new_version = not params_path.exists()
             params = save_checkpoint(params_path, theta, meta.for_params())

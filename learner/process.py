@@ -66,7 +66,10 @@ class LearnerProcess:
         theta: θ to start from instead of building it from ``config.optimizer``.
         on_params_checkpoint: called as ``f(path, version)`` after each params checkpoint.
         on_address: called with ``host:port`` once the server listens (e.g. to register it).
-        autostart: start serving in the constructor (so a restarted Ray actor serves again).
+        autostart: start serving in the constructor (so a restarted Ray actor serves again). A
+            :class:`~l2o.io.checkpoints.CheckpointError` there (no intact checkpoint to resume
+            from) is raised by :meth:`address` instead, so a Ray driver gets it as itself, not
+            as a dead actor's traceback.
         allow_no_token: serve without authentication when there is no token (tests only).
     """
 
@@ -107,7 +110,10 @@ class LearnerProcess:
         self.server: Any = None
         self._address: str | None = None
         if autostart:
-            self.start()
+            try:
+                self.start()
+            except CheckpointError as e:
+                log.error("the learner cannot resume: %s", e)
 
     def _build(self) -> Any:
         import jax  # noqa: F401  (imported here so that a Ray actor imports JAX in the worker)

@@ -104,6 +104,8 @@ def train(
                 assignments)
     if not local:
         _require_service("l2o train (without --local)", SERVICE_MODULES)
+    from l2o.io.checkpoints import CheckpointError
+
     if fresh and cfg.run_path().exists():
         aside = cfg.run_path().with_name(f"{cfg.run_name}.{time.strftime('%Y%m%d-%H%M%S')}")
         cfg.run_path().rename(aside)
@@ -122,25 +124,31 @@ def train(
                 last_printed[0] = step // cfg.log_every
                 console.print(line)
 
-        if local:
-            from l2o.training.job import run_local
+        try:
+            if local:
+                from l2o.training.job import run_local
 
-            summary = run_local(cfg, on_log=lambda e: show(
-                e["step"], f"step {e['step']} meta-loss {e['meta_loss']:.4g} "
-                           f"{e['inner_steps_per_s']:.0f} inner steps/s"))
-        else:
-            from services.redis_server import RedisUnavailable
-            from services.train import run_service
+                summary = run_local(cfg, on_log=lambda e: show(
+                    e["step"], f"step {e['step']} meta-loss {e['meta_loss']:.4g} "
+                               f"{e['inner_steps_per_s']:.0f} inner steps/s"))
+            else:
+                from services.retry import RedisUnavailable
+                from services.train import run_service
 
-            try:
-                summary = run_service(cfg, progress=lambda s: show(
-                    int(s.get("updates", 0)),
-                    f"update {s.get('updates', 0)} meta-loss {s.get('last_meta_loss', 0):.4g} "
-                    f"{s.get('gradients_per_second', 0):.1f} grads/s, "
-                    f"staleness {s.get('staleness_mean', 0):.2f}"))
-            except RedisUnavailable as e:  # one line naming Redis, not a traceback
-                _fail(str(e))
-                return
+                try:
+                    summary = run_service(cfg, progress=lambda s: show(
+                        int(s.get("updates", 0)),
+                        f"update {s.get('updates', 0)} meta-loss "
+                        f"{s.get('last_meta_loss', 0):.4g} "
+                        f"{s.get('gradients_per_second', 0):.1f} grads/s, "
+                        f"staleness {s.get('staleness_mean', 0):.2f}"))
+                except RedisUnavailable as e:  # one line naming Redis, not a traceback
+                    _fail(str(e))
+                    return
+        except CheckpointError as e:  # e.g. no intact checkpoint to resume from
+            # from the learner actor it is a RayTaskError too, its text a traceback; .cause is it
+            cause = getattr(e, "cause", None) or e
+            _fail(f"{cause} (the files are left as they are; --fresh starts the run over)")
     console.print(_summary_table(summary))
     if (summary.get("eval") or {}).get("kind") == "unsupervised_rule":
         from l2o.unsupervised.evaluation import format_result
@@ -488,6 +496,7 @@ def status(
     heartbeat came for several intervals (see ``services.registry.shown_state``).
     """
     _require_service("l2o status", REGISTRY_MODULES)
+    from l2o.io.secrets import redacted_config
     from services.registry import list_runs, run_status
 
     if run is None:
@@ -501,7 +510,8 @@ def status(
     info = None
     for client in _registry_clients(redis_url, run_dir):
         try:
-            info = run_status(client, run)
+            # redacted again: a manifest written before redaction may hold the Redis password
+            info = redacted_config(run_status(client, run))
             break
         except KeyError:
             continue

@@ -2,7 +2,8 @@
 
 :func:`redis_connection` returns a client plus the URL every other process (Ray actors, the CLI)
 uses to reach the *same* server. With an explicit URL or ``$REDIS_URL`` it simply connects; a
-password in the URL is honoured by ``redis-py`` and never printed (see :func:`redact_url`).
+password in the URL is honoured by ``redis-py`` and never printed (see
+:func:`l2o.io.secrets.redact_url`).
 
 **Faults.** Every client has connect and socket timeouts and retries each command that meets a
 connection or timeout error (a restart, a short outage, a frozen server) under one deadline,
@@ -45,10 +46,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from l2o.io.secrets import redact_url
 from services.retry import DeadlineRetry, RedisUnavailable, RetryPolicy
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
     "RedisSettings",
     "RedisUnavailable",
     "embedded_server",
-    "redact_url",
     "redis_connection",
     "redis_server_binary",
     "run_data_dir",
@@ -113,26 +113,6 @@ class RedisSettings:
         """The timeouts as ``redis.Redis`` keyword arguments."""
         return {"socket_connect_timeout": self.connect_timeout_s,
                 "socket_timeout": self.socket_timeout_s}
-
-
-def redact_url(url: str | None) -> str:
-    """``url`` with any password replaced by ``***`` (safe to log).
-
-    >>> redact_url("redis://user:secret@host:6379/0")
-    'redis://user:***@host:6379/0'
-    """
-    if not url:
-        return str(url)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable redis url>"
-    if parts.password is None and "@" not in parts.netloc:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    netloc = f"{user}:***@{hostport}" if user else f":***@{hostport}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def redis_server_binary() -> str:

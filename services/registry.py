@@ -83,6 +83,8 @@ from typing import Any
 
 import redis
 
+from l2o.io.secrets import redacted_config
+
 PREFIX = "l2o"
 GROUP = "evalers"
 #: ``kind`` of the eval jobs that score a checkpoint on one task of a held-out suite
@@ -247,10 +249,14 @@ class Registry:
 
     # ---- manifest and status ---------------------------------------------------------------
     def write_manifest(self, config: dict, **info: Any) -> None:
-        """Record the run's config (and ``info``) and add the run to the global index."""
+        """Record the run's config (and ``info``) and add the run to the global index.
+
+        Stored redacted (:func:`l2o.io.secrets.redacted_config`): no Redis password, no token.
+        """
         now = time.time()
+        manifest = redacted_config({"config": config, **info, "created_at": now})
         pipe = self.r.pipeline()
-        pipe.set(self.key("manifest"), dumps({"config": config, **info, "created_at": now}))
+        pipe.set(self.key("manifest"), dumps(manifest))
         pipe.zadd(RUNS_KEY, {self.run_id: now}, nx=True)
         pipe.execute()
 

@@ -62,6 +62,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from l2o.io.secrets import redact_url
 from services.registry import HEARTBEAT_S
 from services.retry import LEARNER_RESTART, describe, retry_call
 from workers.ray_setup import actor_name, actor_options, connect_ray, ships_code
@@ -272,13 +273,12 @@ class ServiceRun:
               curriculum_scorer: Callable[[Any, int, int], float] | None = None) -> None:
         """Mark the run ``starting``, connect to Ray, start the learner, the curriculum (if the
         config has one), the unroll and eval workers; mark the run ``running``."""
-        from services import redis_server
         from services.auth import load_token
 
         cfg, svc, registry = self.cfg, self.cfg.service, self.registry
         token = load_token(svc.token_env, svc.token_file) or secrets.token_urlsafe(32)
         registry.write_manifest(cfg.model_dump(mode="json"), run_dir=str(self.run_dir),
-                                run_name=cfg.run_name, redis=redis_server.redact_url(self.url))
+                                run_name=cfg.run_name, redis=redact_url(self.url))
         registry.set_status("starting", target_updates=cfg.meta_steps,
                             workers=svc.num_unroll_workers, eval_workers=svc.num_eval_workers)
         self._start_heartbeat()

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from l2o.io.secrets import redact_url
 from services.redis_server import RedisUnavailable
 from workers.ray_setup import actor_name, actor_options, connect_ray, placement, ships_code
 
@@ -495,7 +496,7 @@ def evaluate_on_suite_with_pool(checkpoint: str | Path, suite: str = "heldout",
     started_ray, workers, run_refs = False, [], []
     try:
         registry.write_manifest(None, kind="suite-eval", checkpoint=path, suite=name,
-                                tasks=names, redis=redis_server.redact_url(url))
+                                tasks=names, redis=redact_url(url))
         registry.set_status("running")
         started_ray = connect_ray(num_workers * worker_num_cpus, address)
         workers = start_eval_pool(registry.run_id, url, num_workers, num_cpus=worker_num_cpus)

@@ -7,7 +7,8 @@ JSON-compatible metadata dict. The file layout is::
 
 It is written to a temporary file in the same directory, flushed and ``fsync``-ed, then renamed over
 the destination, so a reader sees either the old file or the new one, never a partial one. A
-truncated or corrupted file raises :class:`CheckpointError` naming the file and what is wrong.
+truncated or corrupted file raises :class:`CheckpointError` naming the file and what is wrong; a
+resume takes the newest checkpoint that reads back intact (:func:`newest_intact_checkpoint`).
 
 The metadata of the files the trainer, the learner, the curriculum and ``l2o.pretrained`` write
 follows one schema, :class:`CheckpointMeta`, whose ``kind`` says what the tree holds (see
@@ -31,7 +32,9 @@ know are ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import os
 import re
 import time
@@ -44,6 +47,9 @@ from flax import serialization
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from l2o.io.atomic import atomic_write
+from l2o.io.secrets import redacted_config
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"L2OCKPT1"
 _HEADER = len(MAGIC) + 32 + 8
@@ -146,11 +152,15 @@ def save_checkpoint(path: str | os.PathLike, tree: Any,
     """Write ``tree`` (a pytree of arrays) and ``metadata`` to ``path`` atomically.
 
     Trainers and the learner pass a :class:`CheckpointMeta`; a plain dict is stored as it is.
+    Either way secrets are redacted first (:func:`l2o.io.secrets.redacted_config`: the Redis
+    URL's password, tokens), so a checkpoint can be handed to anyone; a resumed run takes its
+    Redis URL from its config file or ``$REDIS_URL``, never from a checkpoint.
     """
     path = Path(path)
     if isinstance(metadata, CheckpointMeta):
         metadata = metadata.to_dict()
-    state = {"tree": serialization.to_state_dict(_to_numpy(tree)), "metadata": metadata or {}}
+    state = {"tree": serialization.to_state_dict(_to_numpy(tree)),
+             "metadata": redacted_config(metadata or {})}
     payload = serialization.msgpack_serialize(state)
     digest = hashlib.sha256(payload).digest()
     with atomic_write(path) as f:
@@ -196,8 +206,11 @@ def load_checkpoint(path: str | os.PathLike, target: Any = None) -> tuple[Any, d
     A tree whose structure or shapes differ from ``target`` raises :class:`CheckpointError`.
     """
     raw, metadata = read_checkpoint(path)
-    if target is None:
-        return raw, metadata
+    return (raw if target is None else _fit(path, raw, target)), metadata
+
+
+def _fit(path: str | os.PathLike, raw: Any, target: Any) -> Any:
+    """The state-dict ``raw`` read from ``path`` in ``target``'s structure, shapes checked."""
     try:
         tree = serialization.from_state_dict(target, raw)
     except (ValueError, KeyError, TypeError) as e:
@@ -209,7 +222,7 @@ def load_checkpoint(path: str | os.PathLike, target: Any = None) -> tuple[Any, d
             raise CheckpointError(
                 f"checkpoint {path}: array of shape {np.shape(got)} where {np.shape(want)} expected"
             )
-    return tree, metadata
+    return tree
 
 
 def load_run_checkpoint(path: str | os.PathLike, target: Any, kind: str | None = None,
@@ -217,12 +230,17 @@ def load_run_checkpoint(path: str | os.PathLike, target: Any, kind: str | None =
     """``(tree, metadata)`` as :func:`load_checkpoint` gives them, the metadata validated: of
     ``kind`` when given, and recording θ's version (what a resumed run continues from)."""
     tree, raw = load_checkpoint(path, target)
+    return tree, _run_meta(path, raw, kind)
+
+
+def _run_meta(path: str | os.PathLike, raw: dict, kind: str | None) -> CheckpointMeta:
+    """The stored metadata ``raw`` of ``path`` validated as :func:`load_run_checkpoint` says."""
     meta = CheckpointMeta.from_stored(raw, path)
     if kind is not None and meta.kind != kind:
         raise CheckpointError(f"checkpoint {path} is not a {kind} checkpoint (kind {meta.kind!r})")
     if meta.version is None:
         raise CheckpointError(f"checkpoint {path}: metadata field 'version' is missing")
-    return tree, meta
+    return meta
 
 
 _NUMBERED = re.compile(r"^(?P<kind>[a-z]+)_(?P<step>\d+)\.ckpt$")
@@ -249,3 +267,64 @@ def latest_checkpoint(run_dir: str | os.PathLike, kind: str = "full") -> Path | 
     """The newest checkpoint of ``kind`` in ``run_dir``, or ``None``."""
     found = list_checkpoints(run_dir, kind)
     return found[-1][1] if found else None
+
+
+@dataclasses.dataclass(frozen=True)
+class IntactCheckpoint:
+    """The newest checkpoint of a kind that reads back intact, as a resume uses it."""
+
+    path: Path
+    tree: Any
+    meta: CheckpointMeta
+    #: the newer files of the same kind that were skipped as damaged (left in place)
+    skipped: tuple[Path, ...] = ()
+
+
+def newest_intact_checkpoint(run_dir: str | os.PathLike, target: Any, kind: str = "full",
+                             ) -> IntactCheckpoint | None:
+    """The newest checkpoint of ``kind`` in ``run_dir`` that reads back intact (checksum,
+    decoding, metadata schema, as :func:`load_run_checkpoint` checks them), its tree in
+    ``target``'s structure; ``None`` when there is no checkpoint of ``kind`` at all.
+
+    A newer file that is damaged is skipped with a warning naming it and why; it is neither
+    deleted nor changed (a writer that reaches its step again renames it first:
+    :func:`set_aside`). When every file is damaged, :class:`CheckpointError` names the directory
+    and the files tried. An intact file that does not fit ``target`` (another optimizer's θ) is
+    not damage: its :class:`CheckpointError` is raised at once.
+    """
+    skipped: list[Path] = []
+    for _, path in reversed(list_checkpoints(run_dir, kind)):
+        try:
+            raw, stored = read_checkpoint(path)
+            meta = _run_meta(path, stored, kind)
+        except CheckpointError as e:
+            log.warning("resume skips a damaged checkpoint, left as it is: %s", e)
+            skipped.append(path)
+            last_error = e
+            continue
+        return IntactCheckpoint(path, _fit(path, raw, target), meta, tuple(skipped))
+    if skipped:
+        raise CheckpointError(
+            f"no intact {kind} checkpoint in {Path(run_dir) / 'checkpoints'} (tried "
+            f"{', '.join(p.name for p in skipped)}); the oldest: {last_error}") from last_error
+    return None
+
+
+def set_aside(path: str | os.PathLike, damaged: list[Path]) -> Path | None:
+    """Before a writer reuses the name ``path``: if it is one of ``damaged`` (the files a resume
+    skipped, :attr:`IntactCheckpoint.skipped`), rename it to ``path.damaged`` (numbered if that
+    exists) and drop it from ``damaged``. The new name, or ``None`` when nothing was moved."""
+    path = Path(path)
+    if path not in damaged:
+        return None
+    damaged.remove(path)
+    if not path.exists():
+        return None
+    aside = path.with_name(f"{path.name}.damaged")
+    n = 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.damaged{n}"), n + 1
+    os.replace(path, aside)
+    log.warning("kept the damaged checkpoint %s as %s before writing its step again", path,
+                aside.name)
+    return aside

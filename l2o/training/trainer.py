@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -47,10 +48,11 @@ from l2o.io.checkpoints import (
     CheckpointError,
     CheckpointMeta,
     checkpoint_path,
-    latest_checkpoint,
     load_checkpoint,
     load_run_checkpoint,
+    newest_intact_checkpoint,
     save_checkpoint,
+    set_aside,
 )
 from l2o.io.config import TrainConfig
 from l2o.training.build import (
@@ -75,6 +77,8 @@ from l2o.training.curriculum import (
     train_horizon,
 )
 from l2o.training.meta_update import MetaState, init_meta_state, meta_update
+
+log = logging.getLogger(__name__)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -114,6 +118,8 @@ class Trainer:
         self.state = init_meta_state(theta, self.meta_tx)
         self.worker_state = self.estimator.init_worker_state(theta, self._worker_key())
         self.resumed_from: Path | None = None
+        #: newer full checkpoints :meth:`restore` skipped as damaged (left in place)
+        self.skipped_checkpoints: list[Path] = []
         #: periodic evaluations (``cfg.evaluation_period``): ``{"step", "eval_final_loss",
         #: "improved"}`` each; the best one's θ is in ``checkpoints/best.ckpt``
         self.evaluations: list[dict[str, Any]] = []
@@ -158,22 +164,34 @@ class Trainer:
                         CheckpointMeta(kind="worker", version=step))
         save_checkpoint(checkpoint_path(self.run_dir, "params", step), self.state.theta,
                         meta.for_params())
-        return save_checkpoint(checkpoint_path(self.run_dir, "full", step),
+        full = checkpoint_path(self.run_dir, "full", step)
+        set_aside(full, self.skipped_checkpoints)
+        return save_checkpoint(full,
                                {"theta": self.state.theta, "opt_state": self.state.opt_state},
                                meta)
 
     def restore(self, path: str | Path | None = None) -> bool:
-        """Resume from ``path`` or the newest full checkpoint of the run dir; False if none.
+        """Resume from ``path`` or else the newest intact full checkpoint of the run dir; False
+        if there is none.
 
-        Raises :class:`~l2o.io.checkpoints.CheckpointError` for a damaged file, leaving the trainer
-        as
-        it was.
+        Newer full checkpoints that are damaged are skipped with a warning and left in place
+        (:func:`~l2o.io.checkpoints.newest_intact_checkpoint`; listed in
+        :attr:`skipped_checkpoints`, set aside before this run writes their step again); a
+        damaged worker checkpoint gives fresh inner problems. Raises
+        :class:`~l2o.io.checkpoints.CheckpointError` for a damaged ``path``, when no full
+        checkpoint is intact, or when the newest intact one does not match this config, leaving
+        the trainer as it was.
         """
-        path = Path(path) if path is not None else latest_checkpoint(self.run_dir, "full")
-        if path is None:
-            return False
         target = {"theta": self.state.theta, "opt_state": self.state.opt_state}
-        tree, meta = load_run_checkpoint(path, target, "full")
+        if path is not None:
+            path = Path(path)
+            tree, meta = load_run_checkpoint(path, target, "full")
+            skipped: tuple[Path, ...] = ()
+        else:
+            found = newest_intact_checkpoint(self.run_dir, target, "full")
+            if found is None:
+                return False
+            path, tree, meta, skipped = found.path, found.tree, found.meta, found.skipped
         step = meta.version
         curriculum, estimator, worker_state = self.curriculum, self.estimator, self.worker_state
         saved = meta.curriculum
@@ -191,11 +209,9 @@ class Trainer:
                 worker_state = estimator.init_worker_state(
                     tree["theta"], self._worker_key(curriculum.stage))
         stage = curriculum.stage if curriculum is not None else 0
-        worker_path = checkpoint_path(self.run_dir, "worker", step)
-        if worker_path.exists():
-            worker_state, _ = load_checkpoint(worker_path, worker_state)
-        else:  # a run dir written by the service: fresh inner problems
-            worker_state = estimator.init_worker_state(tree["theta"], self._worker_key(stage))
+        saved_worker = self._saved_worker_state(step, worker_state)
+        worker_state = saved_worker if saved_worker is not None else \
+            estimator.init_worker_state(tree["theta"], self._worker_key(stage))
         self.curriculum, self.estimator = curriculum, estimator
         to_jnp = lambda t: jax.tree_util.tree_map(jnp.asarray, t)
         self.state = MetaState(theta=to_jnp(tree["theta"]), opt_state=to_jnp(tree["opt_state"]),
@@ -206,7 +222,20 @@ class Trainer:
         self.evaluations = list(meta.evaluations or [])
         self.best_eval = meta.best_eval
         self.resumed_from = path
+        self.skipped_checkpoints = list(skipped)
         return True
+
+    def _saved_worker_state(self, step: int, template: Any) -> Any | None:
+        """The inner problems saved with ``step`` (``worker_XXXXXXXX.ckpt``), or ``None`` when
+        there are none (a run dir written by the service) or they are damaged (a warning)."""
+        path = checkpoint_path(self.run_dir, "worker", step)
+        if not path.exists():
+            return None
+        try:
+            return load_checkpoint(path, template)[0]
+        except CheckpointError as e:
+            log.warning("fresh inner problems: %s", e)
+            return None
 
     # --- the loop ----------------------------------------------------------------------------
 

@@ -469,7 +469,8 @@ def _registry_clients(redis_url: str | None, run_dir: Path | None) -> Iterator[A
             client, _ = _reader_connection(url, data)
             yield client
         finally:
-            redis_server.shutdown_embedded()
+            if data is not None:  # a server this process may have started to read stopped data
+                redis_server.shutdown_embedded()
 
 
 def _reader_connection(url: str | None, data: Path | None) -> tuple[Any, str]:

@@ -723,7 +723,8 @@ class Learner:
             step = s["version"]
             for key in ("staleness_mean", "staleness_max", "buffer_depth", "accepted", "applied",
                         "dropped_stale", "dropped_oldest", "rejected", "duplicate",
-                        "unique_workers", "gradients_per_second", "last_meta_loss"):
+                        "unique_workers", "gradients_per_second", "last_meta_loss",
+                        "failed_updates", "skipped_nonfinite", "dropped_at_stop"):
                 if math.isfinite(s[key]):
                     self._writer.add_scalar(f"learner/{key}", s[key], step)
         except Exception:  # metrics must never stop training

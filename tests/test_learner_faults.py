@@ -285,3 +285,54 @@ def test_learner_sigkilled_and_restarted_from_an_older_checkpoint(tmp_path: Path
     assert seen == sorted(seen) and seen[-1] == 9, seen  # versions seen never went down
     versions = [e["version"] for e in read_applied_log(run_dir)]
     assert versions == [1, 2, 3, 4, 5, 6, 7, 8, 9]  # every version named one θ
+
+
+class RecordingRegistry:
+    """The part of ``services.registry.Registry`` the driver's loop writes to."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, Any] = {}
+
+    def set_status(self, state: str | None = None, **fields: Any) -> None:
+        self.fields.update(fields, **({"state": state} if state else {}))
+
+    def state(self) -> str | None:
+        return self.fields.get("state")
+
+
+def test_driver_mirrors_failures_and_fails_the_run_with_the_learners_error(
+        tmp_path: Path) -> None:
+    """The driver's poll loop mirrors failed meta-updates and their error, and a learner that
+    stopped the run fails it with that error (no Ray needed: the loop talks gRPC and Redis)."""
+    from l2o.io.config import TrainConfig
+    from services.train import ServiceRun
+
+    def broken_update(updates: Any, state: Any, params: Any = None) -> Any:
+        raise FloatingPointError("boom")
+
+    tx = optax.GradientTransformation(optax.sgd(0.1).init, broken_update)
+    learner = Learner(make_theta(), tx, ServiceConfig(batch_size=1, max_failed_updates=2),
+                      tmp_path, RUN, tensorboard=False, start=False)
+    server, port = serve(learner, "127.0.0.1", 0, TOKEN)
+    run = ServiceRun.__new__(ServiceRun)  # the loop's state only: no Redis, no Ray
+    run.cfg, run.registry, run.status = TrainConfig(meta_steps=100), RecordingRegistry(), {}
+    run.history, run._last_bucket, run.run_refs, run.curriculum = [], -1, {}, None
+    try:
+        with LearnerClient(f"127.0.0.1:{port}", TOKEN, RUN, max_wait_s=10.0) as run.client:
+            for seq in range(2):
+                header = GradientHeader(RUN, theta_version=0, gen_id=0, worker_id="w", seq=seq,
+                                        incarnation=learner.incarnation)
+                assert learner.submit(gradient(0, seq), header).accepted
+                with pytest.raises(FloatingPointError):
+                    learner.step()
+            with pytest.raises(RuntimeError, match="the learner stopped the run: 2 meta-updates"
+                                                   " in a row failed.*boom"):
+                run.loop(poll_s=0.01)
+            run.mark_failed(RuntimeError("the learner stopped the run: …"))
+    finally:
+        server.stop(0)
+        learner.stop(checkpoint=False)
+    fields = run.registry.fields
+    assert fields["state"] == "failed" and "stopped the run" in fields["error"]
+    assert fields["failed_updates"] == 2 and "boom" in fields["last_error"]
+    assert "in a row failed" in fields["fatal_error"] and fields["skipped_nonfinite"] == 0

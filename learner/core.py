@@ -18,8 +18,7 @@ Policies (see ``design.md``):
   learner object draws a random incarnation id when it is built, so a restarted learner never
   takes a gradient computed on the θ of an earlier one, even at an equal version number;
 - **staleness** — dropped (STALE) when ``version − theta_version > max_staleness``, both on arrival
-  and again when the batch is applied; a ``theta_version`` ahead of the learner (a learner restarted
-  from an older checkpoint) is STALE too;
+  and again when the batch is applied; a ``theta_version`` ahead of the learner's is STALE too;
 - **dedup** — a ``(worker_id, seq)`` seen before is DUPLICATE; the table (per worker: highest seq
   and the seqs seen within :data:`DEDUP_WINDOW` below it) is saved in every full checkpoint;
 - **backpressure** — when the buffer holds ``buffer_size`` gradients, ``block`` makes ``submit``
@@ -583,7 +582,7 @@ class Learner:
                                   f"{self.version} (max_staleness {self.config.max_staleness})")
         if lag < 0:
             return (Reason.STALE, f"θ version {header.theta_version} is ahead of the learner's "
-                                  f"{self.version} (learner restarted from a checkpoint?)")
+                                  f"{self.version}")
         window = self._seen.get(header.worker_id)
         if window is not None and window.seen(header.seq):
             return Reason.DUPLICATE, f"(worker {header.worker_id!r}, seq {header.seq}) seen before"

@@ -109,7 +109,8 @@ def bench_bare_grpc(n: int, clients: int, seconds: float, max_messages: int) -> 
     conns = [LearnerClient(f"127.0.0.1:{port}", None, RUN) for _ in range(clients)]
 
     def send_one(t: int, i: int) -> None:
-        conns[t].push_gradient(grad, theta_version=0, gen_id=0, worker_id=f"w{t}", seq=i)
+        conns[t].push_gradient(grad, theta_version=0, gen_id=0, incarnation=0,
+                               worker_id=f"w{t}", seq=i)
 
     for t in range(clients):
         send_one(t, -1)
@@ -203,10 +204,12 @@ def bench_grpc(n: int, clients: int, seconds: float, max_messages: int, batch_si
     nbytes = 4 * n
     conns = [LearnerClient(f"127.0.0.1:{port}", TOKEN, RUN) for _ in range(clients)]
     conns[0].wait_ready(60)
+    incarnation = conns[0].status()["incarnation"]
     refused: dict[str, int] = {}
 
     def send_one(t: int, i: int) -> None:
-        ack = conns[t].push_gradient(grad, theta_version=0, gen_id=0, worker_id=f"w{t}", seq=i,
+        ack = conns[t].push_gradient(grad, theta_version=0, gen_id=0, incarnation=incarnation,
+                                     worker_id=f"w{t}", seq=i,
                                      estimator="bench", inner_steps=1, mean_inner_loss=0.0)
         if not ack.accepted:
             refused[reason_name(ack)] = refused.get(reason_name(ack), 0) + 1

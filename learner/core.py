@@ -13,15 +13,35 @@ Policies (see ``design.md``):
 
 - **validation** — tree structure (WRONG_TREE), shapes (WRONG_SHAPE), dtype equal to θ's, float32
   (WRONG_DTYPE), all finite (NAN_OR_INF), total size ≤ ``max_message_bytes`` (TOO_LARGE);
-- **run and generation** — ``run_id`` must be the learner's (WRONG_RUN), ``gen_id`` its current
-  generation (STALE_GENERATION);
+- **run, generation and incarnation** — ``run_id`` must be the learner's (WRONG_RUN), ``gen_id``
+  its current generation (STALE_GENERATION) and ``incarnation`` its own (STALE_INCARNATION): every
+  learner object draws a random incarnation id when it is built, so a restarted learner never
+  takes a gradient computed on the θ of an earlier one, even at an equal version number;
 - **staleness** — dropped (STALE) when ``version − theta_version > max_staleness``, both on arrival
-  and again when the batch is applied; a ``theta_version`` ahead of the learner (a learner restarted
-  from an older checkpoint) is STALE too;
+  and again when the batch is applied; a ``theta_version`` ahead of the learner's is STALE too;
 - **dedup** — a ``(worker_id, seq)`` seen before is DUPLICATE; the table (per worker: highest seq
   and the seqs seen within :data:`DEDUP_WINDOW` below it) is saved in every full checkpoint;
 - **backpressure** — when the buffer holds ``buffer_size`` gradients, ``block`` makes ``submit``
   wait up to ``block_timeout_s`` (then BUFFER_FULL) and ``drop_oldest`` evicts the oldest one.
+
+Versions never repeat within a run directory. Before a new version is published, the update that
+makes it is appended to ``run_dir/applied.jsonl`` (:data:`APPLIED_LOG`: the version, gen id,
+incarnation and the ``(worker_id, seq)`` of each gradient applied, in order). A learner built on
+a run directory whose log names a version above its checkpoint's (it crashed after its last
+checkpoint) starts at that version + 1: the θ it resumes gets a number never used before, and the
+versions workers and users see keep increasing. :meth:`Learner.applied_log` holds the same
+entries in memory (this incarnation's).
+
+What an ``Ack`` means, and what is lost (the policy): ``accepted`` (reason OK) means *taken into
+the buffer*, not applied. An accepted gradient is applied exactly once, or dropped and counted:
+stale when its batch is taken (``dropped_stale``), evicted by ``drop_oldest``
+(``dropped_oldest``), in a meta-update that raised (``failed_updates``) or was skipped for a
+non-finite mean or result (``skipped_nonfinite``), or still buffered when the learner stops
+(``dropped_at_stop``; the buffer is not checkpointed). What was applied is the applied log, never
+the acks. A meta-update that raises is counted with its error (``last_error``); after
+``service.max_failed_updates`` of them in a row the learner stops applying, sets ``fatal_error``
+and refuses gradients (STOPPED) so that its driver fails the run with that error. Skipped
+non-finite updates are the trainer's policy and never stop the run.
 
 Checkpoints: every ``checkpoint_every`` updates and on :meth:`Learner.save_checkpoint`, a full
 checkpoint (θ, optimizer state, version, gen id, counters, dedup table, config) and a params
@@ -33,8 +53,11 @@ the trainer's schema, :class:`l2o.io.checkpoints.CheckpointMeta`.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
+import secrets
 import threading
 import time
 from collections import deque
@@ -65,6 +88,13 @@ log = logging.getLogger(__name__)
 #: How far below a worker's highest seq individual seqs are remembered; older ones are DUPLICATE.
 DEDUP_WINDOW = 4096
 
+#: The run directory's log of published versions: one JSON line per update (and per generation
+#: or renumbered resume), written before the version is published.
+APPLIED_LOG = "applied.jsonl"
+
+#: How many updates :meth:`Learner.applied_log` keeps in memory (the file keeps them all).
+APPLIED_LOG_MAX = 100_000
+
 
 @dataclass(frozen=True)
 class GradientHeader:
@@ -75,6 +105,7 @@ class GradientHeader:
     gen_id: int
     worker_id: str
     seq: int
+    incarnation: int  # the incarnation of the learner whose θ the gradient was computed on
     estimator: str = ""
     inner_steps: int = 0
     mean_inner_loss: float = math.nan
@@ -88,6 +119,42 @@ class SubmitResult:
     reason: Reason
     detail: str
     version: int
+
+
+@dataclass(frozen=True)
+class Applied:
+    """One applied meta-update: the version it made and its gradients' ``(worker_id, seq)``, in
+    the order they were averaged."""
+
+    version: int
+    gen_id: int
+    gradients: tuple[tuple[str, int], ...]
+
+
+def read_applied_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The entries of ``run_dir``'s :data:`APPLIED_LOG`, oldest first (none without one)."""
+    path = Path(run_dir) / APPLIED_LOG
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_logged_version(run_dir: str | Path) -> int:
+    """The newest version :data:`APPLIED_LOG` of ``run_dir`` names; -1 without one."""
+    path = Path(run_dir) / APPLIED_LOG
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            for start in (max(0, size - 65536), 0):  # the tail, else the whole file
+                f.seek(start)
+                for line in reversed(f.read().splitlines()):
+                    try:
+                        return int(json.loads(line)["version"])
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut by a crash
+    except FileNotFoundError:
+        pass
+    return -1
 
 
 @dataclass
@@ -125,9 +192,10 @@ class _SeqWindow:
 
 
 #: ``skipped_nonfinite``: meta-updates skipped for a non-finite mean gradient or result;
-#: ``failed_updates``: meta-updates that raised
+#: ``failed_updates``: meta-updates that raised; ``dropped_at_stop``: accepted gradients still
+#: buffered when the learner stopped
 _COUNTERS = ("accepted", "applied", "dropped_stale", "dropped_oldest", "rejected", "duplicate",
-             "skipped_nonfinite", "failed_updates")
+             "skipped_nonfinite", "failed_updates", "dropped_at_stop")
 
 
 def _aligned(x: np.ndarray) -> np.ndarray:
@@ -179,7 +247,8 @@ class Learner:
         extra_metadata: merged into both checkpoints' metadata (e.g. ``optimizer``, ``seed``,
             ``config``): fields of :class:`~l2o.io.checkpoints.CheckpointMeta`, checked here.
         opt_state: the meta-optimizer state (default: ``meta_optimizer.init(theta)``).
-        version, gen_id: where the counters start.
+        version, gen_id: where the counters start (the version moves past any version that
+            ``run_dir``'s :data:`APPLIED_LOG` names).
         block_timeout_s: how long ``submit`` waits for room under ``backpressure="block"``.
         tensorboard: write per-update metrics to ``run_dir/tensorboard``.
         start: start the applier thread now (else call :meth:`start`, or :meth:`step` by hand).
@@ -225,6 +294,16 @@ class Learner:
         CheckpointMeta.model_validate({"kind": "full", "version": 0, **self.extra_metadata})
         self.version = int(version)
         self.gen_id = int(gen_id)
+        #: this learner's id, new every time one is built: θ versions are named within it
+        self.incarnation = secrets.randbits(63) or 1
+        self._log_fd: int | None = None
+        self._applied: deque[Applied] = deque(maxlen=APPLIED_LOG_MAX)
+        newest = last_logged_version(self.run_dir)
+        if newest > self.version:  # versions up to `newest` named θs lost in a crash
+            log.warning("versions up to %d were published after the checkpoint at %d; "
+                        "continuing at %d", newest, self.version, newest + 1)
+            self.version = newest + 1
+            self._append_log({"event": "renumbered", "from_version": int(version)})
         self.block_timeout_s = block_timeout_s
         self.resumed_from: Path | None = None
         #: newer full checkpoints :meth:`resume` skipped as damaged (left in place)
@@ -248,6 +327,10 @@ class Learner:
         self.last_metrics: dict[str, float] = {
             "staleness_mean": 0.0, "staleness_max": 0, "meta_loss": math.nan,
         }
+        #: why the latest meta-update failed or was skipped; why the learner stopped the run
+        self.last_error = ""
+        self.fatal_error = ""
+        self._failures_in_a_row = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._writer: Any = None
@@ -322,18 +405,35 @@ class Learner:
         self._thread.start()
 
     def stop(self, checkpoint: bool = True, timeout: float | None = 60.0) -> None:
-        """Stop the applier (finishing an update in progress), optionally checkpoint, close logs."""
+        """Stop the applier (finishing an update in progress), drop the buffered gradients
+        (``dropped_at_stop``), optionally checkpoint, close logs. Gradients are refused (STOPPED)
+        from now on."""
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        with self._apply_lock, self._changed:
+            self._drop_buffer_at_stop()
         if checkpoint:
             self.save_checkpoint()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+
+    def _drop_buffer_at_stop(self) -> None:
+        """Count and drop the buffered gradients: they will never be applied (caller holds the
+        lock)."""
+        if self._buffer:
+            log.warning("%d accepted gradients were never applied: the learner stopped",
+                        len(self._buffer))
+        self.counters["dropped_at_stop"] += len(self._buffer)
+        self._buffer.clear()
+        self._changed.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -344,7 +444,7 @@ class Learner:
                     return
             try:
                 self.step()
-            except Exception:  # keep serving; the batch is lost, θ untouched
+            except Exception:  # counted by step; θ untouched, the batch lost
                 log.exception("meta-update failed")
 
     def step(self) -> bool:
@@ -353,28 +453,34 @@ class Learner:
         Gradients that went stale while buffered are dropped (counted) first. θ and the optimizer
         state change only if :func:`~l2o.training.meta_update.meta_update` applies the update; a
         batch whose mean gradient or result is non-finite is discarded and counted
-        (``skipped_nonfinite``), one that raises is counted in ``failed_updates``.
+        (``skipped_nonfinite``), one that raises is counted in ``failed_updates`` (and re-raised);
+        both set ``last_error``. After ``max_failed_updates`` raising updates in a row the learner
+        stops applying (``fatal_error``). An applied update is logged (:data:`APPLIED_LOG`,
+        :meth:`applied_log`) before its version is published.
         """
         with self._apply_lock:
             batch = self._take_batch()
             if batch is None:
                 return False
+            keys = tuple((p.header.worker_id, p.header.seq) for p in batch)
             try:
                 grad = to_device(mean_of([p.grad for p in batch]))
                 state = MetaState(theta=self.theta, opt_state=self.opt_state,
                                   version=jnp.asarray(self.version, jnp.int32))
                 new, info = self._update(state, grad)
                 applied, grad_finite = bool(info.applied), bool(info.grad_finite)
-            except Exception:
-                with self._lock:
-                    self.counters["failed_updates"] += 1
+                if applied:
+                    self._append_log({"applied": [list(k) for k in keys]}, self.version + 1)
+            except Exception as e:
+                self._count_failure(f"meta-update failed: {type(e).__name__}: {e}", len(batch))
                 raise
             if not applied:
+                what = "mean gradient" if not grad_finite else "θ or optimizer state"
                 with self._lock:
                     self.counters["skipped_nonfinite"] += 1
-                log.warning("meta-update skipped: non-finite %s; batch of %d discarded",
-                            "mean gradient" if not grad_finite else "θ or optimizer state",
-                            len(batch))
+                    self.last_error = (f"meta-update skipped: non-finite {what}; batch of "
+                                       f"{len(batch)} discarded")
+                log.warning("%s", self.last_error)
                 return False
             staleness = [self.version - p.header.theta_version for p in batch]
             losses = [p.header.mean_inner_loss for p in batch
@@ -383,6 +489,8 @@ class Learner:
                 self.theta, self.opt_state = new.theta, new.opt_state
                 self.version += 1
                 self.updates += 1
+                self._failures_in_a_row = 0
+                self._applied.append(Applied(self.version, self.gen_id, keys))
                 self.counters["applied"] += len(batch)
                 self.last_metrics = {
                     "staleness_mean": float(np.mean(staleness)),
@@ -395,6 +503,38 @@ class Learner:
         if updates % self.checkpoint_every == 0:
             self.save_checkpoint()
         return True
+
+    def _count_failure(self, error: str, lost: int) -> None:
+        """Count a meta-update that raised; the ``max_failed_updates``-th in a row stops the
+        learner with ``error``."""
+        with self._changed:
+            self.counters["failed_updates"] += 1
+            self.last_error = f"{error} (batch of {lost} lost)"
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row < self.config.max_failed_updates:
+                return
+            self.fatal_error = (f"{self._failures_in_a_row} meta-updates in a row failed; "
+                                f"the last: {error}")
+            log.error("learner stopping: %s", self.fatal_error)
+            self._stopping = True
+            self._drop_buffer_at_stop()
+
+    def _append_log(self, entry: dict[str, Any], version: int | None = None) -> None:
+        """Append ``entry`` (stamped with ``version``, default the current one, the gen id and
+        the incarnation) to :data:`APPLIED_LOG`, one ``write`` per line (a killed process loses
+        no written line)."""
+        if self._log_fd is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._log_fd = os.open(self.run_dir / APPLIED_LOG,
+                                   os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        line = {"version": self.version if version is None else version, "gen_id": self.gen_id,
+                "incarnation": self.incarnation, **entry}
+        os.write(self._log_fd, (json.dumps(line, separators=(",", ":")) + "\n").encode())
+
+    def applied_log(self) -> list[Applied]:
+        """This incarnation's applied updates in order (the newest :data:`APPLIED_LOG_MAX`)."""
+        with self._lock:
+            return list(self._applied)
 
     def _take_batch(self) -> list[_Pending] | None:
         """The oldest ``batch_size`` fresh gradients, after dropping stale ones; None if too few."""
@@ -433,6 +573,12 @@ class Learner:
         """What is wrong with ``header`` now (caller holds the lock), or None."""
         if header.run_id != self.run_id:
             return Reason.WRONG_RUN, f"run {header.run_id!r}, the learner serves {self.run_id!r}"
+        if self._stopping:
+            return Reason.STOPPED, self.fatal_error or "the learner is stopping"
+        if header.incarnation != self.incarnation:
+            return (Reason.STALE_INCARNATION,
+                    f"θ of incarnation {header.incarnation:x}, the learner is {self.incarnation:x}"
+                    " (it restarted: fetch θ again)")
         if header.gen_id != self.gen_id:
             return (Reason.STALE_GENERATION,
                     f"gen_id {header.gen_id}, the learner is at generation {self.gen_id}")
@@ -442,7 +588,7 @@ class Learner:
                                   f"{self.version} (max_staleness {self.config.max_staleness})")
         if lag < 0:
             return (Reason.STALE, f"θ version {header.theta_version} is ahead of the learner's "
-                                  f"{self.version} (learner restarted from a checkpoint?)")
+                                  f"{self.version}")
         window = self._seen.get(header.worker_id)
         if window is not None and window.seen(header.seq):
             return Reason.DUPLICATE, f"(worker {header.worker_id!r}, seq {header.seq}) seen before"
@@ -514,11 +660,11 @@ class Learner:
                     self.counters["dropped_oldest"] += 1
                     break
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stopping:
+                if remaining <= 0:
                     self._count_rejection(Reason.BUFFER_FULL)
-                    why = "learner is stopping" if self._stopping else (
-                        f"buffer full ({self.config.buffer_size}) for {self.block_timeout_s} s")
-                    return SubmitResult(False, Reason.BUFFER_FULL, why, self.version)
+                    return SubmitResult(False, Reason.BUFFER_FULL,
+                                        f"buffer full ({self.config.buffer_size}) for "
+                                        f"{self.block_timeout_s} s", self.version)
                 self._changed.wait(remaining)
             self._buffer.append(_Pending(grad, header))
             self._seen.setdefault(header.worker_id, _SeqWindow()).add(header.seq)
@@ -530,7 +676,8 @@ class Learner:
     # --- reading ---------------------------------------------------------------------------------
 
     def snapshot(self) -> tuple[int, int, Any]:
-        """``(version, gen_id, θ)``, consistent with each other."""
+        """``(version, gen_id, θ)``, consistent with each other (named within
+        :attr:`incarnation`)."""
         with self._lock:
             return self.version, self.gen_id, self.theta
 
@@ -552,6 +699,7 @@ class Learner:
         with self._lock:
             return {
                 "run_id": self.run_id,
+                "incarnation": self.incarnation,
                 "version": self.version,
                 "gen_id": self.gen_id,
                 "updates": self.updates,
@@ -564,6 +712,8 @@ class Learner:
                 "staleness_mean": self.last_metrics["staleness_mean"],
                 "staleness_max": self.last_metrics["staleness_max"],
                 "last_meta_loss": self.last_metrics["meta_loss"],
+                "last_error": self.last_error,
+                "fatal_error": self.fatal_error,
             }
 
     def _log_metrics(self) -> None:
@@ -578,7 +728,8 @@ class Learner:
             step = s["version"]
             for key in ("staleness_mean", "staleness_max", "buffer_depth", "accepted", "applied",
                         "dropped_stale", "dropped_oldest", "rejected", "duplicate",
-                        "unique_workers", "gradients_per_second", "last_meta_loss"):
+                        "unique_workers", "gradients_per_second", "last_meta_loss",
+                        "failed_updates", "skipped_nonfinite", "dropped_at_stop"):
                 if math.isfinite(s[key]):
                     self._writer.add_scalar(f"learner/{key}", s[key], step)
         except Exception:  # metrics must never stop training
@@ -600,6 +751,8 @@ class Learner:
         with self._apply_lock, self._changed:
             self.counters["dropped_stale"] += len(self._buffer)
             self._buffer.clear()
+            self._append_log({"event": "generation", "gen_id": self.gen_id + 1},
+                             self.version + 1)
             self.theta, self.opt_state = theta, opt_state
             self.gen_id += 1
             self.version += 1

@@ -9,7 +9,9 @@ As a process::
     python -m learner --config configs/quadratic.yaml [--run-dir DIR] [--port N]
 
 prints ``learner serving run RUN at HOST:PORT`` and runs until SIGTERM or SIGINT, then writes a
-checkpoint and exits 0. As a Ray actor (``LearnerActor`` is ``ray.remote(LearnerProcess)``)::
+checkpoint and exits 0; a learner that stopped the run (``service.max_failed_updates``
+meta-updates in a row failed) prints the error, checkpoints and exits 1. As a Ray actor
+(``LearnerActor`` is ``ray.remote(LearnerProcess)``)::
 
     actor = learner_actor(num_cpus=1, max_restarts=-1).remote(cfg, run_dir, token=token,
                                                               autostart=True)
@@ -249,9 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     if proc.token_path is not None:
         print(f"generated a bearer token in {proc.token_path}", flush=True)
     print(f"learner serving run {proc.run_id} at {address}", flush=True)
-    while not stop.wait(1.0):
+    while not stop.wait(1.0) and not learner.fatal_error:
         pass
     status = proc.stop(checkpoint=True)
     print(f"learner stopped at version {status.get('version')}, checkpoint written", flush=True)
+    if status.get("fatal_error"):
+        print(f"error: {status['fatal_error']}", file=sys.stderr)
+        return 1
     return 0
 

@@ -66,8 +66,8 @@ def header_from_proto(h: l2o_pb2.GradientHeader) -> GradientHeader:
     """The learner's :class:`GradientHeader` of a wire header."""
     return GradientHeader(run_id=h.run_id, theta_version=int(h.theta_version),
                           gen_id=int(h.gen_id), worker_id=h.worker_id, seq=int(h.seq),
-                          estimator=h.estimator, inner_steps=int(h.inner_steps),
-                          mean_inner_loss=float(h.mean_inner_loss))
+                          incarnation=int(h.incarnation), estimator=h.estimator,
+                          inner_steps=int(h.inner_steps), mean_inner_loss=float(h.mean_inner_loss))
 
 
 def ack_from_result(result: SubmitResult) -> l2o_pb2.Ack:
@@ -113,6 +113,7 @@ class LearnerServicer:
                 manifest, views = flatten_tree(theta)
                 header = l2o_pb2.ThetaHeader(
                     run_id=self.learner.run_id, version=version, gen_id=gen_id,
+                    incarnation=self.learner.incarnation,
                     manifest=manifest_to_proto(manifest), total_bytes=total_bytes(manifest))
                 self._cache = (version, gen_id,
                                list(theta_messages(version, header, views, self.chunk_bytes)))
@@ -120,10 +121,9 @@ class LearnerServicer:
 
     def FetchTheta(self, request: l2o_pb2.FetchRequest, context: grpc.ServicerContext
                    ) -> Iterator[l2o_pb2.ThetaChunk]:
-        """θ in chunks, or one ``unchanged`` chunk when the caller already has this version.
-
-        A caller whose ``have_version`` is ahead of the learner's (the learner was restarted from
-        an older checkpoint) gets θ too: only an equal version counts as unchanged.
+        """θ in chunks, or one ``unchanged`` chunk when the caller already has this version of
+        this incarnation: a caller whose θ came from an earlier learner (``have_incarnation``
+        differs) always gets θ, whatever its ``have_version``.
         """
         learner = self.learner
         if request.run_id != learner.run_id:
@@ -131,7 +131,7 @@ class LearnerServicer:
                           f"WRONG_RUN: run {request.run_id!r}, the learner serves "
                           f"{learner.run_id!r}")
         version, gen_id, theta = learner.snapshot()
-        if request.have_version == version:
+        if request.have_version == version and request.have_incarnation == learner.incarnation:
             yield l2o_pb2.ThetaChunk(unchanged=True, version=version)
             return
         yield from self._encoded(version, gen_id, theta)
@@ -196,7 +196,10 @@ class LearnerServicer:
             rejected=s["rejected"], duplicate=s["duplicate"], unique_workers=s["unique_workers"],
             gradients_per_second=s["gradients_per_second"], last_meta_loss=s["last_meta_loss"],
             rejected_by_reason=s["rejected_by_reason"], worker_last_seq=s["worker_last_seq"],
-            applied=s["applied"],
+            applied=s["applied"], incarnation=s["incarnation"],
+            failed_updates=s["failed_updates"], skipped_nonfinite=s["skipped_nonfinite"],
+            last_error=s["last_error"], fatal_error=s["fatal_error"],
+            dropped_at_stop=s["dropped_at_stop"],
         )
 
 

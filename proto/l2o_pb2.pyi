@@ -24,6 +24,8 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STALE_GENERATION: _ClassVar[Reason]
     BUFFER_FULL: _ClassVar[Reason]
     INTERNAL: _ClassVar[Reason]
+    STALE_INCARNATION: _ClassVar[Reason]
+    STOPPED: _ClassVar[Reason]
 OK: Reason
 NAN_OR_INF: Reason
 WRONG_SHAPE: Reason
@@ -38,6 +40,8 @@ MALFORMED: Reason
 STALE_GENERATION: Reason
 BUFFER_FULL: Reason
 INTERNAL: Reason
+STALE_INCARNATION: Reason
+STOPPED: Reason
 
 class TensorSpec(_message.Message):
     __slots__ = ("path", "dtype", "shape", "sha256", "offset", "length")
@@ -56,26 +60,30 @@ class TensorSpec(_message.Message):
     def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("run_id", "have_version")
+    __slots__ = ("run_id", "have_version", "have_incarnation")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HAVE_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     have_version: int
-    def __init__(self, run_id: _Optional[str] = ..., have_version: _Optional[int] = ...) -> None: ...
+    have_incarnation: int
+    def __init__(self, run_id: _Optional[str] = ..., have_version: _Optional[int] = ..., have_incarnation: _Optional[int] = ...) -> None: ...
 
 class ThetaHeader(_message.Message):
-    __slots__ = ("run_id", "version", "gen_id", "manifest", "total_bytes")
+    __slots__ = ("run_id", "version", "gen_id", "manifest", "total_bytes", "incarnation")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GEN_ID_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     version: int
     gen_id: int
     manifest: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     total_bytes: int
-    def __init__(self, run_id: _Optional[str] = ..., version: _Optional[int] = ..., gen_id: _Optional[int] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, run_id: _Optional[str] = ..., version: _Optional[int] = ..., gen_id: _Optional[int] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class ThetaChunk(_message.Message):
     __slots__ = ("unchanged", "version", "header", "data")
@@ -90,7 +98,7 @@ class ThetaChunk(_message.Message):
     def __init__(self, unchanged: _Optional[bool] = ..., version: _Optional[int] = ..., header: _Optional[_Union[ThetaHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class GradientHeader(_message.Message):
-    __slots__ = ("run_id", "theta_version", "gen_id", "worker_id", "seq", "estimator", "inner_steps", "mean_inner_loss", "manifest", "total_bytes")
+    __slots__ = ("run_id", "theta_version", "gen_id", "worker_id", "seq", "estimator", "inner_steps", "mean_inner_loss", "manifest", "total_bytes", "incarnation")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     THETA_VERSION_FIELD_NUMBER: _ClassVar[int]
     GEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +109,7 @@ class GradientHeader(_message.Message):
     MEAN_INNER_LOSS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     theta_version: int
     gen_id: int
@@ -111,7 +120,8 @@ class GradientHeader(_message.Message):
     mean_inner_loss: float
     manifest: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     total_bytes: int
-    def __init__(self, run_id: _Optional[str] = ..., theta_version: _Optional[int] = ..., gen_id: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., estimator: _Optional[str] = ..., inner_steps: _Optional[int] = ..., mean_inner_loss: _Optional[float] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, run_id: _Optional[str] = ..., theta_version: _Optional[int] = ..., gen_id: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., estimator: _Optional[str] = ..., inner_steps: _Optional[int] = ..., mean_inner_loss: _Optional[float] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class GradientChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -138,7 +148,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run_id", "version", "gen_id", "updates", "buffer_depth", "staleness_mean", "staleness_max", "accepted", "dropped_stale", "dropped_oldest", "rejected", "duplicate", "unique_workers", "gradients_per_second", "last_meta_loss", "rejected_by_reason", "worker_last_seq", "applied")
+    __slots__ = ("run_id", "version", "gen_id", "updates", "buffer_depth", "staleness_mean", "staleness_max", "accepted", "dropped_stale", "dropped_oldest", "rejected", "duplicate", "unique_workers", "gradients_per_second", "last_meta_loss", "rejected_by_reason", "worker_last_seq", "applied", "incarnation", "failed_updates", "skipped_nonfinite", "last_error", "fatal_error", "dropped_at_stop")
     class RejectedByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +181,12 @@ class StatusReply(_message.Message):
     REJECTED_BY_REASON_FIELD_NUMBER: _ClassVar[int]
     WORKER_LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    FAILED_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_NONFINITE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    FATAL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_AT_STOP_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     version: int
     gen_id: int
@@ -189,4 +205,10 @@ class StatusReply(_message.Message):
     rejected_by_reason: _containers.ScalarMap[str, int]
     worker_last_seq: _containers.ScalarMap[str, int]
     applied: int
-    def __init__(self, run_id: _Optional[str] = ..., version: _Optional[int] = ..., gen_id: _Optional[int] = ..., updates: _Optional[int] = ..., buffer_depth: _Optional[int] = ..., staleness_mean: _Optional[float] = ..., staleness_max: _Optional[int] = ..., accepted: _Optional[int] = ..., dropped_stale: _Optional[int] = ..., dropped_oldest: _Optional[int] = ..., rejected: _Optional[int] = ..., duplicate: _Optional[int] = ..., unique_workers: _Optional[int] = ..., gradients_per_second: _Optional[float] = ..., last_meta_loss: _Optional[float] = ..., rejected_by_reason: _Optional[_Mapping[str, int]] = ..., worker_last_seq: _Optional[_Mapping[str, int]] = ..., applied: _Optional[int] = ...) -> None: ...
+    incarnation: int
+    failed_updates: int
+    skipped_nonfinite: int
+    last_error: str
+    fatal_error: str
+    dropped_at_stop: int
+    def __init__(self, run_id: _Optional[str] = ..., version: _Optional[int] = ..., gen_id: _Optional[int] = ..., updates: _Optional[int] = ..., buffer_depth: _Optional[int] = ..., staleness_mean: _Optional[float] = ..., staleness_max: _Optional[int] = ..., accepted: _Optional[int] = ..., dropped_stale: _Optional[int] = ..., dropped_oldest: _Optional[int] = ..., rejected: _Optional[int] = ..., duplicate: _Optional[int] = ..., unique_workers: _Optional[int] = ..., gradients_per_second: _Optional[float] = ..., last_meta_loss: _Optional[float] = ..., rejected_by_reason: _Optional[_Mapping[str, int]] = ..., worker_last_seq: _Optional[_Mapping[str, int]] = ..., applied: _Optional[int] = ..., incarnation: _Optional[int] = ..., failed_updates: _Optional[int] = ..., skipped_nonfinite: _Optional[int] = ..., last_error: _Optional[str] = ..., fatal_error: _Optional[str] = ..., dropped_at_stop: _Optional[int] = ...) -> None: ...

@@ -61,7 +61,7 @@ class LearnerServicer:
 
     def FetchTheta(self, request, context):
         """θ at the learner's current version, chunked; a single `unchanged` chunk when have_version
-        equals it. A have_version ahead of the learner (restarted from an older checkpoint) gets θ.
+        and have_incarnation equal the learner's. A caller of another incarnation always gets θ.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

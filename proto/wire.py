@@ -56,6 +56,8 @@ class Reason(IntEnum):
     STALE_GENERATION = 11
     BUFFER_FULL = 12
     INTERNAL = 13
+    STALE_INCARNATION = 14
+    STOPPED = 15
 
 
 class WireError(ValueError):

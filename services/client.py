@@ -5,6 +5,11 @@ retried with jittered exponential backoff for up to ``max_wait_s`` seconds, redi
 address through ``resolve_address`` (e.g. a registry lookup) before each retry, so a worker survives
 a learner restart at the same or a new address. A pushed gradient that is retried may already have
 been taken the first time; the learner then answers DUPLICATE, which means it is in.
+
+A restarted learner is a new *incarnation* (an id in every θ it sends): :meth:`LearnerClient.fetch`
+says which incarnation the θ it holds came from, so θ is sent again in full after a restart even at
+an equal version number, and every pushed gradient carries the incarnation of the θ it was
+computed on (the learner refuses another one's as STALE_INCARNATION).
 """
 
 from __future__ import annotations
@@ -59,11 +64,13 @@ class LearnerUnavailable(RetryGaveUp, ConnectionError):
 
 @dataclass(frozen=True)
 class FetchResult:
-    """θ as fetched: its version and generation, and the tree (None when unchanged)."""
+    """θ as fetched: its version, generation and incarnation, and the tree (None when
+    unchanged)."""
 
     version: int
     gen_id: int
     theta: Any | None
+    incarnation: int
 
 
 def _refusal(error: grpc.RpcError) -> LearnerRpcError:
@@ -121,6 +128,8 @@ class LearnerClient:
         if rpc_timeout_s is not None:
             self._retry_codes.add(grpc.StatusCode.DEADLINE_EXCEEDED)
         self.last_gen_id = 0
+        #: the incarnation of the last θ fetched (0: none yet)
+        self.last_incarnation = 0
         self.reconnects = 0
         self._metadata = auth_metadata(token)
         self._channel: grpc.Channel | None = None
@@ -206,19 +215,22 @@ class LearnerClient:
             raise _refusal(e) from None
 
     def fetch(self, have_version: int = -1, like: Any = None) -> FetchResult:
-        """θ if the learner's version differs from ``have_version``, else ``theta=None``."""
+        """θ unless the learner's version is ``have_version`` of the incarnation of the last θ this
+        client fetched (then ``theta=None``)."""
         like = self.like if like is None else like
+        have_incarnation = self.last_incarnation
 
         def call() -> FetchResult:
             stream = self._fetch(
-                l2o_pb2.FetchRequest(run_id=self.run_id, have_version=have_version),
+                l2o_pb2.FetchRequest(run_id=self.run_id, have_version=have_version,
+                                     have_incarnation=have_incarnation),
                 metadata=self._metadata, timeout=self.rpc_timeout_s)
             first = next(stream, None)
             if first is None:
                 raise LearnerRpcError(grpc.StatusCode.DATA_LOSS, "empty θ stream")
             if first.unchanged:
                 stream.cancel()
-                return FetchResult(int(first.version), self.last_gen_id, None)
+                return FetchResult(int(first.version), self.last_gen_id, None, have_incarnation)
             if not first.HasField("header"):
                 stream.cancel()
                 raise WireError(Reason.MALFORMED, "the first θ chunk carries no header")
@@ -227,11 +239,12 @@ class LearnerClient:
             asm.add(first.data)
             for chunk in stream:
                 asm.add(chunk.data)
-            return FetchResult(int(h.version), int(h.gen_id), asm.finish(like=like))
+            return FetchResult(int(h.version), int(h.gen_id), asm.finish(like=like),
+                               int(h.incarnation))
 
         result = self._call(call, "FetchTheta")
         if result.theta is not None:
-            self.last_gen_id = result.gen_id
+            self.last_gen_id, self.last_incarnation = result.gen_id, result.incarnation
         return result
 
     def fetch_theta(self, have_version: int = -1) -> tuple[int, Any | None]:
@@ -239,16 +252,18 @@ class LearnerClient:
         r = self.fetch(have_version)
         return r.version, r.theta
 
-    def push_gradient(self, grad_tree: Any, *, theta_version: int, gen_id: int,
+    def push_gradient(self, grad_tree: Any, *, theta_version: int, gen_id: int, incarnation: int,
                       worker_id: str | int, seq: int, estimator: str = "",
                       inner_steps: int = 0, mean_inner_loss: float = float("nan")
                       ) -> l2o_pb2.Ack:
-        """Stream one gradient; the learner's ``Ack`` (``accepted``, ``reason``, ``detail``,
+        """Stream one gradient computed on θ ``(incarnation, gen_id, theta_version)``; the
+        learner's ``Ack`` (``accepted``: taken into its buffer, ``reason``, ``detail``,
         ``version``). A retried push answered DUPLICATE was taken by an earlier attempt."""
         manifest, views = flatten_tree(grad_tree)
         total = total_bytes(manifest)
         header = l2o_pb2.GradientHeader(
             run_id=self.run_id, theta_version=theta_version, gen_id=gen_id,
+            incarnation=incarnation,
             worker_id=str(worker_id), seq=seq, estimator=estimator, inner_steps=inner_steps,
             mean_inner_loss=mean_inner_loss, manifest=manifest_to_proto(manifest),
             total_bytes=total)

@@ -18,7 +18,9 @@ drives a :class:`ServiceRun` through its phases:
    :class:`~workers.unroll.UnrollWorker` and ``num_eval_workers``
    :class:`~workers.eval_worker.EvalWorker` actors, and marks the run ``running``;
 3. ``loop`` polls the learner's status until ``meta_steps`` meta-updates (or ``time_budget_s``,
-   or the curriculum's end), mirroring its figures into the registry's status hash;
+   or the curriculum's end), mirroring its figures into the registry's status hash (failed and
+   skipped meta-updates and the last error among them); a learner that stopped the run
+   (``fatal_error``: too many failed meta-updates in a row) fails it with that error;
 4. ``stop`` marks the run ``stopping`` (unroll workers finish), stops the learner with a final
    checkpoint (whose eval job is queued), marks the run ``done`` and lets the eval workers drain
    the queue;
@@ -197,9 +199,11 @@ def meta_loss_first_last(records: list[dict[str, Any]], window: int) -> tuple[fl
 #: The learner's figures mirrored into the registry's status hash at every poll.
 MIRRORED = ("version", "updates", "accepted", "applied", "dropped_stale", "rejected", "duplicate",
             "buffer_depth", "staleness_mean", "staleness_max", "unique_workers",
-            "gradients_per_second", "last_meta_loss")
+            "gradients_per_second", "last_meta_loss", "incarnation", "failed_updates",
+            "skipped_nonfinite", "last_error", "fatal_error", "dropped_at_stop")
 #: The learner's final figures stored with the ``done`` state.
-FINAL = ("version", "updates", "accepted", "applied", "dropped_stale", "rejected", "duplicate")
+FINAL = ("version", "updates", "accepted", "applied", "dropped_stale", "rejected", "duplicate",
+         "failed_updates", "skipped_nonfinite", "last_error", "dropped_at_stop")
 #: The summary's figures stored with the ``done`` state once the summary is written.
 HEADLINE = ("meta_loss_first", "meta_loss_last", "updates", "gradients_accepted",
             "gradients_dropped_stale", "gradients_rejected", "wall_seconds")
@@ -368,6 +372,8 @@ class ServiceRun:
                                      LEARNER_RESTART)
             mirrored = {k: self.status.get(k) for k in MIRRORED}
             self.registry.set_status(None, **mirrored)
+            if self.status.get("fatal_error"):
+                raise RuntimeError(f"the learner stopped the run: {self.status['fatal_error']}")
             if self.status.get("version") != last_version:
                 last_version = self.status.get("version")
                 self._record_history(mirrored, time.monotonic() - t_train)
@@ -459,8 +465,12 @@ class ServiceRun:
             "meta_steps": updates, "updates": updates,
             "version": int(meta.get("version", st.get("version", 0))),
             **{f"gradients_{k}": int(st.get(k, 0))
-               for k in ("accepted", "applied", "dropped_stale", "rejected", "duplicate")},
+               for k in ("accepted", "applied", "dropped_stale", "rejected", "duplicate",
+                         "dropped_at_stop")},
             "rejected_by_reason": st.get("rejected_by_reason", {}),
+            "failed_updates": int(st.get("failed_updates", 0)),
+            "skipped_nonfinite": int(st.get("skipped_nonfinite", 0)),
+            "last_error": st.get("last_error", ""),
             "workers": cfg.service.num_unroll_workers,
             "eval_workers": cfg.service.num_eval_workers,
             "worker_stats": [s for s in self.worker_stats if isinstance(s, dict)],

@@ -66,9 +66,14 @@ def service(tmp_path: Path, tx: optax.GradientTransformation | None = None, *,
 
 
 def push(client: LearnerClient, grad: Any, *, version: int = 0, seq: int = 0,
-         worker: str = "w0", gen_id: int = 0, loss: float = 1.0) -> l2o_pb2.Ack:
-    return client.push_gradient(grad, theta_version=version, gen_id=gen_id, worker_id=worker,
-                                seq=seq, estimator="tbptt", inner_steps=20, mean_inner_loss=loss)
+         worker: str = "w0", gen_id: int = 0, loss: float = 1.0,
+         incarnation: int | None = None) -> l2o_pb2.Ack:
+    """Push ``grad`` stamped with ``incarnation`` (default: the learner's current one)."""
+    if incarnation is None:
+        incarnation = client.status()["incarnation"]
+    return client.push_gradient(grad, theta_version=version, gen_id=gen_id,
+                                incarnation=incarnation, worker_id=worker, seq=seq,
+                                estimator="tbptt", inner_steps=20, mean_inner_loss=loss)
 
 
 def test_reason_enum_mirrors_proto() -> None:
@@ -217,6 +222,7 @@ def test_checkpoint_restart_resumes_version_and_dedup(tmp_path: Path) -> None:
             assert push(client, grad_like(make_theta(), 1.0 + seq), version=seq, seq=seq).accepted
             assert learner.wait_for_version(seq + 1, timeout=30)
         assert [v for _, v in seen] == [2]  # every checkpoint_every=2 updates
+        assert client.fetch(have_version=-1).version == 3  # the client holds θ(3) of `learner`
         server.stop(0)
         learner.stop(checkpoint=True)  # as on SIGTERM
         learner.save_checkpoint()  # the same version again: no second eval job
@@ -233,13 +239,21 @@ def test_checkpoint_restart_resumes_version_and_dedup(tmp_path: Path) -> None:
         server2, port2 = serve(resumed, "127.0.0.1", 0, TOKEN)
         address["now"] = f"127.0.0.1:{port2}"  # the client rediscovers the new address
         try:
-            version, theta = client.fetch_theta(have_version=3)
-            assert version == 3 and theta is None
+            # a new incarnation: θ comes in full although the version is the one the client has
+            result = client.fetch(have_version=3)
+            assert result.version == 3 and result.incarnation == resumed.incarnation
+            assert resumed.incarnation != learner.incarnation
+            assert_tree_equal(result.theta, jax.tree_util.tree_map(np.asarray, learner.theta))
+            assert client.fetch_theta(have_version=3) == (3, None)  # now it is unchanged
+            ack = push(client, grad_like(make_theta(), 1.0), version=3, seq=4,
+                       incarnation=learner.incarnation)
+            assert reason_name(ack) == "STALE_INCARNATION" and not ack.accepted
             ack = push(client, grad_like(make_theta(), 1.0), version=3, seq=2)
             assert reason_name(ack) == "DUPLICATE"
             assert push(client, grad_like(make_theta(), 1.0), version=3, seq=3).accepted
             assert resumed.wait_for_version(4, timeout=30)
             assert client.status()["accepted"] == 4 and client.reconnects >= 1
+            assert client.status()["rejected_by_reason"]["STALE_INCARNATION"] == 1
         finally:
             server2.stop(0)
             resumed.stop(checkpoint=False)
@@ -271,7 +285,8 @@ def test_submit_in_process_counts_stale_at_apply(tmp_path: Path) -> None:
                       tmp_path, RUN, tensorboard=False, start=False)
     g = grad_like(make_theta(), 1.0)
     for seq in range(2):
-        header = GradientHeader(RUN, theta_version=0, gen_id=0, worker_id="w", seq=seq)
+        header = GradientHeader(RUN, theta_version=0, gen_id=0, worker_id="w", seq=seq,
+                                incarnation=learner.incarnation)
         assert learner.submit(g, header).accepted
     assert learner.step()  # applies the first; the second is now 1 version behind
     assert not learner.step()
@@ -291,7 +306,7 @@ def test_learner_process_serves_and_checkpoints(tmp_path: Path, monkeypatch: Any
         client.wait_ready(10)
         assert client.fetch_theta()[0] == 0
         ack = client.push_gradient(grad_like(make_theta(), 1.0), theta_version=0, gen_id=0,
-                                   worker_id=7, seq=0)
+                                   incarnation=client.last_incarnation, worker_id=7, seq=0)
         assert ack.accepted
         assert proc.learner.wait_for_version(1, timeout=30)
         client.close()
@@ -334,6 +349,7 @@ def test_multi_chunk_stream_and_raw_protobuf_clients(tmp_path: Path) -> None:
 
         def header(seq: int, **kw: Any) -> l2o_pb2.GradientHeader:
             fields = dict(run_id=RUN, theta_version=1, gen_id=0, worker_id="raw", seq=seq,
+                          incarnation=learner.incarnation,
                           manifest=manifest_to_proto(manifest),
                           total_bytes=sum(s.length for s in manifest))
             return l2o_pb2.GradientHeader(**{**fields, **kw})
@@ -362,8 +378,10 @@ def test_multi_chunk_stream_and_raw_protobuf_clients(tmp_path: Path) -> None:
             ack = raw_push(iter([b"\x0a\x05ab"]), metadata=md, timeout=30)  # truncated header
             assert Reason(ack.reason).name == "MALFORMED" and "unparsable" in ack.detail, ack
             assert learner.wait_for_version(2, timeout=30)
-            first = next(iter(stub.FetchTheta(l2o_pb2.FetchRequest(run_id=RUN, have_version=2),
-                                              metadata=md, timeout=30)))
+            first = next(iter(stub.FetchTheta(
+                l2o_pb2.FetchRequest(run_id=RUN, have_version=2,
+                                     have_incarnation=learner.incarnation),
+                metadata=md, timeout=30)))
             assert first.unchanged and first.version == 2
             chunks_back = list(stub.FetchTheta(l2o_pb2.FetchRequest(run_id=RUN, have_version=0),
                                                metadata=md, timeout=30))
@@ -445,7 +463,8 @@ def test_cli_serves_and_checkpoints_on_sigterm(tmp_path: Path) -> None:
         client = LearnerClient(address, TOKEN, "cli", max_wait_s=10.0)
         version, theta = client.fetch_theta()
         ack = client.push_gradient(jax.tree_util.tree_map(lambda x: np.full_like(x, 0.1), theta),
-                                   theta_version=version, gen_id=0, worker_id="w", seq=0)
+                                   theta_version=version, gen_id=0,
+                                   incarnation=client.last_incarnation, worker_id="w", seq=0)
         assert ack.accepted
         client.close()
         proc.send_signal(signal.SIGTERM)

@@ -123,7 +123,8 @@ def test_learner_skips_and_counts_a_non_finite_update(tmp_path):
     theta0, state0 = learner.theta, learner.opt_state
 
     def submit(value: float, seq: int) -> None:
-        header = GradientHeader("run", theta_version=0, gen_id=0, worker_id="w", seq=seq)
+        header = GradientHeader("run", theta_version=0, gen_id=0, worker_id="w", seq=seq,
+                                incarnation=learner.incarnation)
         assert learner.submit(full_like(small_theta(), value), header).accepted
 
     # each gradient is finite (it passes validation); the mean of the first pair is not (it

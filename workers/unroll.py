@@ -8,8 +8,9 @@ accumulators); they never leave the process. Its loop:
    restarts, so no ``(worker_id, seq)`` is ever sent for two different gradients) and run one
    truncation with ``truncation_key(seed, worker_index, seq)`` — the worker state starts from
    ``worker_init_key(seed, worker_index)``: the key schedule of the single-machine trainer;
-3. push the meta-gradient stamped ``(run_id, theta_version, gen_id, worker_id, seq, estimator,
-   inner_steps, mean_inner_loss)``.
+3. push the meta-gradient stamped ``(run_id, theta_version, gen_id, incarnation, worker_id, seq,
+   estimator, inner_steps, mean_inner_loss)``: ``incarnation`` is the id of the learner the θ
+   came from.
 
 With ``max_staleness = 0`` a gradient computed on θ(v) is dropped as soon as the learner moves past
 v, so after an accepted push the worker waits for the version it triggered (when it can trigger
@@ -24,8 +25,10 @@ worker's ``run`` fails with :class:`~services.redis_server.RedisUnavailable`.
 
 When the learner is away (UNAVAILABLE, connection refused, a restart) the worker backs off with
 jitter for up to ``services.retry.LEARNER_RESTART``'s deadline, re-reads the learner's address from
-the Redis registry and reconnects by itself. A learner that restarted from an older checkpoint
-reports a version below the worker's: the worker refetches θ in full. The loop ends when the
+the Redis registry and reconnects by itself. A restarted learner is a new incarnation: it sends θ
+in full whatever the worker's version (counted in ``refetch_full``), and a gradient computed on
+the θ of the learner before is refused (STALE_INCARNATION, counted as ``stale``); the worker
+refetches θ and goes on with the next seq. The loop ends when the
 registry's run state is terminal (``done``, ``stop``, …), after ``max_truncations``, or when
 :meth:`UnrollWorker.stop` is called.
 
@@ -153,6 +156,7 @@ class UnrollWorker:
         self.worker_state = None
         self.version = -1
         self.gen_id = 0
+        self.incarnation = 0  # of the learner whose θ this worker holds
         self.theta = None
         self.counts: dict[str, int] = {"truncations": 0, "accepted": 0, "stale": 0,
                                        "duplicate": 0, "rejected": 0, "reconnects": 0,
@@ -214,37 +218,34 @@ class UnrollWorker:
 
     # -- θ -----------------------------------------------------------------------------------------
     def _refresh_theta(self) -> bool:
-        """Fetch θ if the learner has a newer (or, after a learner restart, an older) version."""
+        """Fetch θ if the learner has another version, or is another incarnation."""
         import jax
         import jax.numpy as jnp
 
         def fetch(client):
-            r = client.fetch(have_version=self.version, like=self.template)
-            if r.theta is None and (self.theta is None or r.version < self.version):
-                # nothing held yet, or the learner restarted from an older checkpoint: take θ
-                if self.theta is not None:
-                    self.counts["refetch_full"] += 1
-                r = client.fetch(have_version=-1, like=self.template)
-            return r.version, r.theta, r.gen_id
+            have = self.version if self.theta is not None else -1
+            return client.fetch(have_version=have, like=self.template)
 
         got = self._with_retry(fetch, "fetch θ")
-        if got is None:
+        if got is None or got.theta is None:
             return False
-        version, tree, gen = got
-        if tree is None:
-            return False
-        self.gen_id = int(gen)
+        version, tree = got.version, got.theta
+        if self.theta is not None and got.incarnation != self.incarnation:
+            self.counts["refetch_full"] += 1  # the learner restarted
+        self.gen_id, self.incarnation = int(got.gen_id), int(got.incarnation)
         theta = as_template(tree, self.template)
         self.theta = jax.tree_util.tree_map(jnp.asarray, theta)
         self.version = int(version)
         return True
 
     def _wait_for_version_after(self, version: int, timeout_s: float = 60.0) -> None:
-        """Poll θ until the learner's version differs from ``version`` (newer, or older after a
-        learner restart), the run ends, or ``timeout_s`` passes."""
+        """Poll θ until the learner's version differs from ``version`` or the learner restarted
+        (a new incarnation), the run ends, or ``timeout_s`` passes."""
+        incarnation = self.incarnation
+
         def moved() -> bool:
             self._refresh_theta()
-            return self.version != version
+            return self.version != version or self.incarnation != incarnation
 
         if not self._should_end():
             poll_until(moved, RetryPolicy(deadline_s=timeout_s, initial_s=0.002, max_s=0.1,
@@ -279,12 +280,12 @@ class UnrollWorker:
                 self.worker_state = self.estimator.init_worker_state(
                     self.theta, stage_worker_key(worker_init_key(seed, self.index), self.stage))
             seq = self.registry.next_seq(self.worker_id)
-            version, theta = self.version, self.theta
+            version, theta, stamp = self.version, self.theta, (self.gen_id, self.incarnation)
             grad, self.worker_state, metrics = self.estimator.compute_gradient_estimate(
                 theta, self.worker_state, truncation_key(seed, self.index, seq))
             grad, metrics = jax.device_get((grad, metrics))
             self.counts["truncations"] += 1
-            ack = self._push(grad, version, seq, metrics)
+            ack = self._push(grad, version, stamp, seq, metrics)
             if ack is None:  # the run ended while the learner was away
                 break
             reason = _reason_name(ack)
@@ -294,7 +295,7 @@ class UnrollWorker:
                 self.counts["accepted"] += 1
                 if self.wait_for_update:
                     self._wait_for_version_after(version)
-            elif reason == "STALE" or reason == "STALE_GENERATION":
+            elif reason in ("STALE", "STALE_GENERATION", "STALE_INCARNATION"):
                 self.counts["stale"] += 1
             elif reason == "DUPLICATE":
                 # a retried push the learner had already taken before the connection broke, or
@@ -341,14 +342,17 @@ class UnrollWorker:
         if last is not None:
             self.registry.ensure_seq_at_least(self.worker_id, int(last) + 1)
 
-    def _push(self, grad: Any, version: int, seq: int, metrics: dict) -> Any:
+    def _push(self, grad: Any, version: int, stamp: tuple[int, int], seq: int,
+              metrics: dict) -> Any:
+        """Push ``grad``, computed on θ ``version`` of ``stamp = (gen_id, incarnation)``."""
         inner_steps = int(metrics.get("inner_steps", 0))
         inner_loss = float(metrics.get("inner_loss", math.nan))
         name = getattr(self.estimator, "estimator_name", self.cfg.estimator.name)
 
         def push(client):
             return client.push_gradient(
-                grad, theta_version=version, gen_id=self.gen_id, worker_id=self.worker_id,
+                grad, theta_version=version, gen_id=stamp[0], incarnation=stamp[1],
+                worker_id=self.worker_id,
                 seq=seq, estimator=name, inner_steps=inner_steps, mean_inner_loss=inner_loss)
 
         return self._with_retry(push, f"push seq {seq}")

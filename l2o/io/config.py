@@ -93,6 +93,8 @@ class ServiceConfig(StrictConfig):
     worker_num_cpus: float = Field(1.0, gt=0)
     eval_max_deliveries: PositiveInt = 3
     eval_idle_ms: PositiveInt = 30_000
+    # the learner stops the run after this many meta-updates in a row raised
+    max_failed_updates: PositiveInt = 5
 
 
 class CurriculumConfig(StrictConfig):

@@ -139,7 +139,8 @@ def make_theta() -> dict[str, Any]:
 
 def apply_one(learner: Learner, seq: int) -> None:
     grad = jax.tree_util.tree_map(lambda x: np.full(x.shape, 1.0 + seq, np.float32), make_theta())
-    header = GradientHeader(RUN, theta_version=learner.version, gen_id=0, worker_id="w", seq=seq)
+    header = GradientHeader(RUN, theta_version=learner.version, gen_id=0, worker_id="w", seq=seq,
+                            incarnation=learner.incarnation)
     assert learner.submit(grad, header).accepted
     assert learner.step()
 
@@ -166,15 +167,16 @@ def test_learner_skips_a_damaged_newest_checkpoint(tmp_path, caplog, how):
     damaged = damage(newest, how)
     with caplog.at_level(logging.WARNING):
         learner = resume(tmp_path)
-    assert learner.version == 1 and learner.resumed_from == older
+    # θ of version 1, numbered past the applied log's newest version (2): versions never repeat
+    assert learner.version == 3 and learner.resumed_from == older
     assert learner.skipped_checkpoints == [newest]
     assert leaves_close(learner.theta, at_version_1)
     assert warned_about(caplog, newest)
     assert newest.read_bytes() == damaged
-    apply_one(learner, 5)  # version 2 again: its checkpoint does not overwrite the damaged one
+    apply_one(learner, 5)  # version 4: the damaged version-2 file is never written again
     learner.save_checkpoint()
-    assert newest.with_name(newest.name + ".damaged").read_bytes() == damaged
-    assert load_checkpoint(newest)[1]["version"] == 2
+    assert newest.read_bytes() == damaged
+    assert load_checkpoint(checkpoint_path(tmp_path, "full", 4))[1]["version"] == 4
 
 
 def test_learner_with_every_checkpoint_damaged_raises_one_line(tmp_path):
@@ -204,7 +206,8 @@ def test_learner_process_resumes_from_the_newest_intact_checkpoint(tmp_path, mon
     try:
         proc.checkpoint()  # version 0
         grad = jax.tree_util.tree_map(lambda x: np.ones(x.shape, np.float32), make_theta())
-        assert proc.learner.submit(grad, GradientHeader("proc", 0, 0, "w", 0)).accepted
+        assert proc.learner.submit(grad, GradientHeader("proc", 0, 0, "w", 0,
+                                                                 proc.learner.incarnation)).accepted
         assert proc.learner.wait_for_version(1, timeout=30)
     finally:
         proc.stop(checkpoint=True)  # version 1
@@ -213,7 +216,7 @@ def test_learner_process_resumes_from_the_newest_intact_checkpoint(tmp_path, mon
     again = LearnerProcess(cfg, theta=make_theta(), token="t", autostart=True)
     try:
         assert again.learner.resumed_from == checkpoint_path(run_dir, "full", 0)
-        assert again.learner.version == 0
+        assert again.learner.version == 2  # θ of version 0, numbered past the applied log's 1
     finally:
         again.stop(checkpoint=False)
     # none intact: the constructor (a Ray actor's) does not die; address() raises the error

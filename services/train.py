@@ -669,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run_service(cfg, address=args.address, progress=progress)
-    except RedisUnavailable as e:
+    except (RedisUnavailable, ConnectionError) as e:  # a bad or unreachable Redis URL, an outage
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_summary(summary))

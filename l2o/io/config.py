@@ -8,8 +8,10 @@ path (``estimator.unroll_length: Input should be a valid integer``).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -94,6 +96,14 @@ class ServiceConfig(StrictConfig):
     eval_max_deliveries: PositiveInt = 3
     eval_idle_ms: PositiveInt = 30_000
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        # the message leaves the URL out: it may hold the Redis password
+        if v is not None and urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+        return v
+
 
 class CurriculumConfig(StrictConfig):
     """L2O-Scale's curriculum over the training horizon (``l2o.training.curriculum``;
@@ -120,6 +130,12 @@ class CurriculumConfig(StrictConfig):
         if any(b <= a for a, b in zip(v, v[1:], strict=False)):
             raise ValueError(f"horizons must increase strictly, got {v}")
         return v
+
+
+#: What a run name may be: it names a directory, Redis keys and a registry row, so letters,
+#: digits, ``_``, ``.`` and ``-`` only (no path, glob or key separators, no whitespace), starting
+#: with a letter, digit or ``_``, with no ``..`` and at most 100 characters.
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 
 class TrainConfig(StrictConfig):
@@ -151,6 +167,14 @@ class TrainConfig(StrictConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     curriculum: CurriculumConfig | None = None  # L2O-Scale's if_cl (docs/l2o_scale.md)
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, v: str) -> str:
+        if not RUN_NAME_PATTERN.fullmatch(v) or ".." in v:
+            raise ValueError(f"{v!r} is not a run name: use 1-100 letters, digits, '_', '.' or "
+                             "'-', starting with a letter, digit or '_', without '..'")
+        return v
 
     @model_validator(mode="after")
     def _curriculum_horizon(self) -> TrainConfig:
@@ -296,6 +320,14 @@ def _switch_kind(data: dict[str, Any], before: dict[str, Any],
                   if k in old_fields and old_fields[k].annotation == f.annotation}
         out[section] = {k: v for k, v in new.items() if k in shared | explicit.get(section, set())}
     return out
+
+
+def replace_fields(cfg: TrainConfig, fields: dict[str, Any], source: str) -> TrainConfig:
+    """``cfg`` with top-level ``fields`` replaced (a None value leaves its field as it is) and
+    validated again (``model_copy`` would not); a bad value raises :class:`ConfigError` naming
+    its field and ``source``."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    return config_from_dict({**cfg.model_dump(mode="json"), **given}, source) if given else cfg
 
 
 def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:

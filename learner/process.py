@@ -77,7 +77,7 @@ class LearnerProcess:
                  on_params_checkpoint: Callable[[Path, int], None] | None = None,
                  on_address: Callable[[str], None] | None = None,
                  autostart: bool = False, allow_no_token: bool = False,
-                 max_workers: int = 8):
+                 max_workers: int | None = None):
         if isinstance(config, TrainConfig):
             self.config = config
         elif isinstance(config, dict):

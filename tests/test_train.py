@@ -301,9 +301,14 @@ def test_a_run_name_that_is_no_safe_file_or_key_name_is_refused(name):
 
 
 def test_a_redis_url_with_a_bad_scheme_is_refused_without_echoing_it():
+    from l2o.io.config import apply_overrides, preset
+
     for url in ("redis//x", "http://user:s3cret@x"):
         with pytest.raises(ConfigError, match=r"service\.redis_url") as info:
             config_from_dict({"service": {"redis_url": url}})
+        assert "s3cret" not in str(info.value)
+        with pytest.raises(ConfigError, match=r"service\.redis_url") as info:
+            apply_overrides(preset("default"), [f"service.redis_url={url}"])
         assert "s3cret" not in str(info.value)
     assert config_from_dict({"service": {"redis_url": "unix:///tmp/r.sock"}}).service.redis_url
 

@@ -336,7 +336,7 @@ def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
     ``KEY`` is a dotted path (``estimator.num_tasks``); ``VALUE`` is read as YAML, so ``8``,
     ``1e-3``, ``true``, ``null`` and ``[100, 200]`` get their types. Switching a kind
     (``estimator.name=tbptt``) drops the former kind's own fields. A bad key or value raises
-    :class:`ConfigError` naming it.
+    :class:`ConfigError` naming the key; values stay out of messages (a Redis URL's password).
     """
     before = cfg.model_dump(mode="json")
     data = before
@@ -348,7 +348,9 @@ def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
+            where = getattr(e, "problem", None) or "a syntax error"
+            raise ConfigError(f"override of {key.strip()!r}: the value is not valid YAML "
+                              f"({where})") from None
         *parents, leaf = key.strip().split(".")
         patch: dict[str, Any] = {leaf: value}
         for p in reversed(parents):
@@ -358,4 +360,5 @@ def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
             explicit.setdefault(section, set()).update(patch[section])
         data = deep_merge(data, patch)
     data = _switch_kind(data, before, explicit)
-    return config_from_dict(data, "overrides " + " ".join(assignments))
+    keys = ", ".join(item.partition("=")[0].strip() for item in assignments)
+    return config_from_dict(data, f"overrides of {keys}")

@@ -2,8 +2,8 @@
 
 :func:`serve` starts it with bearer-token authentication, optional TLS, gRPC health checking
 (``SERVING``), server reflection and keepalive (a dead client's connection is closed). A refused
-gradient is answered with an ``Ack`` carrying the
-reason, never a gRPC error, so the worker learns why. The header of a pushed gradient is checked
+gradient is answered with an ``Ack`` carrying the reason, never a gRPC error, so the worker learns
+why. The header of a pushed gradient is checked
 (run, generation, staleness, duplicate, size limit, manifest against θ) before any tensor bytes are
 taken in, and the bytes are collected into a buffer of exactly the declared size, so an oversized
 or mismatched push is refused without being buffered.
@@ -134,7 +134,9 @@ class StreamWatchdog:
     """Cancels the calls whose request streams have sent nothing for ``idle_s`` seconds.
 
     :meth:`watch` registers a call; its chunks, passed through the returned wrapper, are its signs
-    of life. One thread checks the registered calls, and only while there are any.
+    of life, and once they are all read the call is no longer watched (what follows, such as
+    waiting for room in the learner's buffer, is the server's time, not the client's). One thread
+    checks the registered calls, and only while there are any.
     """
 
     def __init__(self, idle_s: float):
@@ -154,8 +156,11 @@ class StreamWatchdog:
 
         def alive(chunks: Iterator[T]) -> Iterator[T]:
             for chunk in chunks:
-                self._last[context] = time.monotonic()
+                with self._lock:
+                    if context in self._last:  # not cancelled yet
+                        self._last[context] = time.monotonic()
                 yield chunk
+            self._forget(context)
 
         with self._lock:
             self._last[context] = time.monotonic()
@@ -166,9 +171,13 @@ class StreamWatchdog:
         try:
             yield alive
         finally:
+            self._forget(context)
             with self._lock:
-                self._last.pop(context, None)
                 self._expired.discard(context)
+
+    def _forget(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._last.pop(context, None)
 
     def expired(self, context: grpc.ServicerContext) -> bool:
         """Whether the watchdog cancelled ``context``'s call."""
@@ -184,8 +193,9 @@ class StreamWatchdog:
                 if not self._last:
                     self._thread = None
                     return
-                idle = [c for c, t in self._last.items()
-                        if now - t > self.idle_s and c not in self._expired]
+                idle = [c for c, t in self._last.items() if now - t > self.idle_s]
+                for c in idle:
+                    del self._last[c]
                 self._expired.update(idle)
             for context in idle:
                 context.cancel()

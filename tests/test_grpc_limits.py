@@ -83,7 +83,9 @@ def test_stalled_push_streams_leave_status_and_health_answering(tmp_path: Path) 
         calls = [stub.PushGradient.future(stalled(gradient_chunks(seq)[0], release),
                                           metadata=auth_metadata(TOKEN))
                  for seq in range(12)]
-        time.sleep(0.5)  # all 12 streams are open and have sent their first chunk
+        deadline = time.monotonic() + 5.0  # until 8 streams hold the slots, 4 are turned away
+        while sum(c.done() for c in calls) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
         busy = [c for c in calls if c.done()]
         assert len(busy) == 4
         assert {c.code() for c in busy} == {grpc.StatusCode.RESOURCE_EXHAUSTED}

@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         proc = LearnerProcess(args.config, args.run_dir, run_id=args.run_id, host=args.host,
                               port=args.port)
         address = proc.start()
-    except (ConfigError, CheckpointError, TokenError, ValueError, RuntimeError) as e:
+    except (ConfigError, CheckpointError, TokenError, ValueError, RuntimeError,
+            FileNotFoundError) as e:  # FileNotFoundError: a TLS file
         print(f"error: {e}", file=sys.stderr)
         return 2
     learner = proc.learner

@@ -105,6 +105,8 @@ def train(
                 assignments)
     if not local:
         _require_service("l2o train (without --local)", SERVICE_MODULES)
+        for problem in cfg.service.missing_files():
+            _fail(problem)
     if fresh and cfg.run_path().exists():
         aside = cfg.run_path().with_name(f"{cfg.run_name}.{time.strftime('%Y%m%d-%H%M%S')}")
         cfg.run_path().rename(aside)

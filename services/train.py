@@ -650,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: v for k, v in (("run_name", args.run_name), ("run_dir", args.run_dir),
                                        ("meta_steps", args.meta_steps)) if v is not None}
         cfg = config_from_dict(deep_merge(base, overrides), "command line")
+        for problem in cfg.service.missing_files():
+            raise ConfigError(problem)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2

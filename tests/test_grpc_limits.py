@@ -175,6 +175,19 @@ def test_configuration_errors_are_raised_at_once(tmp_path: Path) -> None:
         serve(learner, "127.0.0.1", 0, TOKEN, max_workers=8, max_push_streams=8)
 
 
+def test_the_learner_command_reports_a_missing_tls_file_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from learner.process import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"run_name: tls\nrun_dir: {tmp_path}\ntask: {{name: quadratic}}\n"
+                      "optimizer: {name: learned_adam}\n"
+                      f"service: {{tls_cert: {tmp_path}/c.pem, tls_key: {tmp_path}/k.pem}}\n")
+    assert main(["--config", str(config), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "c.pem" in err and len(err.splitlines()) == 1
+
+
 def test_keepalive_is_set_and_the_server_accepts_the_clients_pings() -> None:
     client, server = dict(CLIENT_OPTIONS), dict(SERVER_OPTIONS)
     for options in (client, server):

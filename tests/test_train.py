@@ -314,8 +314,9 @@ def test_a_redis_url_with_a_bad_scheme_is_refused_without_echoing_it():
 
 
 def test_cli_options_are_validated_and_name_the_field(tmp_path):
-    """``--meta-steps -5`` and ``--run-name ../../x`` end with a one-line error naming the field,
-    before anything runs; so does a malformed ``$REDIS_URL`` (no Ray is started for it)."""
+    """``--meta-steps -5``, ``--run-name ../../x`` and a missing TLS file end with a one-line error
+    naming the field, before anything runs; so does a malformed ``$REDIS_URL`` (no Ray is started
+    for it)."""
     from typer.testing import CliRunner
 
     from services.cli import app
@@ -326,7 +327,10 @@ def test_cli_options_are_validated_and_name_the_field(tmp_path):
                         (["--meta-steps", "0", "--local"], "meta-steps"),
                         (["--run-name", "../../x", "--local"], "run_name"),
                         (["--set", "meta_steps=-5", "--local"], "meta_steps"),
-                        (["--set", "service.redis_url=redis//x"], "service.redis_url")):
+                        (["--set", "service.redis_url=redis//x"], "service.redis_url"),
+                        (["--set", "service.tls_cert=c.pem"], "tls_key"),
+                        (["--set", f"service.tls_cert={tmp_path}/c.pem", "--set",
+                          f"service.tls_key={tmp_path}/k.pem"], "service.tls_cert")):
         res = runner.invoke(app, base + args, env={"COLUMNS": "200"})
         assert res.exit_code == 2, res.output
         assert field in res.output and "Traceback" not in res.output

@@ -96,6 +96,19 @@ class ServiceConfig(StrictConfig):
     eval_max_deliveries: PositiveInt = 3
     eval_idle_ms: PositiveInt = 30_000
 
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServiceConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        return self
+
+    def missing_files(self) -> list[str]:
+        """``service.FIELD: PATH is not a file`` for each TLS or token file that is set but
+        absent here (checked when a run starts, not when a stored config is read)."""
+        return [f"service.{name}: {path} is not a file"
+                for name in ("tls_cert", "tls_key", "token_file")
+                if (path := getattr(self, name)) is not None and not Path(path).is_file()]
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, v: str | None) -> str | None:

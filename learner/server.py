@@ -86,10 +86,15 @@ KEEPALIVE_OPTIONS = [
 CLIENT_OPTIONS = GRPC_OPTIONS + KEEPALIVE_OPTIONS
 
 #: The server's options: it accepts a client's pings down to every 10 s (clients send one every
-#: 30 s; a client pinging faster is warned off by GOAWAY).
+#: 30 s; a client pinging faster is warned off by GOAWAY). Every 10 minutes a connection is asked
+#: to move (GOAWAY: clients reconnect by themselves) and calls still open on it 10 minutes later
+#: are cancelled: the last bound on a call that stalls before its handler runs (a unary request
+#: whose message never completes holds a thread that no handler-side limit can free).
 SERVER_OPTIONS = GRPC_OPTIONS + KEEPALIVE_OPTIONS + [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_connection_age_ms", 600_000),
+    ("grpc.max_connection_age_grace_ms", 600_000),
 ]
 
 #: ``PushGradient`` streams served at once; one more is answered RESOURCE_EXHAUSTED.

@@ -82,7 +82,7 @@ class LearnerProcess:
                  on_params_checkpoint: Callable[[Path, int], None] | None = None,
                  on_address: Callable[[str], None] | None = None,
                  autostart: bool = False, allow_no_token: bool = False,
-                 max_workers: int = 8):
+                 max_workers: int | None = None):
         if isinstance(config, TrainConfig):
             self.config = config
         elif isinstance(config, dict):
@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         proc = LearnerProcess(args.config, args.run_dir, run_id=args.run_id, host=args.host,
                               port=args.port)
         address = proc.start()
-    except (ConfigError, CheckpointError, TokenError, ValueError, RuntimeError) as e:
+    except (ConfigError, CheckpointError, TokenError, ValueError, RuntimeError,
+            FileNotFoundError) as e:  # FileNotFoundError: a TLS file
         print(f"error: {e}", file=sys.stderr)
         return 2
     learner = proc.learner

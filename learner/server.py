@@ -1,11 +1,18 @@
 """The gRPC server around a :class:`~learner.core.Learner` (service ``l2o.v1.Learner``).
 
 :func:`serve` starts it with bearer-token authentication, optional TLS, gRPC health checking
-(``SERVING``) and server reflection. A refused gradient is answered with an ``Ack`` carrying the
-reason, never a gRPC error, so the worker learns why. The header of a pushed gradient is checked
+(``SERVING``), server reflection and keepalive (a dead client's connection is closed). A refused
+gradient is answered with an ``Ack`` carrying the reason, never a gRPC error, so the worker learns
+why. The header of a pushed gradient is checked
 (run, generation, staleness, duplicate, size limit, manifest against θ) before any tensor bytes are
 taken in, and the bytes are collected into a buffer of exactly the declared size, so an oversized
 or mismatched push is refused without being buffered.
+
+A stalled client holds no thread for long: at most ``max_push_streams`` ``PushGradient`` streams
+are served at once (more are answered RESOURCE_EXHAUSTED, to be retried later), a stream that
+sends nothing for ``stream_idle_s`` seconds is cancelled by a :class:`StreamWatchdog` (its partial
+gradient is dropped), and the server has threads to spare beyond the pushes, so ``Status``,
+``FetchTheta`` and health checks answer while pushes hang.
 
 Methods: ``FetchTheta`` (server stream of θ chunks, or one ``unchanged`` chunk),
 ``PushGradient`` (client stream of gradient chunks → ``Ack``), ``PushSmallGradient`` (the same in
@@ -18,10 +25,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -47,6 +56,8 @@ from services.auth import BearerTokenInterceptor, server_credentials
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 #: The full name of the learner service, as health checking and reflection know it.
 SERVICE_NAME = l2o_pb2.DESCRIPTOR.services_by_name["Learner"].full_name
 
@@ -60,6 +71,38 @@ GRPC_OPTIONS = [
     ("grpc.http2.max_frame_size", (1 << 24) - 1),
     ("grpc.http2.lookahead_bytes", 16 << 20),
 ]
+
+#: Both sides ping a connection every 30 s (idle or not) and close it when a ping goes unanswered
+#: for 10 s, so a peer that died or froze (SIGSTOP, a lost host) fails its calls with UNAVAILABLE
+#: instead of leaving them waiting.
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+#: The channel options of a learner client.
+CLIENT_OPTIONS = GRPC_OPTIONS + KEEPALIVE_OPTIONS
+
+#: The server's options: it accepts a client's pings down to every 10 s (clients send one every
+#: 30 s; a client pinging faster is warned off by GOAWAY). Every 10 minutes a connection is asked
+#: to move (GOAWAY: clients reconnect by themselves) and calls still open on it 10 minutes later
+#: are cancelled: the last bound on a call that stalls before its handler runs (a unary request
+#: whose message never completes holds a thread that no handler-side limit can free).
+SERVER_OPTIONS = GRPC_OPTIONS + KEEPALIVE_OPTIONS + [
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_connection_age_ms", 600_000),
+    ("grpc.max_connection_age_grace_ms", 600_000),
+]
+
+#: ``PushGradient`` streams served at once; one more is answered RESOURCE_EXHAUSTED.
+MAX_PUSH_STREAMS = 8
+#: Seconds a ``PushGradient`` stream may send nothing before it is cancelled.
+STREAM_IDLE_S = 30.0
+#: Server threads beyond the push streams' (``Status``, ``FetchTheta``, health, small pushes).
+SPARE_THREADS = 8
 
 
 def header_from_proto(h: l2o_pb2.GradientHeader) -> GradientHeader:
@@ -92,6 +135,77 @@ def parse_gradient_chunk(message: bytes) -> l2o_pb2.GradientChunk | Unparsable:
         return Unparsable(f"unparsable GradientChunk: {e}")
 
 
+class StreamWatchdog:
+    """Cancels the calls whose request streams have sent nothing for ``idle_s`` seconds.
+
+    :meth:`watch` registers a call; its chunks, passed through the returned wrapper, are its signs
+    of life, and once they are all read the call is no longer watched (what follows, such as
+    waiting for room in the learner's buffer, is the server's time, not the client's). One thread
+    checks the registered calls, and only while there are any.
+    """
+
+    def __init__(self, idle_s: float):
+        if idle_s <= 0:
+            raise ValueError(f"idle_s must be positive, got {idle_s}")
+        self.idle_s = idle_s
+        self._lock = threading.Lock()
+        self._last: dict[grpc.ServicerContext, float] = {}
+        self._expired: set[grpc.ServicerContext] = set()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, context: grpc.ServicerContext
+              ) -> Iterator[Callable[[Iterator[T]], Iterator[T]]]:
+        """Watch ``context``'s call for the ``with`` block; yields ``alive(chunks)``, which
+        passes ``chunks`` through, each one resetting the idle clock."""
+
+        def alive(chunks: Iterator[T]) -> Iterator[T]:
+            for chunk in chunks:
+                with self._lock:
+                    if context in self._last:  # not cancelled yet
+                        self._last[context] = time.monotonic()
+                yield chunk
+            self._forget(context)
+
+        with self._lock:
+            self._last[context] = time.monotonic()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="learner-stream-watchdog")
+                self._thread.start()
+        try:
+            yield alive
+        finally:
+            self._forget(context)
+            with self._lock:
+                self._expired.discard(context)
+
+    def _forget(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._last.pop(context, None)
+
+    def expired(self, context: grpc.ServicerContext) -> bool:
+        """Whether the watchdog cancelled ``context``'s call."""
+        with self._lock:
+            return context in self._expired
+
+    def _run(self) -> None:
+        period = min(self.idle_s / 4, 1.0)
+        while True:
+            time.sleep(period)
+            now = time.monotonic()
+            with self._lock:
+                if not self._last:
+                    self._thread = None
+                    return
+                idle = [c for c, t in self._last.items() if now - t > self.idle_s]
+                for c in idle:
+                    del self._last[c]
+                self._expired.update(idle)
+            for context in idle:
+                context.cancel()
+
+
 class LearnerServicer:
     """Serves one learner: θ downloads, gradient uploads and status.
 
@@ -99,9 +213,13 @@ class LearnerServicer:
     :func:`add_learner_servicer`, not the generated ``add_LearnerServicer_to_server``.
     """
 
-    def __init__(self, learner: Learner, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(self, learner: Learner, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *,
+                 max_push_streams: int = MAX_PUSH_STREAMS, stream_idle_s: float = STREAM_IDLE_S):
         self.learner = learner
         self.chunk_bytes = chunk_bytes
+        self.max_push_streams = max_push_streams
+        self._push_slots = threading.BoundedSemaphore(max_push_streams)
+        self.watchdog = StreamWatchdog(stream_idle_s)
         self.template = TreeTemplate(learner.theta)
         self._cache_lock = threading.Lock()
         self._cache: tuple[int, int, list[l2o_pb2.ThetaChunk]] | None = None
@@ -138,8 +256,24 @@ class LearnerServicer:
 
     def PushGradient(self, request_iterator: Iterator[l2o_pb2.GradientChunk | Unparsable],
                      context: grpc.ServicerContext) -> l2o_pb2.Ack:
-        """Take one gradient; the ``Ack`` says accepted or why not."""
-        return ack_from_result(self._push(request_iterator))
+        """Take one gradient; the ``Ack`` says accepted or why not.
+
+        RESOURCE_EXHAUSTED when ``max_push_streams`` pushes are in progress; a stream idle for
+        ``stream_idle_s`` is cancelled and what it sent is dropped."""
+        if not self._push_slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self.max_push_streams} gradient pushes in progress; retry later")
+        try:
+            with self.watchdog.watch(context) as alive:
+                try:
+                    return ack_from_result(self._push(alive(request_iterator)))
+                except grpc.RpcError:  # the call ended under us: the client left, or idled
+                    if self.watchdog.expired(context):
+                        log.warning("a gradient push from %s sent nothing for %.0f s: cancelled",
+                                    context.peer(), self.watchdog.idle_s)
+                    raise
+        finally:
+            self._push_slots.release()
 
     def PushSmallGradient(self, request: l2o_pb2.GradientChunk | Unparsable,
                           context: grpc.ServicerContext) -> l2o_pb2.Ack:
@@ -232,24 +366,36 @@ def format_address(host: str, port: int) -> str:
 
 
 def serve(learner: Learner, host: str, port: int, token: str | None,
-          tls_cert: str | None = None, tls_key: str | None = None, max_workers: int = 8,
-          *, allow_no_token: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-          ) -> tuple[grpc.Server, int]:
+          tls_cert: str | None = None, tls_key: str | None = None,
+          max_workers: int | None = None, *, allow_no_token: bool = False,
+          chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_push_streams: int = MAX_PUSH_STREAMS,
+          stream_idle_s: float = STREAM_IDLE_S) -> tuple[grpc.Server, int]:
     """Start the learner's gRPC server on ``host:port`` (0: a free port); ``(server, bound_port)``.
 
     Every RPC but health checks and reflection needs ``authorization: Bearer <token>``. A missing
     token is refused unless ``allow_no_token`` (then the service is open: local experiments only).
-    With ``tls_cert`` and ``tls_key`` the port speaks TLS. Stop it with ``server.stop(grace)``.
+    With ``tls_cert`` and ``tls_key`` the port speaks TLS. ``max_push_streams`` gradient pushes are
+    served at once, each cancelled after ``stream_idle_s`` seconds without a chunk, on
+    ``max_workers`` threads (default: :data:`SPARE_THREADS` more, which keep ``Status`` and health
+    checks answering; it must exceed ``max_push_streams``). Stop it with ``server.stop(grace)``.
     """
     if not token and not allow_no_token:
         raise ValueError("serve() needs a bearer token (or allow_no_token=True)")
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both tls_cert and tls_key")
+    if max_push_streams < 1:
+        raise ValueError(f"max_push_streams must be at least 1, got {max_push_streams}")
+    if max_workers is None:
+        max_workers = max_push_streams + SPARE_THREADS
+    if max_workers <= max_push_streams:
+        raise ValueError(f"max_workers {max_workers} leaves no thread beside "
+                         f"{max_push_streams} push streams for Status and health checks")
     interceptors = [BearerTokenInterceptor(token)] if token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix="learner-rpc"),
-                         interceptors=interceptors, options=GRPC_OPTIONS)
-    add_learner_servicer(LearnerServicer(learner, chunk_bytes), server)
+                         interceptors=interceptors, options=SERVER_OPTIONS)
+    add_learner_servicer(LearnerServicer(learner, chunk_bytes, max_push_streams=max_push_streams,
+                                         stream_idle_s=stream_idle_s), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

@@ -28,6 +28,7 @@ from l2o.io.config import (
     load_config,
     preset,
     preset_description,
+    replace_fields,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -63,7 +64,7 @@ def _load(config: Path | None, preset_name: str | None, overrides: dict[str, Any
         _fail("give --config or --preset, not both")
     try:
         cfg = load_config(config) if config is not None else preset(preset_name or "default")
-        cfg = cfg.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        cfg = replace_fields(cfg, overrides, "command line")
         return apply_overrides(cfg, assignments) if assignments else cfg
     except ConfigError as e:
         _fail(str(e))
@@ -88,7 +89,7 @@ def train(
     preset_name: Annotated[str | None, typer.Option("--preset", help="Named preset.")] = None,
     run_name: Annotated[str | None, typer.Option(help="Override run_name.")] = None,
     run_dir: Annotated[str | None, typer.Option(help="Override run_dir.")] = None,
-    meta_steps: Annotated[int | None, typer.Option(help="Override meta_steps.")] = None,
+    meta_steps: Annotated[int | None, typer.Option(min=1, help="Override meta_steps.")] = None,
     local: Annotated[bool, typer.Option(help="One process instead of the service (Ray, gRPC, "
                                               "Redis).")] = False,
     fresh: Annotated[bool, typer.Option(help="Start over: an existing run dir is renamed "
@@ -104,6 +105,8 @@ def train(
                 assignments)
     if not local:
         _require_service("l2o train (without --local)", SERVICE_MODULES)
+        for problem in cfg.service.missing_files():
+            _fail(problem)
     from l2o.io.checkpoints import CheckpointError
 
     if fresh and cfg.run_path().exists():
@@ -142,7 +145,8 @@ def train(
                         f"{s.get('last_meta_loss', 0):.4g} "
                         f"{s.get('gradients_per_second', 0):.1f} grads/s, "
                         f"staleness {s.get('staleness_mean', 0):.2f}"))
-                except RedisUnavailable as e:  # one line naming Redis, not a traceback
+                # one line naming Redis (a bad or unreachable URL, an outage), not a traceback
+                except (RedisUnavailable, ConnectionError) as e:
                     _fail(str(e))
                     return
         except CheckpointError as e:  # e.g. no intact checkpoint to resume from
@@ -164,9 +168,9 @@ def eval_cmd(
         help="Task name (see `l2o tasks`); default: the run's eval task (digits_mlp without "
              "one).")] = None,
     steps: Annotated[int | None, typer.Option(
-        help="Inner steps; default: the run's eval.steps.")] = None,
+        min=1, help="Inner steps; default: the run's eval.steps.")] = None,
     seeds: Annotated[int | None, typer.Option(
-        help="Fresh initializations; default: the run's eval.seeds.")] = None,
+        min=1, help="Fresh initializations; default: the run's eval.seeds.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the result JSON and a PNG here.")] = None,
     suite: Annotated[str | None, typer.Option(
         help="'l2o-scale': every L2O-Scale evaluation problem in turn (instead of --task); "
@@ -180,9 +184,9 @@ def eval_cmd(
     tasks: Annotated[str | None, typer.Option(
         help="With --suite heldout: only these tasks (comma-separated names).")] = None,
     pool: Annotated[int, typer.Option(
-        help="With --suite heldout: shard the tasks over this many eval workers (Ray actors, "
-             "one job per task on a Redis stream; local Ray and the embedded Redis unless "
-             "$RAY_ADDRESS / $REDIS_URL). 0: score them in this process.")] = 0,
+        min=0, help="With --suite heldout: shard the tasks over this many eval workers (Ray "
+             "actors, one job per task on a Redis stream; local Ray and the embedded Redis "
+             "unless $RAY_ADDRESS / $REDIS_URL). 0: score them in this process.")] = 0,
 ) -> None:
     """Score a checkpoint's optimizer on a task (or a suite of tasks) against tuned Adam.
 
@@ -191,8 +195,6 @@ def eval_cmd(
     run's summary.json. Without a run config, the default job's evaluation settings apply.
     """
 
-    if pool < 0:
-        _fail("--pool must be 0 or more")
     if pool and suite in (None, "l2o-scale"):
         _fail("--pool shards a held-out suite: give --suite heldout")
     if suite == "l2o-scale":
@@ -536,7 +538,7 @@ def status(
 
 @app.command("leaderboard")
 def leaderboard_cmd(
-    top: Annotated[int, typer.Option(help="Rows to show.")] = 10,
+    top: Annotated[int, typer.Option(min=1, help="Rows to show.")] = 10,
     run: Annotated[str | None, typer.Option(help="Only this run (its id).")] = None,
     redis_url: RedisUrlOption = None,
     run_dir: RunDirOption = None,

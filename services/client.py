@@ -10,6 +10,12 @@ A restarted learner is a new *incarnation* (an id in every θ it sends): :meth:`
 says which incarnation the θ it holds came from, so θ is sent again in full after a restart even at
 an equal version number, and every pushed gradient carries the incarnation of the θ it was
 computed on (the learner refuses another one's as STALE_INCARNATION).
+
+No call waits forever: each has a deadline (``rpc_timeout_s``, plus time in proportion to the bytes
+of a streamed θ or gradient), the channel pings the learner (keepalive) so a dead or frozen peer
+fails the call, and a call that hits its deadline is retried like an unavailable learner. A
+configuration error (an address that is not ``host:port``, a missing certificate file) is raised
+at once, not retried.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from learner.server import GRPC_OPTIONS, SERVICE_NAME
+from learner.server import CLIENT_OPTIONS, SERVICE_NAME
 from proto import l2o_pb2, l2o_pb2_grpc
 from proto.wire import (
     DEFAULT_CHUNK_BYTES,
@@ -60,6 +67,32 @@ class LearnerAuthError(LearnerRpcError):
 class LearnerUnavailable(RetryGaveUp, ConnectionError):
     """The learner could not be reached within the client's ``max_wait_s`` (a connection error:
     a caller with a longer deadline of its own may retry it)."""
+
+
+#: The default deadline of a call, in seconds; streams get more in proportion to their bytes.
+RPC_TIMEOUT_S = 30.0
+#: The slowest transfer a streamed θ or gradient is given time for, in bytes per second.
+MIN_STREAM_BYTES_PER_S = 1 << 20
+#: The deadline of a θ download whose size is not known yet (the client's first), in seconds.
+FIRST_FETCH_TIMEOUT_S = 600.0
+#: gRPC target schemes dialled as they are (``dns:///host:port``, ``unix:/path``…).
+TARGET_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+
+
+def check_address(address: str) -> str:
+    """``address`` if it is ``host:port`` (``[v6]:port``) or a gRPC target URI (``dns:``,
+    ``unix:``…); else ValueError, a configuration error that no retry would cure."""
+    if address.startswith(TARGET_SCHEMES):
+        return address
+    try:
+        parts = urlsplit(f"//{address}")
+        ok = bool(parts.hostname) and parts.port is not None and parts.path == "" \
+            and not any(c.isspace() for c in address)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"learner address {address!r} is not host:port")
+    return address
 
 
 @dataclass(frozen=True)
@@ -100,12 +133,17 @@ class LearnerClient:
         backoff_initial_s, backoff_max_s: the retry delays (doubling, jitter in [½, 1]×).
         chunk_bytes: the size of the chunks a gradient is cut into.
         like: template tree for fetched θ (default: nested dicts/lists rebuilt from the paths).
-        rpc_timeout_s: a deadline for each call (default none); a call that exceeds it is retried
-            like an unavailable learner.
+        rpc_timeout_s: the deadline of each call; a streamed θ or gradient gets
+            ``min_stream_bytes_per_s`` more time per byte (a first θ download of unknown size,
+            without ``like``, :data:`FIRST_FETCH_TIMEOUT_S`). A call past its deadline is
+            retried.
+        min_stream_bytes_per_s: the slowest transfer rate a stream is given time for.
 
-    Calls that fail with UNAVAILABLE (or CANCELLED, as when the learner shuts down mid-call)
-    are retried. A client may be shared by threads, but a reconnect replaces its channel: give
-    each thread its own client when the learner may restart.
+    Calls that fail with UNAVAILABLE, CANCELLED (as when the learner shuts down mid-call),
+    DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (the learner's push streams are all busy) are
+    retried. ValueError at once for an ``address`` that is not ``host:port``, FileNotFoundError
+    for a missing ``root_cert``. A client may be shared by threads, but a reconnect replaces
+    its channel: give each thread its own client when the learner may restart.
     """
 
     def __init__(self, address: str, token: str | None, run_id: str,
@@ -113,8 +151,11 @@ class LearnerClient:
                  resolve_address: Callable[[], str] | None = None,
                  max_wait_s: float = 60.0, backoff_initial_s: float = 0.05,
                  backoff_max_s: float = 2.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 like: Any = None, rpc_timeout_s: float | None = None):
-        self.address = address
+                 like: Any = None, rpc_timeout_s: float = RPC_TIMEOUT_S,
+                 min_stream_bytes_per_s: float = MIN_STREAM_BYTES_PER_S):
+        if rpc_timeout_s <= 0 or min_stream_bytes_per_s <= 0:
+            raise ValueError("rpc_timeout_s and min_stream_bytes_per_s must be positive")
+        self.address = check_address(address)
         self.run_id = run_id
         self.root_cert = root_cert
         self.resolve_address = resolve_address
@@ -124,9 +165,12 @@ class LearnerClient:
         self.chunk_bytes = chunk_bytes
         self.like = like
         self.rpc_timeout_s = rpc_timeout_s
-        self._retry_codes = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
-        if rpc_timeout_s is not None:
-            self._retry_codes.add(grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.min_stream_bytes_per_s = min_stream_bytes_per_s
+        # θ's size: from the template, else once a download has told it
+        self._theta_bytes = None if like is None else total_bytes(flatten_tree(like)[0])
+        self._retry_codes = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                             grpc.StatusCode.DEADLINE_EXCEEDED,
+                             grpc.StatusCode.RESOURCE_EXHAUSTED}
         self.last_gen_id = 0
         #: the incarnation of the last θ fetched (0: none yet)
         self.last_incarnation = 0
@@ -142,9 +186,9 @@ class LearnerClient:
             self._channel.close()
         if self.root_cert is not None:
             self._channel = grpc.secure_channel(self.address, channel_credentials(self.root_cert),
-                                                options=GRPC_OPTIONS)
+                                                options=CLIENT_OPTIONS)
         else:
-            self._channel = grpc.insecure_channel(self.address, options=GRPC_OPTIONS)
+            self._channel = grpc.insecure_channel(self.address, options=CLIENT_OPTIONS)
         stub = l2o_pb2_grpc.LearnerStub(self._channel)
         self._fetch = stub.FetchTheta
         self._push = stub.PushGradient
@@ -157,6 +201,7 @@ class LearnerClient:
             try:
                 new = self.resolve_address()
                 if new and new != self.address:
+                    check_address(new)
                     log.info("learner moved from %s to %s", self.address, new)
                     self.address = new
             except Exception:
@@ -185,6 +230,12 @@ class LearnerClient:
                               gave_up=LearnerUnavailable)
         except grpc.RpcError as e:
             raise _refusal(e) from None
+
+    def _stream_timeout(self, nbytes: int | None) -> float:
+        """The deadline of a stream of ``nbytes`` (None: not known yet)."""
+        if nbytes is None:
+            return max(self.rpc_timeout_s, FIRST_FETCH_TIMEOUT_S)
+        return self.rpc_timeout_s + nbytes / self.min_stream_bytes_per_s
 
     def _retryable(self, error: BaseException) -> bool:
         return isinstance(error, grpc.RpcError) and grpc_code(error) in self._retry_codes
@@ -224,7 +275,7 @@ class LearnerClient:
             stream = self._fetch(
                 l2o_pb2.FetchRequest(run_id=self.run_id, have_version=have_version,
                                      have_incarnation=have_incarnation),
-                metadata=self._metadata, timeout=self.rpc_timeout_s)
+                metadata=self._metadata, timeout=self._stream_timeout(self._theta_bytes))
             first = next(stream, None)
             if first is None:
                 raise LearnerRpcError(grpc.StatusCode.DATA_LOSS, "empty θ stream")
@@ -235,6 +286,7 @@ class LearnerClient:
                 stream.cancel()
                 raise WireError(Reason.MALFORMED, "the first θ chunk carries no header")
             h = first.header
+            self._theta_bytes = int(h.total_bytes)
             asm = ByteAssembler(manifest_from_proto(h.manifest))
             asm.add(first.data)
             for chunk in stream:
@@ -277,7 +329,8 @@ class LearnerClient:
                                                        timeout=self.rpc_timeout_s),
                               "PushSmallGradient")
         return self._call(lambda: self._push(chunks(), metadata=self._metadata,
-                                             timeout=self.rpc_timeout_s), "PushGradient")
+                                             timeout=self._stream_timeout(total)),
+                          "PushGradient")
 
     def status(self) -> dict[str, Any]:
         """The learner's figures as a dict (the fields of ``StatusReply``)."""

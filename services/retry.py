@@ -92,8 +92,10 @@ def grpc_code(exc: BaseException) -> grpc.StatusCode | None:
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying ``exc`` later may succeed: connection and timeout errors (Python's and
     redis-py's, but not a refused password) and gRPC's :data:`TRANSIENT_GRPC_CODES`.
-    UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT and the like are not."""
-    if isinstance(exc, redis.AuthenticationError):
+    UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT and the like are not, and neither is a
+    missing or unreadable file (a TLS certificate, say): a configuration error."""
+    if isinstance(exc, redis.AuthenticationError | FileNotFoundError | PermissionError |
+                  IsADirectoryError | NotADirectoryError):
         return False
     if isinstance(exc, ConnectionError | TimeoutError | redis.ConnectionError |
                   redis.TimeoutError):

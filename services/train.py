@@ -660,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: v for k, v in (("run_name", args.run_name), ("run_dir", args.run_dir),
                                        ("meta_steps", args.meta_steps)) if v is not None}
         cfg = config_from_dict(deep_merge(base, overrides), "command line")
+        for problem in cfg.service.missing_files():
+            raise ConfigError(problem)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
@@ -679,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run_service(cfg, address=args.address, progress=progress)
-    except RedisUnavailable as e:
+    except (RedisUnavailable, ConnectionError) as e:  # a bad or unreachable Redis URL, an outage
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_summary(summary))

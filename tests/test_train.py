@@ -293,6 +293,58 @@ def test_cli_overrides_are_typed_validated_and_named_when_wrong():
         apply_overrides(preset("default"), ["estimator.num_tasks"])
 
 
+@pytest.mark.parametrize("name", ["../../x", "a/b", "a\\b", "..", ".hidden", "-x", "a b",
+                                  "x:y", "a*", "a?", "[a]", "{a}", "", "x" * 101])
+def test_a_run_name_that_is_no_safe_file_or_key_name_is_refused(name):
+    with pytest.raises(ConfigError, match="run_name"):
+        config_from_dict({"run_name": name})
+
+
+def test_a_redis_url_with_a_bad_scheme_is_refused_without_echoing_it():
+    from l2o.io.config import apply_overrides, preset
+
+    for url in ("redis//x", "http://user:s3cret@x"):
+        with pytest.raises(ConfigError, match=r"service\.redis_url") as info:
+            config_from_dict({"service": {"redis_url": url}})
+        assert "s3cret" not in str(info.value)
+        with pytest.raises(ConfigError, match=r"service\.redis_url") as info:
+            apply_overrides(preset("default"), [f"service.redis_url={url}"])
+        assert "s3cret" not in str(info.value)
+    assert config_from_dict({"service": {"redis_url": "unix:///tmp/r.sock"}}).service.redis_url
+
+
+def test_cli_options_are_validated_and_name_the_field(tmp_path):
+    """``--meta-steps -5``, ``--run-name ../../x`` and a missing TLS file end with a one-line error
+    naming the field, before anything runs; so does a malformed ``$REDIS_URL`` (no Ray is started
+    for it)."""
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    runner = CliRunner()
+    base = ["train", "--run-dir", str(tmp_path)]
+    for args, field in ((["--meta-steps", "-5"], "meta-steps"),
+                        (["--meta-steps", "0", "--local"], "meta-steps"),
+                        (["--run-name", "../../x", "--local"], "run_name"),
+                        (["--set", "meta_steps=-5", "--local"], "meta_steps"),
+                        (["--set", "service.redis_url=redis//x"], "service.redis_url"),
+                        (["--set", "service.tls_cert=c.pem"], "tls_key"),
+                        (["--set", f"service.tls_cert={tmp_path}/c.pem", "--set",
+                          f"service.tls_key={tmp_path}/k.pem"], "service.tls_cert")):
+        res = runner.invoke(app, base + args, env={"COLUMNS": "200"})
+        assert res.exit_code == 2, res.output
+        assert field in res.output and "Traceback" not in res.output
+    for cmd in (["eval", "x.ckpt", "--steps", "-1"], ["eval", "x.ckpt", "--pool", "-1"],
+                ["leaderboard", "--top", "0"]):
+        assert runner.invoke(app, cmd).exit_code == 2
+    assert list(tmp_path.iterdir()) == []  # nothing was started
+    res = runner.invoke(app, base + ["--run-name", "bad-url"], env={"REDIS_URL": "http://x",
+                                                                      "COLUMNS": "200"})
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert lines and "Redis URL" in lines[0] and "Traceback" not in res.output
+
+
 def test_service_refuses_a_run_whose_actors_cannot_all_be_placed():
     from l2o.io.config import apply_overrides, preset
     from services.train import check_resources

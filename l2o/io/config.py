@@ -8,8 +8,10 @@ path (``estimator.unroll_length: Input should be a valid integer``).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -96,6 +98,27 @@ class ServiceConfig(StrictConfig):
     # the learner stops the run after this many meta-updates in a row raised
     max_failed_updates: PositiveInt = 5
 
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServiceConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        return self
+
+    def missing_files(self) -> list[str]:
+        """``service.FIELD: PATH is not a file`` for each TLS or token file that is set but
+        absent here (checked when a run starts, not when a stored config is read)."""
+        return [f"service.{name}: {path} is not a file"
+                for name in ("tls_cert", "tls_key", "token_file")
+                if (path := getattr(self, name)) is not None and not Path(path).is_file()]
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        # the message leaves the URL out: it may hold the Redis password
+        if v is not None and urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+        return v
+
 
 class CurriculumConfig(StrictConfig):
     """L2O-Scale's curriculum over the training horizon (``l2o.training.curriculum``;
@@ -122,6 +145,12 @@ class CurriculumConfig(StrictConfig):
         if any(b <= a for a, b in zip(v, v[1:], strict=False)):
             raise ValueError(f"horizons must increase strictly, got {v}")
         return v
+
+
+#: What a run name may be: it names a directory, Redis keys and a registry row, so letters,
+#: digits, ``_``, ``.`` and ``-`` only (no path, glob or key separators, no whitespace), starting
+#: with a letter, digit or ``_``, with no ``..`` and at most 100 characters.
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 
 class TrainConfig(StrictConfig):
@@ -153,6 +182,14 @@ class TrainConfig(StrictConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     curriculum: CurriculumConfig | None = None  # L2O-Scale's if_cl (docs/l2o_scale.md)
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, v: str) -> str:
+        if not RUN_NAME_PATTERN.fullmatch(v) or ".." in v:
+            raise ValueError(f"{v!r} is not a run name: use 1-100 letters, digits, '_', '.' or "
+                             "'-', starting with a letter, digit or '_', without '..'")
+        return v
 
     @model_validator(mode="after")
     def _curriculum_horizon(self) -> TrainConfig:
@@ -300,13 +337,21 @@ def _switch_kind(data: dict[str, Any], before: dict[str, Any],
     return out
 
 
+def replace_fields(cfg: TrainConfig, fields: dict[str, Any], source: str) -> TrainConfig:
+    """``cfg`` with top-level ``fields`` replaced (a None value leaves its field as it is) and
+    validated again (``model_copy`` would not); a bad value raises :class:`ConfigError` naming
+    its field and ``source``."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    return config_from_dict({**cfg.model_dump(mode="json"), **given}, source) if given else cfg
+
+
 def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
     """``cfg`` with ``KEY=VALUE`` assignments applied and validated again.
 
     ``KEY`` is a dotted path (``estimator.num_tasks``); ``VALUE`` is read as YAML, so ``8``,
     ``1e-3``, ``true``, ``null`` and ``[100, 200]`` get their types. Switching a kind
     (``estimator.name=tbptt``) drops the former kind's own fields. A bad key or value raises
-    :class:`ConfigError` naming it.
+    :class:`ConfigError` naming the key; values stay out of messages (a Redis URL's password).
     """
     before = cfg.model_dump(mode="json")
     data = before
@@ -318,7 +363,9 @@ def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
+            where = getattr(e, "problem", None) or "a syntax error"
+            raise ConfigError(f"override of {key.strip()!r}: the value is not valid YAML "
+                              f"({where})") from None
         *parents, leaf = key.strip().split(".")
         patch: dict[str, Any] = {leaf: value}
         for p in reversed(parents):
@@ -328,4 +375,5 @@ def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
             explicit.setdefault(section, set()).update(patch[section])
         data = deep_merge(data, patch)
     data = _switch_kind(data, before, explicit)
-    return config_from_dict(data, "overrides " + " ".join(assignments))
+    keys = ", ".join(item.partition("=")[0].strip() for item in assignments)
+    return config_from_dict(data, f"overrides of {keys}")

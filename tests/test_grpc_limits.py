@@ -40,11 +40,12 @@ def big_theta() -> dict[str, np.ndarray]:
     return {"w": np.zeros(3 * CHUNK // 4 + 1000, np.float32), "b": np.zeros(7, np.float32)}
 
 
-def gradient_chunks(seq: int) -> list[l2o_pb2.GradientChunk]:
-    """A valid gradient for :func:`big_theta`, cut into chunks."""
+def gradient_chunks(seq: int, incarnation: int) -> list[l2o_pb2.GradientChunk]:
+    """A valid gradient for :func:`big_theta` (θ of learner ``incarnation``), cut into chunks."""
     manifest, views = flatten_tree(grad_like(big_theta(), 0.01))
     header = l2o_pb2.GradientHeader(
         run_id=RUN, theta_version=0, gen_id=0, worker_id="staller", seq=seq, estimator="tbptt",
+        incarnation=incarnation,
         inner_steps=1, mean_inner_loss=1.0, manifest=manifest_to_proto(manifest),
         total_bytes=total_bytes(manifest))
     return list(gradient_messages(header, views, CHUNK))
@@ -80,9 +81,9 @@ def test_stalled_push_streams_leave_status_and_health_answering(tmp_path: Path) 
     client = LearnerClient(address, TOKEN, RUN, max_wait_s=5.0, rpc_timeout_s=2.0)
     try:
         stub = l2o_pb2_grpc.LearnerStub(channel)
-        calls = [stub.PushGradient.future(stalled(gradient_chunks(seq)[0], release),
-                                          metadata=auth_metadata(TOKEN))
-                 for seq in range(12)]
+        firsts = [gradient_chunks(seq, learner.incarnation)[0] for seq in range(12)]
+        calls = [stub.PushGradient.future(stalled(first, release), metadata=auth_metadata(TOKEN))
+                 for first in firsts]
         deadline = time.monotonic() + 5.0  # until 8 streams hold the slots, 4 are turned away
         while sum(c.done() for c in calls) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -108,7 +109,7 @@ def test_stalled_push_streams_leave_status_and_health_answering(tmp_path: Path) 
         assert learner.status()["accepted"] == 0  # nothing of the partial gradients went in
 
         # slow but alive: a chunk every IDLE_S / 2 keeps the stream open
-        chunks = gradient_chunks(seq=100)
+        chunks = gradient_chunks(100, learner.incarnation)
         assert len(chunks) >= 3
 
         def slow() -> Iterator[l2o_pb2.GradientChunk]:

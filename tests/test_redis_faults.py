@@ -295,15 +295,15 @@ def test_status_shows_a_run_whose_driver_died_as_failed(external):
 
 
 def _run_through_a_redis_kill(tmp_path, redis_url: str | None, client_of, kill) -> tuple:
-    """A short service run (ending on its time budget) during which, once a checkpoint is
-    scored, ``kill()`` kills Redis (and restarts it, or lets it be restarted); ``client_of()``
+    """A short service run (ending on its time budget: long enough for a checkpoint to be scored
+    on a loaded machine) during which, once a checkpoint is scored, ``kill()`` kills Redis (and restarts it, or lets it be restarted); ``client_of()``
     gives a client for watching, ``None`` until there is one. ``(cfg, summary, seen)``."""
     from l2o.io.config import config_from_dict
     from services.train import run_service
 
     cfg = config_from_dict({
         "run_name": f"rf-{uuid.uuid4().hex[:6]}", "run_dir": str(tmp_path / "runs"),
-        "meta_steps": 100_000, "log_every": 5, "checkpoint_every": 25, "time_budget_s": 25,
+        "meta_steps": 100_000, "log_every": 5, "checkpoint_every": 5, "time_budget_s": 45,
         "task": {"name": "quadratic"},
         "optimizer": {"name": "lstm", "kwargs": {"layers": [8]}},
         "estimator": {"num_tasks": 4, "unroll_length": 5, "num_steps": 20},

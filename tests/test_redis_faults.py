@@ -296,8 +296,9 @@ def test_status_shows_a_run_whose_driver_died_as_failed(external):
 
 def _run_through_a_redis_kill(tmp_path, redis_url: str | None, client_of, kill) -> tuple:
     """A short service run (ending on its time budget: long enough for a checkpoint to be scored
-    on a loaded machine) during which, once a checkpoint is scored, ``kill()`` kills Redis (and restarts it, or lets it be restarted); ``client_of()``
-    gives a client for watching, ``None`` until there is one. ``(cfg, summary, seen)``."""
+    on a loaded machine) during which, once a checkpoint is scored, ``kill()`` kills Redis (and
+    restarts it, or lets it be restarted); ``client_of()`` gives a client for watching, ``None``
+    until there is one. ``(cfg, summary, seen)``."""
     from l2o.io.config import config_from_dict
     from services.train import run_service
 
@@ -345,7 +346,7 @@ def _check_registry_intact(client, summary: dict, seen: dict) -> None:
     """The run is ``done`` and its leaderboard rows from before the kill are still there."""
     reg = Registry(client, summary["run_id"])
     assert reg.state() == "done" and run_status(client, reg.run_id)["state"] == "done"
-    after = {(r["version"], r["score"]) for r in reg.leaderboard(top=100)}
+    after = {(r["version"], r["score"]) for r in reg.leaderboard(top=100_000)}
     assert seen["rows"] <= after and len(after) > len(seen["rows"])
 
 

@@ -26,7 +26,7 @@ from l2o.suite.baselines import (
     load_or_compute_baselines,
     print_log,
 )
-from l2o.suite.runner import RunResult, fixed_optimizer, run_curves
+from l2o.suite.runner import fixed_optimizer, run_curves
 from l2o.suite.scores import suite_summary, task_scores
 
 Fingerprint = Callable[[SuiteTask], str]
@@ -168,8 +168,3 @@ def baseline_settings_from_json(data: dict[str, Any] | None) -> BaselineSettings
         baselines=tuple(data["baselines"]),
         grids={b: tuple(float(v) for v in g) for b, g in data.get("grids", {}).items()},
         default_lr=float(data["default_lr"]), long_factor=int(data["long_factor"]))
-
-
-def learned_runs(result: dict[str, Any]) -> dict[str, RunResult]:
-    """The learned optimizer's runs of an :func:`evaluate_on_suite` result, by task name."""
-    return {t["task"]: RunResult.from_json(t["runs"]["learned"]) for t in result["tasks"]}

@@ -215,20 +215,3 @@ def comparison(results: Mapping[str, Mapping[str, Any]]) -> str:
         lines.append(f"| **{title}** | | | " + " | ".join(cell(r["summary"]) for r in
                                                             results.values()) + " |")
     return "\n".join(lines) + "\n"
-
-
-def baseline_table(result: Mapping[str, Any]) -> str:
-    """A markdown table of the tuned baselines of a suite result: per task and baseline the
-    tuned learning rate, the final train loss and the test metric (means over report seeds)."""
-    tasks = result["tasks"]
-    names = _baselines(tasks[0])
-    lines = ["| task | metric | " + " | ".join(names) + " |",
-             "|---|---|" + "---:|" * len(names)]
-    for t in tasks:
-        cells = [t["task"], t["metric"]]
-        for n in names:
-            b = t["baselines"][n]
-            cells.append(f"lr {fmt(t['lrs'][n]['lr'], 3)}: {fmt(b['final_train_loss_mean'], 3)} "
-                         f"/ {fmt(b['test_metric_mean'], 3)}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_tree_allclose
+from helpers import assert_tree_allclose, minimize, squared_distance_to
 
 from l2o.estimators.schedules import LogUniformHorizon
 from l2o.estimators.truncated_step import TruncatedStep
@@ -81,21 +81,11 @@ def test_composes_with_optax_chain_under_jit_and_minimizes():
     lopt = NormalizedMLP()
     theta = lopt.init(jax.random.PRNGKey(0))
     target = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.asarray(-2.0)}
-    loss = lambda p: sum(jnp.sum((x - y) ** 2) for x, y in
-                         zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(target)))
+    loss = squared_distance_to(target)
     tx = optax.chain(optax.clip_by_global_norm(1.0), lopt.as_optax(theta, num_steps=300))
     params = jax.tree_util.tree_map(lambda x: jnp.ones_like(x) * 0.5, target)
-
-    @jax.jit
-    def step(params, state):
-        g = jax.grad(loss)(params)
-        updates, state = tx.update(g, state, params)
-        return optax.apply_updates(params, updates), state
-
-    state = tx.init(params)
     start = float(loss(params))
-    for _ in range(300):
-        params, state = step(params, state)
+    params = minimize(tx, loss, params, 300)
     assert float(loss(params)) < 0.05 * start
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import minimize, squared_distance_to
 
 from l2o import pretrained
 
@@ -22,18 +23,9 @@ def test_loads_as_optax_and_composes_with_clipping_under_jit():
     params = {"dense": {"w": jnp.full((3, 2), 0.5), "b": jnp.zeros((2,))},
               "scale": jnp.asarray(2.0)}
     target = jax.tree_util.tree_map(lambda p: jnp.ones_like(p) * 0.25, params)
-    loss = lambda p: sum(jnp.sum((a - b) ** 2) for a, b in
-                         zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(target)))
-
-    @jax.jit
-    def step(params, state):
-        updates, state = tx.update(jax.grad(loss)(params), state, params)
-        return optax.apply_updates(params, updates), state
-
-    state = tx.init(params)
+    loss = squared_distance_to(target)
     start = float(loss(params))
-    for _ in range(200):
-        params, state = step(params, state)
+    params = minimize(tx, loss, params, 200)
     assert float(loss(params)) < 0.01 * start
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(target)
 

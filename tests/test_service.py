@@ -45,32 +45,14 @@ def redis_url():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_local(tmp_path_factory):
-    """A local Ray instance with 2 CPUs, and a compilation cache shared with its actors."""
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
-    saved = {k: os.environ.get(k) for k in ("JAX_COMPILATION_CACHE_DIR",
-                                            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    import jax
-
-    jax_saved = {k: getattr(jax.config, k) for k in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+def ray_local():
+    """A local Ray instance with 2 CPUs (its actors share the suite's compilation cache)."""
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     if started:
         ray.shutdown()
-    for k, v in jax_saved.items():
-        jax.config.update(k, v)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def small_config(tmp_path: Path, **service) -> dict:

@@ -647,17 +647,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m services.train --config FILE [--preset NAME] [--meta-steps N] …``."""
-    from l2o.io.config import (
-        ConfigError,
-        apply_overrides,
-        config_from_dict,
-        deep_merge,
-        load_config,
-        preset,
-    )
-
+def arg_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m services.train``."""
     p = argparse.ArgumentParser(prog="python -m services.train", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML config file")
@@ -670,20 +661,45 @@ def main(argv: list[str] | None = None) -> int:
                                              "as YAML (e.g. service.host=0.0.0.0); repeatable")
     p.add_argument("--address", help="Ray address ('auto': the local `ray start` cluster; "
                                      "default: $RAY_ADDRESS, else a new private local instance)")
-    args = p.parse_args(argv)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The run's :class:`~l2o.io.config.TrainConfig` from parsed :func:`arg_parser` arguments:
+    the preset, the config file over it, then the options; a
+    :class:`~l2o.io.config.ConfigError` names what is wrong (a field, a file, a relative run
+    directory in a Ray job)."""
+    from l2o.io.config import (
+        ConfigError,
+        apply_overrides,
+        config_from_dict,
+        deep_merge,
+        load_config,
+        preset,
+    )
+
+    base = preset(args.preset).model_dump(mode="json") if args.preset else {}
+    if args.config:
+        file_cfg = load_config(args.config).model_dump(mode="json", exclude_unset=True)
+        base = deep_merge(base, file_cfg)
+    overrides = {k: v for k, v in (("run_name", args.run_name), ("run_dir", args.run_dir),
+                                   ("meta_steps", args.meta_steps)) if v is not None}
+    cfg = apply_overrides(config_from_dict(deep_merge(base, overrides), "command line"),
+                          args.assignments)
+    for problem in [*cfg.service.missing_files(), job_run_dir_problem(cfg.run_dir)]:
+        if problem is not None:
+            raise ConfigError(problem)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.train --config FILE [--preset NAME] [--meta-steps N] …``."""
+    from l2o.io.config import ConfigError
+
+    args = arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        base = preset(args.preset).model_dump(mode="json") if args.preset else {}
-        if args.config:
-            file_cfg = load_config(args.config).model_dump(mode="json", exclude_unset=True)
-            base = deep_merge(base, file_cfg)
-        overrides = {k: v for k, v in (("run_name", args.run_name), ("run_dir", args.run_dir),
-                                       ("meta_steps", args.meta_steps)) if v is not None}
-        cfg = apply_overrides(config_from_dict(deep_merge(base, overrides), "command line"),
-                              args.assignments)
-        for problem in [*cfg.service.missing_files(), job_run_dir_problem(cfg.run_dir)]:
-            if problem is not None:
-                raise ConfigError(problem)
+        cfg = config_from_args(args)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2

@@ -63,6 +63,10 @@ class RayHead:
     def __init__(self, home: Path, temp: Path) -> None:
         ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
         self.dashboard = f"http://127.0.0.1:{ports['--dashboard-port']}"
+        # up: the GCS (as KubeRay's submitter waits for it) and the node (as compose and KubeRay
+        # probe it), both answering without the token
+        self.health = (f"{self.dashboard}/api/gcs_healthz",
+                       f"http://127.0.0.1:{ports['--dashboard-agent-listen-port']}/api/healthz")
         self.l2o_token = uuid.uuid4().hex  # the cluster's own secret, set where `ray start` runs
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("RAY_", "REDIS_URL", "L2O_TOKEN"))}
@@ -90,9 +94,9 @@ class RayHead:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited: {self.log.read_text()[-2000:]}")
             try:
-                with urllib.request.urlopen(f"{self.dashboard}/api/gcs_healthz", timeout=2) as r:
-                    if b"success" in r.read():
-                        return
+                for url in self.health:  # an HTTP error status raises
+                    urllib.request.urlopen(url, timeout=2).close()
+                return
             except OSError:
                 pass
             time.sleep(0.5)

@@ -175,3 +175,30 @@ def test_job_runs_in_a_fresh_home_and_writes_where_told(head, tmp_path):
     assert job in listing and relative in listing
     for shown in (logs, refusal, listing, sent.stdout, sent.stderr, head.log.read_text()):
         assert head.token not in shown and head.l2o_token not in shown
+
+
+@pytest.mark.parametrize("job_config", [
+    None, "not json", "[]", json.dumps({"metadata": {}}),
+    json.dumps({"metadata": {"job_submission_id": "raysubmit_x"}})])
+def test_only_a_submitted_job_needs_an_absolute_run_dir(monkeypatch, job_config):
+    """What Ray's job supervisor sets tells a submitted job; only there is `runs` refused."""
+    from l2o.io.config import ConfigError
+    from services.train import arg_parser, config_from_args
+    from workers.ray_setup import JOB_CONFIG_ENV, job_run_dir_problem, submitted_job_id
+
+    if job_config is None:
+        monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    else:
+        monkeypatch.setenv(JOB_CONFIG_ENV, job_config)
+    job = submitted_job_id()
+    assert job == ("raysubmit_x" if job_config and "raysubmit_x" in job_config else None)
+    for fine in ("/abs/runs", "s3://bucket/runs", "file:///abs/runs"):
+        assert job_run_dir_problem(fine) is None
+    args = arg_parser().parse_args(["--preset", "l2l-quadratic", "--run-dir", "runs"])
+    if job is None:
+        assert job_run_dir_problem("runs") is None
+        assert config_from_args(args).run_dir == "runs"
+    else:
+        with pytest.raises(ConfigError, match=r"run_dir: 'runs' is relative, and this is Ray job "
+                                              r"raysubmit_x.*absolute --run-dir"):
+            config_from_args(args)

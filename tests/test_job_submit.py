@@ -134,11 +134,11 @@ def head(tmp_path_factory):
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def submit(head: RayHead, job_id: str, *args: str, wait: bool) -> subprocess.CompletedProcess:
-    """``ray job submit --working-dir . -- python -m services.train ARGS`` as the README has it."""
+def submit(head: RayHead, job_id: str, *entrypoint: str, wait: bool
+           ) -> subprocess.CompletedProcess:
+    """``ray job submit --working-dir . -- ENTRYPOINT`` as the README has it."""
     return head.ray("ray", "job", "submit", "--submission-id", job_id, "--working-dir", ".",
-                    *([] if wait else ["--no-wait"]), "--", "python", "-m", "services.train",
-                    *args, check=False)
+                    *([] if wait else ["--no-wait"]), "--", *entrypoint, check=False)
 
 
 def status(head: RayHead, job_id: str) -> str:
@@ -151,11 +151,15 @@ def test_job_runs_in_a_fresh_home_and_writes_where_told(head, tmp_path):
     the results are there, and neither the Ray token nor the l2o token is ever shown."""
     assert oct((Path(head.env["HOME"]) / ".ray" / "auth_token").stat().st_mode & 0o777) == \
         "0o600"
-    relative = f"rel-{uuid.uuid4().hex[:6]}"  # refused: it would land in Ray's working dir copy
-    submit(head, relative, *TINY, wait=False)
+    # `l2o train` (the CLI's code) with the default relative run_dir: refused, as it would land
+    # in Ray's copy of the working dir
+    relative = f"rel-{uuid.uuid4().hex[:6]}"
+    submit(head, relative, "python", "-m", "services.cli", "train", "--preset", "l2l-quadratic",
+           "--meta-steps", "1", wait=False)
     job = f"l2o-{uuid.uuid4().hex[:6]}"
     runs = tmp_path / "runs"
-    sent = submit(head, job, *TINY, "--run-name", "tiny", "--run-dir", str(runs), wait=True)
+    sent = submit(head, job, "python", "-m", "services.train", *TINY, "--run-name", "tiny",
+                  "--run-dir", str(runs), wait=True)
     assert sent.returncode == 0, sent.stdout + sent.stderr
     assert f"Job '{job}' succeeded" in status(head, job)
     logs = head.ray("ray", "job", "logs", job).stdout
@@ -178,7 +182,7 @@ def test_job_runs_in_a_fresh_home_and_writes_where_told(head, tmp_path):
 
 
 @pytest.mark.parametrize("job_config", [
-    None, "not json", "[]", json.dumps({"metadata": {}}),
+    None, "not json", "[]", json.dumps({"metadata": []}), json.dumps({"metadata": {}}),
     json.dumps({"metadata": {"job_submission_id": "raysubmit_x"}})])
 def test_only_a_submitted_job_needs_an_absolute_run_dir(monkeypatch, job_config):
     """What Ray's job supervisor sets tells a submitted job; only there is `runs` refused."""

@@ -55,9 +55,9 @@ def submitted_job_id() -> str | None:
     None (read from the environment Ray's job supervisor gives the entrypoint)."""
     try:
         metadata = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}").get("metadata") or {}
-    except (ValueError, AttributeError):
+        return metadata.get("job_submission_id")
+    except (ValueError, AttributeError):  # not JSON, or not the supervisor's objects
         return None
-    return metadata.get("job_submission_id")
 
 
 def job_run_dir_problem(run_dir: str) -> str | None:

@@ -148,6 +148,12 @@ def test_every_module_and_file_they_run_is_in_the_image():
     from l2o.io.config import load_config
 
     run = commands()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.*)$", DOCKERFILE.read_text(),
+                                      flags=re.M).group(1))
+    scripts = re.search(r"\[project\.scripts\]\n(\w+) =", (ROOT / "pyproject.toml").read_text())
+    assert entrypoint == [scripts.group(1)]  # the console script the wheel installs
+    # what they run in the image: python, or ray (the service extra installs it)
+    assert {c[0] for c in run} <= {"python", "ray"}
     modules = [c[c.index("-m") + 1] for c in run if c[0] == "python" and "-m" in c]
     assert {"services.train", "learner", "learner.health"} <= set(modules)
     packages = {src for src, _ in dockerfile_copies()}
@@ -185,6 +191,10 @@ def test_the_rayjob_entrypoint_is_a_valid_run_on_the_shared_volume():
 def test_compose_file_is_valid_by_the_compose_specification():
     schema = json.loads((SCHEMAS / "compose-spec.json").read_text())
     jsonschema.Draft7Validator(schema).validate(compose())
+    misspelt = copy.deepcopy(compose())
+    misspelt["services"]["redis"]["helthcheck"] = misspelt["services"]["redis"]["healthcheck"]
+    with pytest.raises(jsonschema.ValidationError, match="helthcheck"):
+        jsonschema.Draft7Validator(schema).validate(misspelt)
     for svc in compose()["services"].values():
         if "build" in svc:
             assert (ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]) == DOCKERFILE

@@ -107,6 +107,10 @@ def train(
         _require_service("l2o train (without --local)", SERVICE_MODULES)
         for problem in cfg.service.missing_files():
             _fail(problem)
+    from workers.ray_setup import job_run_dir_problem
+
+    if (problem := job_run_dir_problem(cfg.run_dir)) is not None:  # in a `ray job submit` job
+        _fail(problem)
     from l2o.io.checkpoints import CheckpointError
 
     if fresh and cfg.run_path().exists():
@@ -158,7 +162,8 @@ def train(
         from l2o.unsupervised.evaluation import format_result
 
         console.print(format_result(summary["eval"]), markup=False)
-    console.print(f"wrote {cfg.run_path() / 'summary.json'}")
+    # the last line: the absolute location of the results (a Ray job's log ends with it)
+    console.print(f"wrote {cfg.run_path().resolve() / 'summary.json'}", soft_wrap=True)
 
 
 @app.command("eval")

@@ -42,12 +42,16 @@ Running it::
 
     python -m services.train --config run.yaml                 # local Ray, embedded Redis
     ray start --head                                           # or against a cluster:
-    ray job submit --working-dir . -- python -m services.train --config run.yaml
+    ray job submit --working-dir . -- python -m services.train --config run.yaml \
+        --run-dir /abs/path/runs
     RAY_ADDRESS=HEAD:6379 python -m services.train --config run.yaml   # as a plain driver
 
-``ray job submit`` needs Ray's job server (``ray[default]``). The embedded Redis listens on a unix
-socket of the driver's node: on a cluster of several nodes set ``REDIS_URL`` (a password in it is
-honoured and never printed).
+``ray job submit`` needs Ray's job server (``ray[default]``). A submitted job runs in a directory
+Ray chose, so it refuses a relative ``run_dir`` (``workers.ray_setup.job_run_dir_problem``); every
+run's output ends with the absolute location of its results. ``--set KEY=VALUE`` overrides any
+config field (``service.host=0.0.0.0``: a learner that workers on other nodes reach). The
+embedded Redis listens on a unix socket of the driver's node: on a cluster of several nodes set
+``REDIS_URL`` (a password in it is honoured and never printed).
 """
 
 from __future__ import annotations
@@ -67,7 +71,13 @@ from typing import Any
 from l2o.io.secrets import redact_url
 from services.registry import HEARTBEAT_S
 from services.retry import LEARNER_RESTART, describe, retry_call
-from workers.ray_setup import actor_name, actor_options, connect_ray, ships_code
+from workers.ray_setup import (
+    actor_name,
+    actor_options,
+    connect_ray,
+    job_run_dir_problem,
+    ships_code,
+)
 
 log = logging.getLogger(__name__)
 
@@ -637,10 +647,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m services.train --config FILE [--preset NAME] [--meta-steps N] …``."""
-    from l2o.io.config import ConfigError, config_from_dict, deep_merge, load_config, preset
-
+def arg_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m services.train``."""
     p = argparse.ArgumentParser(prog="python -m services.train", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML config file")
@@ -648,20 +656,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-name")
     p.add_argument("--run-dir")
     p.add_argument("--meta-steps", type=int)
+    p.add_argument("--set", dest="assignments", action="append", default=[],
+                   metavar="KEY=VALUE", help="override any config field, dotted, the value read "
+                                             "as YAML (e.g. service.host=0.0.0.0); repeatable")
     p.add_argument("--address", help="Ray address ('auto': the local `ray start` cluster; "
                                      "default: $RAY_ADDRESS, else a new private local instance)")
-    args = p.parse_args(argv)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The run's :class:`~l2o.io.config.TrainConfig` from parsed :func:`arg_parser` arguments:
+    the preset, the config file over it, then the options; a
+    :class:`~l2o.io.config.ConfigError` names what is wrong (a field, a file, a relative run
+    directory in a Ray job)."""
+    from l2o.io.config import (
+        ConfigError,
+        apply_overrides,
+        config_from_dict,
+        deep_merge,
+        load_config,
+        preset,
+    )
+
+    base = preset(args.preset).model_dump(mode="json") if args.preset else {}
+    if args.config:
+        file_cfg = load_config(args.config).model_dump(mode="json", exclude_unset=True)
+        base = deep_merge(base, file_cfg)
+    overrides = {k: v for k, v in (("run_name", args.run_name), ("run_dir", args.run_dir),
+                                   ("meta_steps", args.meta_steps)) if v is not None}
+    cfg = apply_overrides(config_from_dict(deep_merge(base, overrides), "command line"),
+                          args.assignments)
+    for problem in [*cfg.service.missing_files(), job_run_dir_problem(cfg.run_dir)]:
+        if problem is not None:
+            raise ConfigError(problem)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.train --config FILE [--preset NAME] [--meta-steps N] …``."""
+    from l2o.io.config import ConfigError
+
+    args = arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        base = preset(args.preset).model_dump(mode="json") if args.preset else {}
-        if args.config:
-            file_cfg = load_config(args.config).model_dump(mode="json", exclude_unset=True)
-            base = deep_merge(base, file_cfg)
-        overrides = {k: v for k, v in (("run_name", args.run_name), ("run_dir", args.run_dir),
-                                       ("meta_steps", args.meta_steps)) if v is not None}
-        cfg = config_from_dict(deep_merge(base, overrides), "command line")
-        for problem in cfg.service.missing_files():
-            raise ConfigError(problem)
+        cfg = config_from_args(args)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
@@ -685,7 +723,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_summary(summary))
-    print(f"wrote {cfg.run_path() / 'summary.json'}")
+    # the last line (of a Ray job's log too): where the results are
+    print(f"results in {cfg.run_path().resolve()} (summary.json, curves.png, checkpoints/)",
+          flush=True)
     return 0
 
 

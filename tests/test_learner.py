@@ -19,6 +19,7 @@ from helpers import assert_tree_allclose, assert_tree_equal
 from l2o.io.checkpoints import latest_checkpoint, load_checkpoint
 from l2o.io.config import ServiceConfig, TrainConfig
 from learner.core import GradientHeader, Learner
+from learner.health import main as health_main
 from learner.process import LearnerProcess
 from learner.server import SERVICE_NAME, serve
 from proto import l2o_pb2
@@ -205,6 +206,8 @@ def test_authentication_health_and_reflection(tmp_path: Path) -> None:
             names = {s.name for r in responses for s in r.list_services_response.service}
             assert SERVICE_NAME in names and SERVICE_NAME == "l2o.v1.Learner"
         assert client.status()["accepted"] == 0  # nothing got through
+        assert health_main([address]) == 0  # the container health check, without a token
+    assert health_main([address, "--timeout", "0.5"]) == 1  # stopped: unhealthy
 
 
 def test_checkpoint_restart_resumes_version_and_dedup(tmp_path: Path) -> None:

@@ -1,13 +1,16 @@
 """Ray set-up shared by the driver (``services.train``) and the actor factories of ``workers``.
 
-Connecting the driver to Ray (:func:`connect_ray`), naming actors (:func:`actor_name`), sizing
-them and their JAX (:func:`actor_options`, :func:`jax_env`), whether the job ships its code to
-the actors (:func:`ships_code`), and where a process computes (:func:`placement`). Ray is imported
-only when a function needs it.
+Connecting the driver to Ray (:func:`connect_ray`), whether it is a submitted job
+(:func:`submitted_job_id`) and where such a job may keep its results
+(:func:`job_run_dir_problem`), naming actors (:func:`actor_name`), sizing them and their JAX
+(:func:`actor_options`, :func:`jax_env`), whether the job ships its code to the actors
+(:func:`ships_code`), and where a process computes (:func:`placement`). Ray is imported only
+when a function needs it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -40,6 +43,37 @@ def connect_ray(min_cpus: float, address: str | None = None) -> bool:
     ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
              logging_level=logging.WARNING)
     return True
+
+
+#: Set by Ray's job supervisor for the entrypoint of a ``ray job submit`` job: its runtime env
+#: and metadata, as JSON.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def submitted_job_id() -> str | None:
+    """The submission id when this process is the entrypoint of a ``ray job submit`` job, else
+    None (read from the environment Ray's job supervisor gives the entrypoint)."""
+    try:
+        metadata = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}").get("metadata") or {}
+        return metadata.get("job_submission_id")
+    except (ValueError, AttributeError):  # not JSON, or not the supervisor's objects
+        return None
+
+
+def job_run_dir_problem(run_dir: str) -> str | None:
+    """Why ``run_dir`` cannot hold the results of this process, or None.
+
+    A job sent with ``ray job submit`` runs in a directory Ray chooses (with ``--working-dir``,
+    an unpacked copy of it in Ray's session folder, shared by every job from the same tree), so
+    a relative run directory would hide the run's summary, checkpoints and plots there. Such a job
+    needs an absolute ``run_dir`` (or a storage URI).
+    """
+    job = submitted_job_id()
+    if job is None or "://" in run_dir or Path(run_dir).is_absolute():
+        return None
+    return (f"run_dir: {run_dir!r} is relative, and this is Ray job {job}, running in "
+            f"{Path.cwd()} (a directory Ray chose): give an absolute --run-dir on storage you "
+            "can read (on a cluster of several nodes, one every node shares)")
 
 
 def ships_code() -> bool:

@@ -163,7 +163,8 @@ def train(
 
 @app.command("eval")
 def eval_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="A params or full checkpoint file.")],
+    checkpoint: Annotated[str, typer.Argument(
+        help="A params or full checkpoint file: a path, file://… or a storage URL (s3://…).")],
     task: Annotated[str | None, typer.Option(
         help="Task name (see `l2o tasks`); default: the run's eval task (digits_mlp without "
              "one).")] = None,
@@ -194,6 +195,9 @@ def eval_cmd(
     the checkpoint, or from a full checkpoint beside it): the result is the ``eval`` block of the
     run's summary.json. Without a run config, the default job's evaluation settings apply.
     """
+    from l2o.io.storage import as_path
+
+    checkpoint = as_path(checkpoint)
 
     if pool and suite in (None, "l2o-scale"):
         _fail("--pool shards a held-out suite: give --suite heldout")

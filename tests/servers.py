@@ -4,6 +4,7 @@ object store (moto's server mode)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -74,6 +75,7 @@ def s3_server() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
     from s3fs import S3FileSystem
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -83,6 +83,19 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def _set_aside(cfg: TrainConfig) -> None:
+    """``--fresh``: rename the run directory aside (``RUN.TIMESTAMP``), and its local directory
+    when the run directory is on object storage (a copy of each object, then the old removed)."""
+    from l2o.io.storage import fresh, move_tree
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in dict.fromkeys([cfg.run_path(), cfg.local_path()]):
+        if fresh(path).exists():
+            aside = path.with_name(f"{cfg.run_name}.{stamp}")
+            move_tree(path, aside)
+            console.print(f"moved the previous run dir to {aside}")
+
+
 @app.command()
 def train(
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
@@ -108,11 +121,13 @@ def train(
         for problem in cfg.service.missing_files():
             _fail(problem)
     from l2o.io.checkpoints import CheckpointError
+    from l2o.io.storage import is_remote
 
-    if fresh and cfg.run_path().exists():
-        aside = cfg.run_path().with_name(f"{cfg.run_name}.{time.strftime('%Y%m%d-%H%M%S')}")
-        cfg.run_path().rename(aside)
-        console.print(f"moved the previous run dir to {aside}")
+    if local and is_remote(cfg.run_dir):
+        _fail("l2o train --local writes a local run directory; for run_dir on object storage "
+              "train through the service (without --local)")
+    if fresh:
+        _set_aside(cfg)
     console.print(f"run dir: [bold]{cfg.run_path()}[/]  task: {cfg.task.name}  "
                   f"optimizer: {cfg.optimizer.name}  estimator: {cfg.estimator.name}")
     with Progress(TextColumn("[bold]meta-train"), BarColumn(), TextColumn("{task.description}"),

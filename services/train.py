@@ -47,7 +47,11 @@ Running it::
 
 ``ray job submit`` needs Ray's job server (``ray[default]``). The embedded Redis listens on a unix
 socket of the driver's node: on a cluster of several nodes set ``REDIS_URL`` (a password in it is
-honoured and never printed).
+honoured and never printed), ``service.host: auto`` (the learner listens on every interface and is
+advertised at its node's IP) and a ``run_dir`` every node reads: a shared filesystem or a storage
+URL (``s3://bucket/prefix``, :mod:`l2o.io.storage`; what stays local goes to ``local_dir``).
+``service.placement`` places the learner, the unroll and the eval workers (custom resources,
+node labels, CPUs and GPUs per role).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from l2o.io.checkpoints import (
     set_aside,
 )
 from l2o.io.config import ConfigError, config_from_dict
-from l2o.io.storage import as_path, is_remote
+from l2o.io.storage import as_path, fresh, is_remote, move_tree
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -140,3 +140,13 @@ def test_a_listing_sees_objects_another_writer_put(bucket):
     other.pipe_file(str(checkpoint_path(run, "params", 2).path),
                     checkpoint_path(run, "params", 1).read_bytes())
     assert [s for s, _ in list_checkpoints(run, "params")] == [1, 2]
+
+
+def test_a_run_directory_on_s3_is_moved_aside_whole(bucket):
+    src, dst = as_path(f"{bucket}/aside/run"), as_path(f"{bucket}/aside/run.old")
+    write_json(src / "checkpoints" / "a.json", {"a": 1})
+    write_json(src / "run_id", "x")
+    move_tree(src, dst)
+    assert not fresh(src).exists()
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file()) == [
+        "checkpoints/a.json", "run_id"]

@@ -79,3 +79,15 @@ def fresh(path: Any) -> Any:
 def put_bytes(path: Any, data: bytes) -> None:
     """Store ``data`` as the object at the remote ``path`` in one put (whole or not at all)."""
     path.fs.pipe_file(path.path, data)
+
+
+def move_tree(src: Any, dst: Any) -> None:
+    """Move the directory ``src`` to ``dst``: a rename locally; on object storage each object
+    copied under ``dst``, then the objects under ``src`` removed (not atomic: a rename aside)."""
+    if not is_remote(src):
+        src.rename(dst)
+        return
+    fs, prefix = src.fs, src.path.rstrip("/")
+    for key in fs.find(prefix):
+        fs.copy(key, dst.path.rstrip("/") + key[len(prefix):])
+    fs.rm(prefix, recursive=True)

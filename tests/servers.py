@@ -63,6 +63,22 @@ class ExternalRedis:
         """Kill the server for good."""
         self.kill()
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` set in this process's environment (so in the processes it starts), then the
+    environment as it was."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 #: the fake credentials the S3 server takes (moto accepts any)
 S3_SECRET = "moto-secret-key-not-for-logs"
 
@@ -81,18 +97,12 @@ def s3_server() -> Iterator[str]:
     host, port = server.get_host_and_port()
     env = {"AWS_ACCESS_KEY_ID": "l2o-test", "AWS_SECRET_ACCESS_KEY": S3_SECRET,
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    S3FileSystem.clear_instance_cache()  # none bound to another test's server
     bucket = f"l2o-{uuid.uuid4().hex[:8]}"
     try:
-        S3FileSystem().mkdir(bucket)
-        yield f"s3://{bucket}"
+        with environment(env):
+            S3FileSystem.clear_instance_cache()  # none bound to another test's server
+            S3FileSystem().mkdir(bucket)
+            yield f"s3://{bucket}"
     finally:
         S3FileSystem.clear_instance_cache()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()

@@ -11,7 +11,6 @@ and the eval workers by node label; each actor reports the Ray node it ran on.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import uuid
 
@@ -19,7 +18,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from servers import PASSWORD, ExternalRedis  # noqa: E402
+from servers import PASSWORD, ExternalRedis, environment  # noqa: E402
 
 from l2o.io.config import config_from_dict  # noqa: E402
 from services.redis_server import redis_connection  # noqa: E402
@@ -39,25 +38,19 @@ def cluster():
 
     if ray.is_initialized():
         pytest.skip("needs its own Ray cluster, and Ray is already initialized here")
-    saved = {k: os.environ.get(k) for k in RAY_AUTH}
-    os.environ.update(RAY_AUTH)
-    reset_auth_token_state()  # Ray read its auth mode when imported: read it again
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "labels": {"l2o-role": "head"}, "include_dashboard": False})
-    worker = c.add_node(num_cpus=2, resources={"worker_node": 2},
-                        labels={"l2o-role": "worker"})
-    ray.init(address=c.address, logging_level="WARNING")
-    try:
-        yield c.head_node.node_id, worker.node_id
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reset_auth_token_state()
+    with environment(RAY_AUTH):
+        reset_auth_token_state()  # Ray read its auth mode when imported: read it again
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "labels": {"l2o-role": "head"}, "include_dashboard": False})
+        worker = c.add_node(num_cpus=2, resources={"worker_node": 2},
+                            labels={"l2o-role": "worker"})
+        ray.init(address=c.address, logging_level="WARNING")
+        try:
+            yield c.head_node.node_id, worker.node_id
+        finally:
+            ray.shutdown()
+            c.shutdown()
+    reset_auth_token_state()
 
 
 def test_a_run_across_nodes_places_each_role_where_its_config_says(cluster, tmp_path,

@@ -65,7 +65,8 @@ def test_a_run_across_nodes_places_each_role_where_its_config_says(cluster, tmp_
         "meta_steps": 20, "log_every": 5, "checkpoint_every": 5, "time_budget_s": 120,
         "task": {"name": "quadratic"}, "optimizer": {"name": "lstm", "kwargs": {"layers": [8]}},
         "estimator": {"num_tasks": 2, "unroll_length": 5, "num_steps": 20},
-        "eval": {"steps": 20, "seeds": 2, "adam_learning_rates": [0.01, 0.1]},
+        "eval": {"steps": 10, "seeds": 2, "adam_steps_factor": 1,
+                 "adam_learning_rates": [0.01, 0.1]},
         "service": {
             "host": "auto", "redis_url": redis_srv.url, "num_unroll_workers": 2,
             "num_eval_workers": 1, "worker_num_cpus": 0.5, "eval_idle_ms": 3000,

@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-from servers import S3_SECRET, s3_server  # noqa: E402
+from servers import S3_SECRET, environment, s3_server  # noqa: E402
 
 from l2o.io.checkpoints import list_checkpoints  # noqa: E402
 from l2o.io.config import config_from_dict  # noqa: E402
@@ -29,12 +29,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def bucket():
+def bucket(tmp_path_factory):
     """A moto S3 bucket, then a local Ray instance started with its credentials in the
-    environment (so its actors have them, as a cluster's runtime env would give them)."""
+    environment (so its actors have them, as a cluster's nodes would), and a JAX compilation
+    cache its actors share (the second run compiles nothing)."""
     if ray.is_initialized():
         pytest.skip("needs a Ray instance started with the S3 credentials in its environment")
-    with s3_server() as url:
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    with s3_server() as url, environment(cache):
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
         try:
             yield url
@@ -48,7 +51,8 @@ def config(bucket: str, local_dir: str, name: str, meta_steps: int):
         "meta_steps": meta_steps, "log_every": 5, "checkpoint_every": 5, "time_budget_s": 120,
         "task": {"name": "quadratic"}, "optimizer": {"name": "lstm", "kwargs": {"layers": [8]}},
         "estimator": {"num_tasks": 2, "unroll_length": 5, "num_steps": 20},
-        "eval": {"steps": 20, "seeds": 2, "adam_learning_rates": [0.01, 0.1]},
+        "eval": {"steps": 10, "seeds": 2, "adam_steps_factor": 1,
+                 "adam_learning_rates": [0.01, 0.1]},
         "service": {"num_unroll_workers": 1, "num_eval_workers": 1, "worker_num_cpus": 0.5,
                     "eval_idle_ms": 3000},
     })

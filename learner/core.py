@@ -29,8 +29,10 @@ makes it is appended to ``run_dir/applied.jsonl`` (:data:`APPLIED_LOG`: the vers
 incarnation and the ``(worker_id, seq)`` of each gradient applied, in order). A learner built on
 a run directory whose log names a version above its checkpoint's (it crashed after its last
 checkpoint) starts at that version + 1: the θ it resumes gets a number never used before, and the
-versions workers and users see keep increasing. :meth:`Learner.applied_log` holds the same
-entries in memory (this incarnation's).
+versions workers and users see keep increasing. With a run directory on object storage
+(``s3://…``) the log is kept in the local directory ``local_dir`` instead (an object cannot be
+appended to): a learner restarted on the same node still sees it. :meth:`Learner.applied_log`
+holds the same entries in memory (this incarnation's).
 
 What an ``Ack`` means, and what is lost (the policy): ``accepted`` (reason OK) means *taken into
 the buffer*, not applied. An accepted gradient is applied exactly once, or dropped and counted:
@@ -80,6 +82,7 @@ from l2o.io.checkpoints import (
     set_aside,
 )
 from l2o.io.config import ServiceConfig
+from l2o.io.storage import as_path, is_remote
 from l2o.training.meta_update import MetaState, meta_update
 from proto.wire import ALIGN, Reason, aligned_empty
 
@@ -240,7 +243,8 @@ class Learner:
         meta_optimizer: the optax transformation applied to θ.
         config: the service policies (``batch_size``, ``max_staleness``, ``buffer_size``,
             ``backpressure``, ``max_message_bytes``).
-        run_dir: where checkpoints (``checkpoints/``) and TensorBoard logs (``tensorboard/``) go.
+        run_dir: where checkpoints (``checkpoints/``) go: a local path or a storage URL
+            (``s3://…``, :mod:`l2o.io.storage`).
         run_id: the run this learner serves; gradients of other runs are WRONG_RUN.
         checkpoint_every: write checkpoints every this many updates.
         on_params_checkpoint: called as ``f(path, version)`` after each params checkpoint.
@@ -250,7 +254,9 @@ class Learner:
         version, gen_id: where the counters start (the version moves past any version that
             ``run_dir``'s :data:`APPLIED_LOG` names).
         block_timeout_s: how long ``submit`` waits for room under ``backpressure="block"``.
-        tensorboard: write per-update metrics to ``run_dir/tensorboard``.
+        tensorboard: write per-update metrics to ``local_dir/tensorboard``.
+        local_dir: the local directory of the :data:`APPLIED_LOG` and TensorBoard logs (default
+            ``run_dir``, which must then be local).
         start: start the applier thread now (else call :meth:`start`, or :meth:`step` by hand).
     """
 
@@ -271,6 +277,7 @@ class Learner:
         block_timeout_s: float = 30.0,
         tensorboard: bool = True,
         start: bool = True,
+        local_dir: str | Path | None = None,
     ):
         if config.buffer_size < config.batch_size:
             raise ValueError(f"buffer_size ({config.buffer_size}) must be at least batch_size "
@@ -285,7 +292,11 @@ class Learner:
         self.meta_optimizer = meta_optimizer
         self.opt_state = meta_optimizer.init(self.theta) if opt_state is None else opt_state
         self.config = config
-        self.run_dir = Path(run_dir)
+        self.run_dir = as_path(run_dir)
+        if local_dir is None and is_remote(self.run_dir):
+            raise ValueError(f"run directory {self.run_dir} is not local: give local_dir for "
+                             "the applied log and TensorBoard")
+        self.local_dir = Path(local_dir) if local_dir is not None else self.run_dir
         self.run_id = run_id
         self.checkpoint_every = checkpoint_every
         self.on_params_checkpoint = on_params_checkpoint
@@ -298,7 +309,7 @@ class Learner:
         self.incarnation = secrets.randbits(63) or 1
         self._log_fd: int | None = None
         self._applied: deque[Applied] = deque(maxlen=APPLIED_LOG_MAX)
-        newest = last_logged_version(self.run_dir)
+        newest = last_logged_version(self.local_dir)
         if newest > self.version:  # versions up to `newest` named θs lost in a crash
             log.warning("versions up to %d were published after the checkpoint at %d; "
                         "continuing at %d", newest, self.version, newest + 1)
@@ -524,8 +535,8 @@ class Learner:
         the incarnation) to :data:`APPLIED_LOG`, one ``write`` per line (a killed process loses
         no written line)."""
         if self._log_fd is None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._log_fd = os.open(self.run_dir / APPLIED_LOG,
+            self.local_dir.mkdir(parents=True, exist_ok=True)
+            self._log_fd = os.open(self.local_dir / APPLIED_LOG,
                                    os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         line = {"version": self.version if version is None else version, "gen_id": self.gen_id,
                 "incarnation": self.incarnation, **entry}
@@ -723,7 +734,7 @@ class Learner:
             if self._writer is None:
                 from tensorboardX import SummaryWriter
 
-                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), flush_secs=10)
+                self._writer = SummaryWriter(str(self.local_dir / "tensorboard"), flush_secs=10)
             s = self.status()
             step = s["version"]
             for key in ("staleness_mean", "staleness_max", "buffer_depth", "accepted", "applied",

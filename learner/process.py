@@ -37,14 +37,26 @@ from typing import Any
 
 from l2o.io.checkpoints import CheckpointError
 from l2o.io.config import ConfigError, TrainConfig, config_from_dict, load_config
+from l2o.io.storage import as_path
 from learner.server import format_address, serve
 from services.auth import TokenError, load_token
 
 log = logging.getLogger(__name__)
 
 
+#: ``service.host`` value that binds every interface and advertises the node's IP
+AUTO_HOST = "auto"
+
+
+def _bind_host(host: str) -> str:
+    """The address to listen on for ``service.host`` (``auto``: every interface)."""
+    return "0.0.0.0" if host == AUTO_HOST else host
+
+
 def _advertised_host(host: str) -> str:
-    if host not in ("0.0.0.0", "::", "[::]", ""):
+    """The address workers reach a learner listening on ``host`` at: the node IP Ray reports
+    (else this host's name resolved) for every interface, the host itself otherwise."""
+    if _bind_host(host) not in ("0.0.0.0", "::", "[::]", ""):
         return host
     try:
         import ray
@@ -61,9 +73,13 @@ class LearnerProcess:
 
     Args:
         config: the run config (a :class:`TrainConfig`, a dict of one, or a YAML path).
-        run_dir: the run directory (default ``config.run_path()``).
+        run_dir: the run directory (default ``config.run_path()``): a local path or a storage
+            URL (``s3://…``) for the checkpoints.
+        local_dir: the local directory of the applied log and TensorBoard logs (default
+            ``config.local_path()`` for the config's own run directory, else ``run_dir``).
         run_id: the run id gradients must carry (default ``config.run_name``).
-        host, port: where to listen (default ``config.service.host``/``port``; port 0: any).
+        host, port: where to listen (default ``config.service.host``/``port``; port 0: any;
+            host ``auto``: every interface, advertised at the node IP Ray reports).
         token: the bearer token (default: from the config's env var or file, else generated).
         theta: θ to start from instead of building it from ``config.optimizer``.
         on_params_checkpoint: called as ``f(path, version)`` after each params checkpoint.
@@ -82,7 +98,7 @@ class LearnerProcess:
                  on_params_checkpoint: Callable[[Path, int], None] | None = None,
                  on_address: Callable[[str], None] | None = None,
                  autostart: bool = False, allow_no_token: bool = False,
-                 max_workers: int | None = None):
+                 max_workers: int | None = None, local_dir: str | os.PathLike | None = None):
         if isinstance(config, TrainConfig):
             self.config = config
         elif isinstance(config, dict):
@@ -90,7 +106,9 @@ class LearnerProcess:
         else:
             self.config = load_config(config)
         svc = self.config.service
-        self.run_dir = Path(run_dir) if run_dir is not None else self.config.run_path()
+        self.run_dir = as_path(run_dir) if run_dir is not None else self.config.run_path()
+        self.local_dir = Path(local_dir) if local_dir is not None else (
+            self.config.local_path() if run_dir is None else self.run_dir)
         self.run_id = run_id or self.config.run_name
         self.host = host if host is not None else svc.host
         self.port = port if port is not None else svc.port
@@ -98,8 +116,8 @@ class LearnerProcess:
         self.token = token or load_token(svc.token_env, svc.token_file)
         if self.token is None and not allow_no_token:
             self.token = secrets.token_urlsafe(32)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.token_path = self.run_dir / "token"
+            self.local_dir.mkdir(parents=True, exist_ok=True)
+            self.token_path = self.local_dir / "token"
             fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(self.token + "\n")
@@ -136,6 +154,7 @@ class LearnerProcess:
             self.run_id, cfg.checkpoint_every, self.on_params_checkpoint,
             {"optimizer": cfg.optimizer.model_dump(mode="json"), "seed": cfg.seed,
              "config": cfg.model_dump(mode="json")},
+            local_dir=self.local_dir,
         )
 
     def start(self) -> str:
@@ -144,7 +163,7 @@ class LearnerProcess:
             return self._address
         self.learner = self._build()
         svc = self.config.service
-        self.server, port = serve(self.learner, self.host, self.port, self.token,
+        self.server, port = serve(self.learner, _bind_host(self.host), self.port, self.token,
                                   svc.tls_cert, svc.tls_key, self.max_workers,
                                   allow_no_token=self.allow_no_token)
         self._address = format_address(_advertised_host(self.host), port)
@@ -155,6 +174,12 @@ class LearnerProcess:
     def address(self) -> str:
         """``host:port`` of the server (starting it if needed)."""
         return self.start()
+
+    def node_id(self) -> str | None:
+        """The id of the Ray node this learner runs on (``None`` outside Ray)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
     def status(self) -> dict[str, Any]:
         """The learner's figures (see :meth:`learner.core.Learner.status`)."""

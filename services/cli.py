@@ -83,6 +83,19 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def _set_aside(cfg: TrainConfig) -> None:
+    """``--fresh``: rename the run directory aside (``RUN.TIMESTAMP``), and its local directory
+    when the run directory is on object storage (a copy of each object, then the old removed)."""
+    from l2o.io.storage import fresh, move_tree
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in dict.fromkeys([cfg.run_path(), cfg.local_path()]):
+        if fresh(path).exists():
+            aside = path.with_name(f"{cfg.run_name}.{stamp}")
+            move_tree(path, aside)
+            console.print(f"moved the previous run dir to {aside}")
+
+
 @app.command()
 def train(
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
@@ -112,11 +125,13 @@ def train(
     if (problem := job_run_dir_problem(cfg.run_dir)) is not None:  # in a `ray job submit` job
         _fail(problem)
     from l2o.io.checkpoints import CheckpointError
+    from l2o.io.storage import is_remote
 
-    if fresh and cfg.run_path().exists():
-        aside = cfg.run_path().with_name(f"{cfg.run_name}.{time.strftime('%Y%m%d-%H%M%S')}")
-        cfg.run_path().rename(aside)
-        console.print(f"moved the previous run dir to {aside}")
+    if local and is_remote(cfg.run_dir):
+        _fail("l2o train --local writes a local run directory; for run_dir on object storage "
+              "train through the service (without --local)")
+    if fresh:
+        _set_aside(cfg)
     console.print(f"run dir: [bold]{cfg.run_path()}[/]  task: {cfg.task.name}  "
                   f"optimizer: {cfg.optimizer.name}  estimator: {cfg.estimator.name}")
     with Progress(TextColumn("[bold]meta-train"), BarColumn(), TextColumn("{task.description}"),
@@ -168,7 +183,8 @@ def train(
 
 @app.command("eval")
 def eval_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="A params or full checkpoint file.")],
+    checkpoint: Annotated[str, typer.Argument(
+        help="A params or full checkpoint file: a path, file://… or a storage URL (s3://…).")],
     task: Annotated[str | None, typer.Option(
         help="Task name (see `l2o tasks`); default: the run's eval task (digits_mlp without "
              "one).")] = None,
@@ -199,6 +215,9 @@ def eval_cmd(
     the checkpoint, or from a full checkpoint beside it): the result is the ``eval`` block of the
     run's summary.json. Without a run config, the default job's evaluation settings apply.
     """
+    from l2o.io.storage import as_path
+
+    checkpoint = as_path(checkpoint)
 
     if pool and suite in (None, "l2o-scale"):
         _fail("--pool shards a held-out suite: give --suite heldout")

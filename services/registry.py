@@ -113,9 +113,11 @@ def new_run_id(run_name: str, now: float | None = None) -> str:
 
 
 def read_run_id(run_dir: str | Path) -> str | None:
-    """The run id stored in ``run_dir``, or ``None``."""
+    """The run id stored in ``run_dir`` (a local path or a storage URL), or ``None``."""
+    from l2o.io.storage import as_path  # noqa: PLC0415 - the registry alone needs no l2o
+
     try:
-        return (Path(run_dir) / RUN_ID_FILE).read_text().strip() or None
+        return (as_path(run_dir) / RUN_ID_FILE).read_text().strip() or None
     except FileNotFoundError:
         return None
 
@@ -126,12 +128,13 @@ def run_id_for(run_dir: str | Path, run_name: str) -> str:
     file) keeps ``run_name``, the id its checkpoints carry."""
     from l2o.io.atomic import atomic_write  # noqa: PLC0415 - the registry alone needs no l2o
     from l2o.io.checkpoints import latest_checkpoint  # noqa: PLC0415
+    from l2o.io.storage import as_path  # noqa: PLC0415
 
     stored = read_run_id(run_dir)
     if stored is not None:
         return stored
     run_id = run_name if latest_checkpoint(run_dir, "full") is not None else new_run_id(run_name)
-    with atomic_write(Path(run_dir) / RUN_ID_FILE, "w") as f:
+    with atomic_write(as_path(run_dir) / RUN_ID_FILE, "w") as f:
         f.write(run_id + "\n")
     return run_id
 

@@ -49,9 +49,13 @@ Running it::
 ``ray job submit`` needs Ray's job server (``ray[default]``). A submitted job runs in a directory
 Ray chose, so it refuses a relative ``run_dir`` (``workers.ray_setup.job_run_dir_problem``); every
 run's output ends with the absolute location of its results. ``--set KEY=VALUE`` overrides any
-config field (``service.host=0.0.0.0``: a learner that workers on other nodes reach). The
-embedded Redis listens on a unix socket of the driver's node: on a cluster of several nodes set
-``REDIS_URL`` (a password in it is honoured and never printed).
+config field. The embedded Redis listens on a unix socket of the driver's node: on a cluster of
+several nodes set ``REDIS_URL`` (a password in it is honoured and never printed),
+``service.host: auto`` (the learner listens on every interface and is advertised at its node's
+IP) and a ``run_dir`` every node reads: a shared filesystem or a storage URL
+(``s3://bucket/prefix``, :mod:`l2o.io.storage`; what stays local goes to ``local_dir``).
+``service.placement`` places the learner, the unroll and the eval workers (custom resources,
+node labels, CPUs and GPUs per role).
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from l2o.io.secrets import redact_url
+from l2o.io.storage import absolute
 from services.registry import HEARTBEAT_S
 from services.retry import LEARNER_RESTART, describe, retry_call
 from workers.ray_setup import (
@@ -89,17 +94,35 @@ STARTUP_TIMEOUT_S = 300.0
 # Ray
 
 
-def needed_cpus(cfg: Any) -> float:
-    """Logical CPUs the run's actors ask Ray for (the learner counts as one worker)."""
+def _role_counts(cfg: Any) -> dict[str, int]:
+    """How many actors of each role (``service.placement``'s keys) the run starts."""
     svc = cfg.service
-    return (1 + svc.num_unroll_workers + svc.num_eval_workers) * svc.worker_num_cpus
+    return {"learner": 1, "unroll": svc.num_unroll_workers, "eval": svc.num_eval_workers}
+
+
+def needed_resources(cfg: Any) -> dict[str, float]:
+    """Ray resources the run's actors ask for in all: ``CPU``, ``GPU`` and each custom resource
+    of ``service.placement``."""
+    need: dict[str, float] = {}
+    for role, n in _role_counts(cfg).items():
+        opts = cfg.service.ray_options(role)
+        asks = {"CPU": opts["num_cpus"], "GPU": opts["num_gpus"], **opts.get("resources", {})}
+        for name, amount in asks.items():
+            need[name] = need.get(name, 0.0) + n * amount
+    return need
+
+
+def needed_cpus(cfg: Any) -> float:
+    """Logical CPUs the run's actors ask Ray for."""
+    return needed_resources(cfg)["CPU"]
 
 
 def check_resources(cfg: Any, total: dict[str, float], strict: bool = True) -> None:
     """Raise a clear error when the run's actors can never all be placed on the cluster.
 
-    ``total`` is ``ray.cluster_resources()``. Unroll and eval workers each ask for
-    ``worker_num_cpus``/``worker_num_gpus``; an actor that does not fit would wait forever. With
+    ``total`` is ``ray.cluster_resources()``. Each actor asks for its role's resources
+    (``service.placement``, default ``worker_num_cpus``/``worker_num_gpus``); an actor that does
+    not fit would wait forever. With
     ``strict=False`` (a cluster this run did not start, which may still scale up) it only logs.
     """
     try:
@@ -112,20 +135,27 @@ def check_resources(cfg: Any, total: dict[str, float], strict: bool = True) -> N
 
 def _check_resources(cfg: Any, total: dict[str, float]) -> None:
     svc = cfg.service
-    gpus = (svc.num_unroll_workers + svc.num_eval_workers) * svc.worker_num_gpus
-    have = float(total.get("GPU", 0.0))
+    need = needed_resources(cfg)
+    workers = (f"learner + {svc.num_unroll_workers} unroll + {svc.num_eval_workers} eval "
+               "workers")
+    gpus, have = need.pop("GPU"), float(total.get("GPU", 0.0))
     if gpus > have + 1e-9:
         raise RuntimeError(
-            f"service.worker_num_gpus={svc.worker_num_gpus} for {svc.num_unroll_workers} unroll "
-            f"+ {svc.num_eval_workers} eval workers needs {gpus:g} GPUs; the Ray cluster has "
-            f"{have:g}. Lower worker_num_gpus or the number of workers.")
-    cpus = needed_cpus(cfg)
-    have_cpus = float(total.get("CPU", 0.0))
+            f"service.worker_num_gpus={svc.worker_num_gpus} (and service.placement) for "
+            f"{workers} needs {gpus:g} GPUs; the Ray cluster has {have:g}. Lower "
+            "worker_num_gpus or the number of workers.")
+    cpus, have_cpus = need.pop("CPU"), float(total.get("CPU", 0.0))
     if cpus > have_cpus + 1e-9:
         raise RuntimeError(
-            f"the run's actors need {cpus:g} logical CPUs (learner + {svc.num_unroll_workers} "
-            f"unroll + {svc.num_eval_workers} eval workers × worker_num_cpus="
-            f"{svc.worker_num_cpus}); the Ray cluster has {have_cpus:g}.")
+            f"the run's actors need {cpus:g} logical CPUs ({workers} × worker_num_cpus="
+            f"{svc.worker_num_cpus}, or service.placement's num_cpus); the Ray cluster has "
+            f"{have_cpus:g}.")
+    for name, amount in need.items():
+        if amount > float(total.get(name, 0.0)) + 1e-9:
+            raise RuntimeError(
+                f"service.placement asks for {amount:g} of the custom resource {name!r} in all; "
+                f"the Ray cluster has {float(total.get(name, 0.0)):g} (start nodes with "
+                f"`ray start --resources '{{\"{name}\": N}}'`)")
 
 
 def init_ray(cfg: Any, address: str | None = None) -> bool:
@@ -138,13 +168,15 @@ def init_ray(cfg: Any, address: str | None = None) -> bool:
 # Learner
 
 
-def start_learner(cfg: Any, run_id: str, run_dir: Path, token: str, redis_url: str,
-                  add_repo_to_path: bool) -> tuple[Any, str]:
+def start_learner(cfg: Any, run_id: str, run_dir: Any, token: str, redis_url: str,
+                  add_repo_to_path: bool, local_dir: Path | None = None) -> tuple[Any, str]:
     """Start the learner actor; ``(actor handle, "host:port")``.
 
-    The actor (``learner.process.LearnerProcess``, ``max_restarts=-1``, serving on start) resumes
-    from ``run_dir`` if it holds a full checkpoint, publishes its address under the run in Redis
-    (again after every restart) and enqueues an eval job for every params checkpoint it writes.
+    The actor (``learner.process.LearnerProcess``, ``max_restarts=-1``, serving on start, placed
+    by ``service.placement.learner``) resumes from ``run_dir`` (a local path or a storage URL)
+    if it holds a full checkpoint, publishes its address under the run in Redis (again after
+    every restart) and enqueues an eval job for every params checkpoint it writes; its applied
+    log and TensorBoard logs go to ``local_dir`` (default ``run_dir``).
     """
     import ray
 
@@ -152,13 +184,13 @@ def start_learner(cfg: Any, run_id: str, run_dir: Path, token: str, redis_url: s
     from services.registry import RegistryHooks
 
     hooks = RegistryHooks(redis_url, run_id)
-    opts = actor_options(cfg.service.worker_num_cpus, 0.0, add_repo_to_path=add_repo_to_path)
+    opts = actor_options(**cfg.service.ray_options("learner"), add_repo_to_path=add_repo_to_path)
     actor_cls = learner_actor(max_restarts=-1, max_task_retries=-1)
     opts["name"] = actor_name(run_id, "learner")
     actor = actor_cls.options(**opts).remote(
         cfg.model_dump(mode="json"), str(run_dir), run_id=run_id, token=token,
         on_params_checkpoint=hooks.enqueue_eval, on_address=hooks.publish_address,
-        autostart=True)
+        autostart=True, local_dir=str(local_dir or run_dir))
     try:
         address = ray.get(actor.address.remote(), timeout=STARTUP_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
@@ -166,7 +198,7 @@ def start_learner(cfg: Any, run_id: str, run_dir: Path, token: str, redis_url: s
         raise RuntimeError(
             f"the learner actor did not start within {STARTUP_TIMEOUT_S:.0f} s; the cluster has "
             f"{have:g} CPUs and this run asks for {needed_cpus(cfg):g} "
-            "(see service.worker_num_cpus)") from None
+            "(see service.worker_num_cpus and service.placement.learner)") from None
     return actor, address
 
 
@@ -255,12 +287,15 @@ class ServiceRun:
 
         self.cfg = cfg
         self.t_start = time.monotonic()
-        self.run_dir = cfg.run_path().resolve()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        #: checkpoints, summary.json, curves.png: a local directory or a storage URL
+        self.run_dir = absolute(cfg.run_path())
+        #: what stays local (embedded Redis data, the applied log, TensorBoard)
+        self.local_dir = cfg.local_path().resolve()
+        self.local_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id_for(self.run_dir, cfg.run_name)
         had_embedded = redis_server._EMBEDDED is not None
         self.redis, self.url = redis_server.redis_connection(
-            redis_url or cfg.service.redis_url, data=redis_server.run_data_dir(self.run_dir))
+            redis_url or cfg.service.redis_url, data=redis_server.run_data_dir(self.local_dir))
         self.owns_redis = not had_embedded and redis_server._EMBEDDED is not None \
             and self.url == redis_server._EMBEDDED.url
         self.registry = Registry(self.redis, self.run_id,
@@ -268,6 +303,7 @@ class ServiceRun:
                                  eval_idle_ms=cfg.service.eval_idle_ms)
         self.started_ray = False
         self.learner: Any = None
+        self.learner_node: Any = None  # the Ray node id the learner runs on
         self.client: Any = None
         self.curriculum: Any = None
         self.unroll: list[Any] = []
@@ -342,8 +378,9 @@ class ServiceRun:
 
         registry = self.registry
         self.learner, address = start_learner(self.cfg, self.run_id, self.run_dir, token,
-                                              self.url, add_path)
+                                              self.url, add_path, self.local_dir)
         registry.set_learner_address(address)
+        self.learner_node = _safe_get(self.learner.node_id.remote())
         # with TLS on, trust the learner's (self-signed) certificate
         self.client = LearnerClient(address, token, self.run_id, self.cfg.service.tls_cert,
                                     resolve_address=registry.learner_address)
@@ -357,15 +394,15 @@ class ServiceRun:
         from workers.unroll import create_unroll_worker
 
         svc, run_id = self.cfg.service, self.run_id
-        sizing = {"num_cpus": svc.worker_num_cpus, "num_gpus": svc.worker_num_gpus,
-                  "add_repo_to_path": add_path}
         config_dump = self.cfg.model_dump(mode="json")
         self.unroll = [create_unroll_worker(config_dump, i, run_id, self.url, token,
                                             name=actor_name(run_id, f"unroll-{i}"),
-                                            root_cert=svc.tls_cert, **sizing)
+                                            root_cert=svc.tls_cert, add_repo_to_path=add_path,
+                                            **svc.ray_options("unroll"))
                        for i in range(svc.num_unroll_workers)]
         self.evals = [create_eval_worker(run_id, self.url, f"eval-{j}",
-                                         name=actor_name(run_id, f"eval-{j}"), **sizing)
+                                         name=actor_name(run_id, f"eval-{j}"),
+                                         add_repo_to_path=add_path, **svc.ray_options("eval"))
                       for j in range(svc.num_eval_workers)]
 
     # -- loop ------------------------------------------------------------------------------------
@@ -484,6 +521,7 @@ class ServiceRun:
             "workers": cfg.service.num_unroll_workers,
             "eval_workers": cfg.service.num_eval_workers,
             "worker_stats": [s for s in self.worker_stats if isinstance(s, dict)],
+            "learner_node": self.learner_node,
             "checkpoints_scored": len(registry.eval_results()),
             "eval_dead_letters": int(self.redis.xlen(registry.dead_stream)),
             "best_checkpoint": ({k: v for k, v in best.items() if k not in CURVE_KEYS}

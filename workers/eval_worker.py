@@ -46,7 +46,14 @@ import ray
 
 from l2o.io.secrets import redact_url
 from services.redis_server import RedisUnavailable
-from workers.ray_setup import actor_name, actor_options, connect_ray, placement, ships_code
+from workers.ray_setup import (
+    actor_name,
+    actor_options,
+    connect_ray,
+    node_of_this_process,
+    placement,
+    ships_code,
+)
 
 if TYPE_CHECKING:
     from l2o.suite.baselines import BaselineSettings
@@ -251,7 +258,7 @@ class EvalWorker:
         from services.registry import CHECKPOINT_JOB, SUITE_JOB
 
         who = {"job_id": job.id, "deliveries": job.deliveries, "consumer": self.consumer,
-               "host": socket.gethostname(), "pid": os.getpid()}
+               "host": socket.gethostname(), "pid": os.getpid(), **node_of_this_process()}
         if job.kind == SUITE_JOB:
             out = score_suite_task(job.fields)
             out["job"].update(who)
@@ -335,9 +342,13 @@ EvalWorkerActor = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurren
 
 def create_eval_worker(run_id: str, redis_url: str, consumer: str, *, num_cpus: float = 1.0,
                        num_gpus: float = 0.0, add_repo_to_path: bool = False,
-                       max_restarts: int = -1, name: str | None = None, **kwargs: Any) -> Any:
-    """Start an :class:`EvalWorker` actor sized like the unroll workers."""
-    opts = actor_options(num_cpus, num_gpus, add_repo_to_path=add_repo_to_path)
+                       max_restarts: int = -1, name: str | None = None,
+                       resources: dict[str, float] | None = None,
+                       label_selector: dict[str, str] | None = None, **kwargs: Any) -> Any:
+    """Start an :class:`EvalWorker` actor sized and placed as asked (``resources``,
+    ``label_selector``: :func:`workers.ray_setup.actor_options`)."""
+    opts = actor_options(num_cpus, num_gpus, add_repo_to_path=add_repo_to_path,
+                         resources=resources, label_selector=label_selector)
     if name is not None:
         opts["name"] = name
     opts["max_restarts"] = max_restarts

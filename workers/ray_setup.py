@@ -2,10 +2,10 @@
 
 Connecting the driver to Ray (:func:`connect_ray`), whether it is a submitted job
 (:func:`submitted_job_id`) and where such a job may keep its results
-(:func:`job_run_dir_problem`), naming actors (:func:`actor_name`), sizing them and their JAX
-(:func:`actor_options`, :func:`jax_env`), whether the job ships its code to the actors
-(:func:`ships_code`), and where a process computes (:func:`placement`). Ray is imported only
-when a function needs it.
+(:func:`job_run_dir_problem`), naming actors (:func:`actor_name`), sizing them, placing them and
+sizing their JAX (:func:`actor_options`, :func:`jax_env`), whether the job ships its code to the
+actors (:func:`ships_code`), and where a process runs and computes
+(:func:`node_of_this_process`, :func:`placement`). Ray is imported only when a function needs it.
 """
 
 from __future__ import annotations
@@ -125,21 +125,41 @@ def jax_env(num_cpus: float, num_gpus: float = 0.0) -> dict[str, str]:
 
 
 def actor_options(num_cpus: float, num_gpus: float = 0.0, *,
-                  add_repo_to_path: bool = False) -> dict[str, Any]:
+                  add_repo_to_path: bool = False, resources: dict[str, float] | None = None,
+                  label_selector: dict[str, str] | None = None) -> dict[str, Any]:
     """``.options(...)`` for an l2o actor: resources plus a runtime env from :func:`jax_env`.
 
     ``add_repo_to_path`` puts this checkout on the actor's ``PYTHONPATH`` (a local Ray started by
     the driver; on a cluster ``ray job submit --working-dir .`` ships the code instead).
+    ``resources`` (custom Ray resources) and ``label_selector`` (node labels) place the actor
+    (``service.placement`` of the config: :meth:`l2o.io.config.ServiceConfig.ray_options`).
     """
     env = jax_env(num_cpus, num_gpus)
     if add_repo_to_path:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}}
+    opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus,
+                            "runtime_env": {"env_vars": env}}
+    if resources:
+        opts["resources"] = dict(resources)
+    if label_selector:
+        opts["label_selector"] = dict(label_selector)
+    return opts
+
+
+def node_of_this_process() -> dict[str, str | None]:
+    """The Ray node this process runs on: ``node_id`` and ``node_ip`` (``None`` outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return {"node_id": None, "node_ip": None}
+    return {"node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address()}
 
 
 def placement() -> dict[str, Any]:
-    """Where this process computes: JAX's backend and devices, and the GPUs Ray assigned it."""
+    """Where this process computes: its Ray node (:func:`node_of_this_process`), JAX's backend
+    and devices, and the GPUs Ray assigned it."""
     import jax
     import ray
 
@@ -147,7 +167,7 @@ def placement() -> dict[str, Any]:
         gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
     except Exception:  # noqa: BLE001 - outside a Ray worker
         gpu_ids = []
-    return {"jax_backend": jax.default_backend(),
+    return {**node_of_this_process(), "jax_backend": jax.default_backend(),
             "jax_devices": [str(d) for d in jax.devices()],
             "ray_gpu_ids": gpu_ids,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}

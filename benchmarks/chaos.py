@@ -77,11 +77,6 @@ RECOVER_S = 180.0
 STARTUP_S = 300.0
 
 
-#: records the unroll workers keep in the run's metrics stream (``UnrollWorker``'s
-#: ``metrics_maxlen``): a soak that writes more loses its oldest acks from the books
-METRICS_MAXLEN = 100_000
-
-
 def soak_config(run_dir: str, minutes: float) -> dict[str, Any]:
     """A small quadratic run through the service, ending on its time budget."""
     return {
@@ -242,6 +237,62 @@ def _round(x: float | None) -> float | None:
 # The books
 
 
+class AckReader(threading.Thread):
+    """Copies the workers' truncation records out of the run's metrics stream every few
+    seconds, so that the stream's own cap (it keeps the newest ``UnrollWorker.metrics_maxlen``)
+    never costs the books an ack; ``complete`` turns false if so many records came between two
+    reads that the cap may have trimmed some unread."""
+
+    def __init__(self, run: Any, period_s: float = 5.0) -> None:
+        super().__init__(name="acks", daemon=True)
+        self.run_, self.period_s = run, period_s
+        self.records: list[dict[str, Any]] = []
+        self.complete = True
+        self._last: str | None = None
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.period_s):
+            try:
+                self.read()
+            except Exception as e:  # noqa: BLE001 - Redis away: read it next time
+                log.info("metrics not read: %s", e)
+
+    def finish(self) -> None:
+        """Stop the thread and read what is left."""
+        self._done.set()
+        self.join(60.0)
+        self.read()
+
+    def read(self) -> None:
+        """Append the records written since the last read."""
+        import inspect
+
+        from workers.unroll import UnrollWorker
+
+        cap = inspect.signature(UnrollWorker).parameters["metrics_maxlen"].default
+        r, key = self.run_.redis, self.run_.registry.key("metrics")
+        before = len(self.records)
+        try:
+            self._read_new(r, key)
+        finally:
+            if len(self.records) - before >= 0.9 * cap:
+                self.complete = False
+
+    def _read_new(self, r: Any, key: str) -> None:
+        while True:
+            batch = r.xrange(key, min="-" if self._last is None else f"({self._last}",
+                             count=10_000)
+            if not batch:
+                return
+            for _id, f in batch:
+                self.records.append({"worker": f.get("worker"), "seq": int(f["seq"]),
+                                     "version": int(f["version"]), "reason": f.get("reason"),
+                                     "incarnation": int(f.get("incarnation", 0))})
+            self._last = batch[-1][0]
+
+
+
 def books(run_dir: Path, records: list[dict[str, Any]], final: dict[str, Any],
           service: dict[str, Any]) -> dict[str, Any]:
     """Gradients applied twice, lost and rolled back, and the versions of ``applied.jsonl``,
@@ -279,7 +330,6 @@ def books(run_dir: Path, records: list[dict[str, Any]], final: dict[str, Any],
         + batch * sum(int(final.get(k) or 0) for k in ("failed_updates", "skipped_nonfinite"))
     beyond = sum(max(0, n - per_kill) for n in buffered.values()) + max(0, at_stop - counted)
     return {
-        "acks_complete": len(records) < METRICS_MAXLEN,  # else the oldest were trimmed
         "updates_logged": sum(1 for e in entries if "applied" in e),
         "incarnations": len(newest),
         "versions_monotone_log": all(b > a for a, b in zip(versions, versions[1:])),
@@ -355,7 +405,7 @@ class PidRecorder(threading.Thread):
 def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Run the service under chaos; the figures (also written to ``work/soak.json``)."""
     from l2o.io.config import config_from_dict
-    from services.train import ServiceRun, read_metrics
+    from services.train import ServiceRun
 
     rng = random.Random(args.seed)
     cfg = config_from_dict(soak_config(str(work / "runs"), args.minutes))
@@ -363,10 +413,12 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"run_id": None, "error": None}
     seen: list[int] = []
     run = ServiceRun(cfg)
+    acks = AckReader(run)
     out["run_id"] = run.run_id
     chaos = None
     try:
         run.start()
+        acks.start()
         t_train = time.monotonic()
 
         def progress(st: dict[str, Any]) -> None:
@@ -395,13 +447,12 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         run.mark_failed(e)
     final = dict(run.status)
     try:
-        records = read_metrics(run.redis, run.registry)
+        acks.finish()
         out["checkpoints"] = len(run.registry.checkpoints())
         out["checkpoints_scored"] = len(run.registry.eval_results())
         out["eval_dead_letters"] = len(run.registry.dead_letters())
         out["state"] = run.registry.state()
     except Exception as e:  # noqa: BLE001
-        records = []
         out["error"] = out["error"] or f"reading the registry: {type(e).__name__}: {e}"
     run.close()
     _wait(lambda: not process_tree(), 30.0)
@@ -412,7 +463,8 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "version": int(final.get("version", 0)),
         "kills": kills,
         "versions_monotone_seen": all(b >= a for a, b in zip(seen, seen[1:])),
-        "books": books(run.run_dir, records, final, cfg.service.model_dump()),
+        "books": {**books(run.run_dir, acks.records, final, cfg.service.model_dump()),
+                  "acks_complete": acks.complete},
         "final_status": {k: final.get(k) for k in (
             "incarnation", "accepted", "applied", "dropped_stale", "dropped_oldest",
             "dropped_at_stop", "rejected", "duplicate", "failed_updates", "skipped_nonfinite",

@@ -33,7 +33,9 @@ drives a :class:`ServiceRun` through its phases:
 Redis may restart or be away for up to ``$L2O_REDIS_OUTAGE_S`` seconds (default 60) at any phase:
 every registry call of the driver and the workers is retried that long
 (``services.redis_server.RedisSettings``). Past it the run fails with one line naming Redis; the
-run is then left marked live in Redis, and readers show it ``failed`` once its heartbeat is stale.
+run is then left marked live in Redis, readers show it ``failed`` once its heartbeat is stale, and
+the first reader to find it silent past that deadline stores it ``failed``
+(``services.registry.write_back_failed``).
 
 The bearer token is ``$L2O_TOKEN`` / ``$L2O_TOKEN_FILE`` / ``service.token_file``; without any a
 random per-run token is generated (never printed). Secrets reach the actors by file, never by value

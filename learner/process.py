@@ -37,6 +37,7 @@ from typing import Any
 
 from l2o.io.checkpoints import CheckpointError
 from l2o.io.config import ConfigError, TrainConfig, config_from_dict, load_config
+from l2o.io.secrets import SecretFile, reveal
 from l2o.io.storage import as_path
 from learner.server import format_address, serve
 from services.auth import TokenError, load_token
@@ -80,7 +81,8 @@ class LearnerProcess:
         run_id: the run id gradients must carry (default ``config.run_name``).
         host, port: where to listen (default ``config.service.host``/``port``; port 0: any;
             host ``auto``: every interface, advertised at the node IP Ray reports).
-        token: the bearer token (default: from the config's env var or file, else generated).
+        token: the bearer token, or the :class:`~l2o.io.secrets.SecretFile` holding it (default:
+            from the config's env var or file, else generated).
         theta: θ to start from instead of building it from ``config.optimizer``.
         on_params_checkpoint: called as ``f(path, version)`` after each params checkpoint.
         on_address: called with ``host:port`` once the server listens (e.g. to register it).
@@ -93,7 +95,8 @@ class LearnerProcess:
 
     def __init__(self, config: TrainConfig | dict | str | os.PathLike,
                  run_dir: str | os.PathLike | None = None, *, run_id: str | None = None,
-                 host: str | None = None, port: int | None = None, token: str | None = None,
+                 host: str | None = None, port: int | None = None,
+                 token: str | SecretFile | None = None,
                  theta: Any = None,
                  on_params_checkpoint: Callable[[Path, int], None] | None = None,
                  on_address: Callable[[str], None] | None = None,
@@ -113,7 +116,7 @@ class LearnerProcess:
         self.host = host if host is not None else svc.host
         self.port = port if port is not None else svc.port
         self.token_path: Path | None = None
-        self.token = token or load_token(svc.token_env, svc.token_file)
+        self.token = reveal(token) or load_token(svc.token_env, svc.token_file)
         if self.token is None and not allow_no_token:
             self.token = secrets.token_urlsafe(32)
             self.local_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,9 @@ taken in, and the bytes are collected into a buffer of exactly the declared size
 or mismatched push is refused without being buffered.
 
 A stalled client holds no thread for long: at most ``max_push_streams`` ``PushGradient`` streams
-are served at once (more are answered RESOURCE_EXHAUSTED, to be retried later), a stream that
+are served at once, and at most ``max_push_streams_per_client`` from one client (one connection,
+as gRPC's ``peer()`` names it), so one client cannot take every slot; more are answered
+RESOURCE_EXHAUSTED, to be retried later. A stream that
 sends nothing for ``stream_idle_s`` seconds is cancelled by a :class:`StreamWatchdog` (its partial
 gradient is dropped), and the server has threads to spare beyond the pushes, so ``Status``,
 ``FetchTheta`` and health checks answer while pushes hang.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -99,6 +102,9 @@ SERVER_OPTIONS = GRPC_OPTIONS + KEEPALIVE_OPTIONS + [
 
 #: ``PushGradient`` streams served at once; one more is answered RESOURCE_EXHAUSTED.
 MAX_PUSH_STREAMS = 8
+#: ``PushGradient`` streams one client (connection) may have served at once: a worker pushes one
+#: gradient at a time, plus a retry that may overlap a push it gave up on.
+MAX_PUSH_STREAMS_PER_CLIENT = 2
 #: Seconds a ``PushGradient`` stream may send nothing before it is cancelled.
 STREAM_IDLE_S = 30.0
 #: Server threads beyond the push streams' (``Status``, ``FetchTheta``, health, small pushes).
@@ -214,11 +220,15 @@ class LearnerServicer:
     """
 
     def __init__(self, learner: Learner, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *,
-                 max_push_streams: int = MAX_PUSH_STREAMS, stream_idle_s: float = STREAM_IDLE_S):
+                 max_push_streams: int = MAX_PUSH_STREAMS, stream_idle_s: float = STREAM_IDLE_S,
+                 max_push_streams_per_client: int = MAX_PUSH_STREAMS_PER_CLIENT):
         self.learner = learner
         self.chunk_bytes = chunk_bytes
         self.max_push_streams = max_push_streams
+        self.max_push_streams_per_client = max_push_streams_per_client
         self._push_slots = threading.BoundedSemaphore(max_push_streams)
+        self._per_client: Counter[str] = Counter()  # peer -> its pushes being served
+        self._per_client_lock = threading.Lock()
         self.watchdog = StreamWatchdog(stream_idle_s)
         self.template = TreeTemplate(learner.theta)
         self._cache_lock = threading.Lock()
@@ -258,9 +268,20 @@ class LearnerServicer:
                      context: grpc.ServicerContext) -> l2o_pb2.Ack:
         """Take one gradient; the ``Ack`` says accepted or why not.
 
-        RESOURCE_EXHAUSTED when ``max_push_streams`` pushes are in progress; a stream idle for
-        ``stream_idle_s`` is cancelled and what it sent is dropped."""
+        RESOURCE_EXHAUSTED when ``max_push_streams`` pushes are in progress, or
+        ``max_push_streams_per_client`` from this client; a stream idle for ``stream_idle_s`` is
+        cancelled and what it sent is dropped."""
+        peer = context.peer()
+        with self._per_client_lock:
+            mine = self._per_client[peer] < self.max_push_streams_per_client
+            if mine:
+                self._per_client[peer] += 1
+        if not mine:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self.max_push_streams_per_client} gradient pushes of this client in "
+                          "progress; retry later")
         if not self._push_slots.acquire(blocking=False):
+            self._release_client(peer)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{self.max_push_streams} gradient pushes in progress; retry later")
         try:
@@ -274,6 +295,13 @@ class LearnerServicer:
                     raise
         finally:
             self._push_slots.release()
+            self._release_client(peer)
+
+    def _release_client(self, peer: str) -> None:
+        with self._per_client_lock:
+            self._per_client[peer] -= 1
+            if self._per_client[peer] <= 0:
+                del self._per_client[peer]
 
     def PushSmallGradient(self, request: l2o_pb2.GradientChunk | Unparsable,
                           context: grpc.ServicerContext) -> l2o_pb2.Ack:
@@ -369,14 +397,17 @@ def serve(learner: Learner, host: str, port: int, token: str | None,
           tls_cert: str | None = None, tls_key: str | None = None,
           max_workers: int | None = None, *, allow_no_token: bool = False,
           chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_push_streams: int = MAX_PUSH_STREAMS,
-          stream_idle_s: float = STREAM_IDLE_S) -> tuple[grpc.Server, int]:
+          stream_idle_s: float = STREAM_IDLE_S,
+          max_push_streams_per_client: int = MAX_PUSH_STREAMS_PER_CLIENT
+          ) -> tuple[grpc.Server, int]:
     """Start the learner's gRPC server on ``host:port`` (0: a free port); ``(server, bound_port)``.
 
     Every RPC but health checks and reflection needs ``authorization: Bearer <token>``. A missing
     token is refused unless ``allow_no_token`` (then the service is open: local experiments only).
     With ``tls_cert`` and ``tls_key`` the port speaks TLS. ``max_push_streams`` gradient pushes are
-    served at once, each cancelled after ``stream_idle_s`` seconds without a chunk, on
-    ``max_workers`` threads (default: :data:`SPARE_THREADS` more, which keep ``Status`` and health
+    served at once (``max_push_streams_per_client`` from one connection), each cancelled after
+    ``stream_idle_s`` seconds without a chunk, on ``max_workers`` threads (default:
+    :data:`SPARE_THREADS` more, which keep ``Status`` and health
     checks answering; it must exceed ``max_push_streams``). Stop it with ``server.stop(grace)``.
     """
     if not token and not allow_no_token:
@@ -394,8 +425,9 @@ def serve(learner: Learner, host: str, port: int, token: str | None,
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix="learner-rpc"),
                          interceptors=interceptors, options=SERVER_OPTIONS)
-    add_learner_servicer(LearnerServicer(learner, chunk_bytes, max_push_streams=max_push_streams,
-                                         stream_idle_s=stream_idle_s), server)
+    add_learner_servicer(LearnerServicer(
+        learner, chunk_bytes, max_push_streams=max_push_streams, stream_idle_s=stream_idle_s,
+        max_push_streams_per_client=max_push_streams_per_client), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

@@ -16,6 +16,8 @@ from typing import Any
 
 import grpc
 
+from l2o.io.secrets import secret_from_env
+
 #: Method prefixes that need no token.
 OPEN_METHOD_PREFIXES = (
     "/grpc.health.v1.Health/",
@@ -30,7 +32,8 @@ class TokenError(ValueError):
 
 def load_token(env_var: str = "L2O_TOKEN", token_file: str | os.PathLike | None = None
                ) -> str | None:
-    """The bearer token from ``token_file`` (if given) or else ``$env_var``; None if neither is set.
+    """The bearer token from ``token_file`` (if given), else ``$env_var``, else the file named by
+    ``$env_var_FILE`` (``L2O_TOKEN_FILE``); None if none is set.
 
     Surrounding whitespace is stripped. A named file that does not exist or is empty raises
     :class:`TokenError`.
@@ -43,8 +46,10 @@ def load_token(env_var: str = "L2O_TOKEN", token_file: str | os.PathLike | None 
         if not token:
             raise TokenError(f"token file {path} is empty")
         return token
-    token = os.environ.get(env_var, "").strip()
-    return token or None
+    try:
+        return secret_from_env(env_var)
+    except ValueError as e:
+        raise TokenError(f"${env_var}_FILE: {e}") from None
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -44,7 +44,7 @@ from proto.wire import (
     total_bytes,
 )
 from services.auth import auth_metadata, channel_credentials
-from services.retry import RetryGaveUp, RetryPolicy, grpc_code, retry_call
+from services.retry import RetryGaveUp, RetryPolicy, env_seconds, grpc_code, retry_call
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ class LearnerClient:
         backoff_initial_s, backoff_max_s: the retry delays (doubling, jitter in [½, 1]×).
         chunk_bytes: the size of the chunks a gradient is cut into.
         like: template tree for fetched θ (default: nested dicts/lists rebuilt from the paths).
-        rpc_timeout_s: the deadline of each call; a streamed θ or gradient gets
+        rpc_timeout_s: the deadline of each call (default ``$L2O_RPC_TIMEOUT_S``, else
+            :data:`RPC_TIMEOUT_S`); a streamed θ or gradient gets
             ``min_stream_bytes_per_s`` more time per byte (a first θ download of unknown size,
             without ``like``, :data:`FIRST_FETCH_TIMEOUT_S`). A call past its deadline is
             retried.
@@ -151,8 +152,10 @@ class LearnerClient:
                  resolve_address: Callable[[], str] | None = None,
                  max_wait_s: float = 60.0, backoff_initial_s: float = 0.05,
                  backoff_max_s: float = 2.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 like: Any = None, rpc_timeout_s: float = RPC_TIMEOUT_S,
+                 like: Any = None, rpc_timeout_s: float | None = None,
                  min_stream_bytes_per_s: float = MIN_STREAM_BYTES_PER_S):
+        if rpc_timeout_s is None:
+            rpc_timeout_s = env_seconds("L2O_RPC_TIMEOUT_S", RPC_TIMEOUT_S)
         if rpc_timeout_s <= 0 or min_stream_bytes_per_s <= 0:
             raise ValueError("rpc_timeout_s and min_stream_bytes_per_s must be positive")
         self.address = check_address(address)

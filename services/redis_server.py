@@ -49,8 +49,8 @@ from pathlib import Path
 
 import redis
 
-from l2o.io.secrets import redact_url
-from services.retry import DeadlineRetry, RedisUnavailable, RetryPolicy
+from l2o.io.secrets import SecretFile, redact_url, reveal, secret_from_env
+from services.retry import DeadlineRetry, RedisUnavailable, RetryPolicy, env_seconds
 
 __all__ = [
     "EmbeddedRedis",
@@ -62,20 +62,6 @@ __all__ = [
     "run_data_dir",
     "shutdown_embedded",
 ]
-
-
-def _env_seconds(name: str, default: float) -> float:
-    """``$name`` as a positive number of seconds, else ``default``."""
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"${name} must be a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"${name} must be positive, got {raw!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -98,11 +84,11 @@ class RedisSettings:
         """Defaults overridden by ``$L2O_REDIS_CONNECT_TIMEOUT_S``,
         ``$L2O_REDIS_SOCKET_TIMEOUT_S`` and ``$L2O_REDIS_OUTAGE_S``."""
         base = cls()
-        return cls(connect_timeout_s=_env_seconds("L2O_REDIS_CONNECT_TIMEOUT_S",
+        return cls(connect_timeout_s=env_seconds("L2O_REDIS_CONNECT_TIMEOUT_S",
                                                   base.connect_timeout_s),
-                   socket_timeout_s=_env_seconds("L2O_REDIS_SOCKET_TIMEOUT_S",
+                   socket_timeout_s=env_seconds("L2O_REDIS_SOCKET_TIMEOUT_S",
                                                  base.socket_timeout_s),
-                   outage_s=_env_seconds("L2O_REDIS_OUTAGE_S", base.outage_s))
+                   outage_s=env_seconds("L2O_REDIS_OUTAGE_S", base.outage_s))
 
     def retry_policy(self) -> RetryPolicy:
         """How a command is retried: the backoff, until ``outage_s``."""
@@ -334,12 +320,14 @@ def shutdown_embedded() -> None:
             _EMBEDDED = None
 
 
-def redis_connection(url: str | None = None, *, data: str | os.PathLike | None = None,
+def redis_connection(url: str | SecretFile | None = None, *, data: str | os.PathLike | None = None,
                      decode_responses: bool = True, ping: bool = True,
                      reuse_running: bool = False, wait: bool = False,
                      settings: RedisSettings | None = None) -> tuple[redis.Redis, str]:
-    """``(client, url)``: connect to ``url``, else ``$REDIS_URL``, else an embedded server
-    keeping its data in ``data`` (a run's :func:`run_data_dir`; ``None``: nothing is kept).
+    """``(client, url)``: connect to ``url`` (a :class:`~l2o.io.secrets.SecretFile` is read),
+    else ``$REDIS_URL``, else the URL in the file ``$REDIS_URL_FILE`` names, else an embedded
+    server keeping its data in ``data`` (a run's :func:`run_data_dir`; ``None``: nothing is
+    kept).
 
     With ``reuse_running`` (for readers) an embedded server advertised in ``data`` is used
     when one is alive; otherwise this process starts its own. The returned URL is what other
@@ -353,7 +341,10 @@ def redis_connection(url: str | None = None, *, data: str | os.PathLike | None =
     ``ConnectionError`` naming the (redacted) URL.
     """
     settings = settings or RedisSettings.from_env()
-    url = url or os.environ.get("REDIS_URL") or None
+    try:
+        url = reveal(url) or secret_from_env("REDIS_URL")
+    except ValueError as e:  # an unreadable $REDIS_URL_FILE or secret file
+        raise ConnectionError(f"no Redis URL: {e}") from None
     if url is None:
         sock = _advertised_socket(Path(data)) if reuse_running and data is not None else None
         url = f"unix://{sock}" if sock else embedded_server(data).url

@@ -37,10 +37,13 @@ a resumed run keeps its id (:func:`run_id_for`). Two runs of the same name there
 key, a learner address, a status or a leaderboard row, even on one Redis.
 
 **Liveness.** While a run is going its driver writes ``heartbeat_at`` every ``heartbeat_s``
-seconds (:data:`HEARTBEAT_S`). A run that dies is marked ``failed`` by its driver on the way out;
-a driver that could not (killed, or Redis gone) leaves a live-looking state behind, which readers
-(:func:`run_status`, :func:`list_runs`) show as ``failed`` once no heartbeat came for
-:data:`STALE_HEARTBEATS` intervals (:func:`shown_state`).
+seconds (:data:`HEARTBEAT_S`), and its Redis deadline ``outage_s``. A run that dies is marked
+``failed`` by its driver on the way out; a driver that could not (killed, or Redis gone) leaves a
+live-looking state behind, which readers (:func:`run_status`, :func:`list_runs`) show as
+``failed`` once no heartbeat came for :data:`STALE_HEARTBEATS` intervals (:func:`shown_state`),
+and *store* as ``failed`` (:func:`write_back_failed`) once no heartbeat came for longer than the
+driver's own Redis deadline plus two intervals: by then a driver that lost Redis has given up,
+so no live run is ever marked failed by a reader.
 
 **Leaderboard score**: ``learned_final_loss / adam_final_loss`` on the held-out eval task, i.e. the
 learned optimizer's final loss as a fraction of the tuned Adam's. **Lower is better**; below 1
@@ -83,7 +86,7 @@ from typing import Any
 
 import redis
 
-from l2o.io.secrets import redacted_config
+from l2o.io.secrets import SecretFile, redacted_config
 
 PREFIX = "l2o"
 GROUP = "evalers"
@@ -102,6 +105,8 @@ LIVE_STATES = frozenset({"starting", "running", "stopping"})
 HEARTBEAT_S = 5.0
 #: missed heartbeats after which readers show a live-looking run as failed
 STALE_HEARTBEATS = 6
+#: the Redis deadline assumed for a driver that did not store its own (``outage_s``)
+DEFAULT_OUTAGE_S = 60.0
 #: the file of a run directory that holds the run's id
 RUN_ID_FILE = "run_id"
 
@@ -149,6 +154,42 @@ def shown_state(status: dict[str, Any], now: float | None = None) -> str | None:
     age = heartbeat_age(status, now)
     interval = float(status.get("heartbeat_s") or HEARTBEAT_S)
     return "failed" if age is not None and age > STALE_HEARTBEATS * interval else state
+
+
+def abandoned(status: dict[str, Any], now: float | None = None) -> bool:
+    """Whether ``status`` is a live-looking state that no driver can still be behind: no
+    heartbeat for :data:`STALE_HEARTBEATS` intervals and for longer than the driver's Redis
+    deadline (``outage_s``, default :data:`DEFAULT_OUTAGE_S`) plus two intervals."""
+    if status.get("state") not in LIVE_STATES:
+        return False
+    age = heartbeat_age(status, now)
+    interval = float(status.get("heartbeat_s") or HEARTBEAT_S)
+    outage = float(status.get("outage_s") or DEFAULT_OUTAGE_S)
+    return age is not None and age > max(STALE_HEARTBEATS * interval, outage + 2 * interval)
+
+
+def write_back_failed(client: redis.Redis, run_id: str, status: dict[str, Any]) -> dict[str, Any]:
+    """Store ``failed`` for run ``run_id`` when its ``status`` (as just read) is
+    :func:`abandoned`, unless a heartbeat or a new state came meanwhile (checked atomically);
+    the status as it now is."""
+    if not abandoned(status):
+        return status
+    key = f"{PREFIX}:{run_id}:status"
+    error = (f"the driver's heartbeat stopped {heartbeat_age(status):.0f} s ago (driver killed, "
+             "or it lost Redis); marked failed by a reader")
+    with client.pipeline() as pipe:
+        try:
+            pipe.watch(key)
+            now = {k: _s(v) for k, v in (pipe.hgetall(key) or {}).items()}
+            if not abandoned(now):
+                return status
+            pipe.multi()
+            pipe.hset(key, mapping={"state": "failed", "error": error,
+                                    "updated_at": repr(time.time())})
+            pipe.execute()
+        except redis.WatchError:  # the driver wrote meanwhile: it is alive
+            return status
+    return {**status, "state": "failed", "error": error}
 
 
 def heartbeat_age(status: dict[str, Any], now: float | None = None) -> float | None:
@@ -289,10 +330,13 @@ class Registry:
                 out[k] = v
         return out
 
-    def heartbeat(self, interval_s: float = HEARTBEAT_S) -> None:
-        """Record that the run's driver is alive (``heartbeat_at``; next one in ``interval_s``)."""
+    def heartbeat(self, interval_s: float = HEARTBEAT_S, outage_s: float = DEFAULT_OUTAGE_S
+                  ) -> None:
+        """Record that the run's driver is alive (``heartbeat_at``; next one in ``interval_s``;
+        it gives up after ``outage_s`` without Redis)."""
         self.r.hset(self.key("status"), mapping={"heartbeat_at": repr(time.time()),
-                                                 "heartbeat_s": repr(float(interval_s))})
+                                                 "heartbeat_s": repr(float(interval_s)),
+                                                 "outage_s": repr(float(outage_s))})
 
     def state(self) -> str | None:
         """The run's state (``running``, ``done``, …) or ``None`` if never set."""
@@ -613,24 +657,26 @@ class Registry:
 
 def list_runs(client: redis.Redis) -> list[dict]:
     """Every run in the index, newest first: ``{run_id, created_at, state}`` (the state as
-    :func:`shown_state` shows it)."""
+    :func:`shown_state` shows it; an :func:`abandoned` run is stored as failed)."""
     out = []
     for member, created in client.zrevrange(RUNS_KEY, 0, -1, withscores=True):
         run_id = _s(member)
+        status = write_back_failed(client, run_id, Registry(client, run_id).status())
         out.append({"run_id": run_id, "created_at": float(created),
-                    "state": shown_state(Registry(client, run_id).status())})
+                    "state": shown_state(status)})
     return out
 
 
 def run_status(client: redis.Redis, run_id: str) -> dict:
     """Everything ``l2o status RUN`` shows: state (as :func:`shown_state` shows it; the stored
-    one is ``status["state"]``), counters, learner, checkpoints and evals.
+    one is ``status["state"]``; an :func:`abandoned` run is stored as failed first), counters,
+    learner, checkpoints and evals.
 
     Raises ``KeyError`` if Redis knows nothing of ``run_id``.
     """
     reg = Registry(client, run_id)
     manifest = reg.manifest()
-    status = reg.status()
+    status = write_back_failed(client, run_id, reg.status())
     if manifest is None and not status and not client.exists(
             reg.eval_stream, reg.dead_stream, reg.key("checkpoints"), reg.key("evals")):
         raise KeyError(f"no run {run_id!r} in this Redis")
@@ -682,8 +728,9 @@ class RegistryHooks:
     The Redis connection is opened lazily from ``redis_url`` in whichever process calls them.
     """
 
-    def __init__(self, redis_url: str, run_id: str) -> None:
-        """Remember where the registry lives; nothing is opened yet."""
+    def __init__(self, redis_url: str | SecretFile, run_id: str) -> None:
+        """Remember where the registry lives (a URL holding a password comes as the
+        :class:`~l2o.io.secrets.SecretFile` that holds it); nothing is opened yet."""
         self.redis_url = redis_url
         self.run_id = run_id
         self._registry: Registry | None = None

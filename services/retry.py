@@ -13,6 +13,7 @@ condition under the same backoff. :class:`DeadlineRetry` is a policy as redis-py
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -28,6 +29,20 @@ from redis.retry import Retry
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def env_seconds(name: str, default: float) -> float:
+    """``$name`` as a positive number of seconds, else ``default``."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"${name} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"${name} must be positive, got {raw!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,15 @@ drives a :class:`ServiceRun` through its phases:
 Redis may restart or be away for up to ``$L2O_REDIS_OUTAGE_S`` seconds (default 60) at any phase:
 every registry call of the driver and the workers is retried that long
 (``services.redis_server.RedisSettings``). Past it the run fails with one line naming Redis; the
-run is then left marked live in Redis, and readers show it ``failed`` once its heartbeat is stale.
+run is then left marked live in Redis, readers show it ``failed`` once its heartbeat is stale, and
+the first reader to find it silent past that deadline stores it ``failed``
+(``services.registry.write_back_failed``).
 
-The bearer token is ``$L2O_TOKEN`` / ``service.token_file``; without either a random per-run token
-is generated and handed to the actors (never printed).
+The bearer token is ``$L2O_TOKEN`` / ``$L2O_TOKEN_FILE`` / ``service.token_file``; without any a
+random per-run token is generated (never printed). Secrets reach the actors by file, never by value
+(:func:`hand_over`): the token, and a Redis URL with a password, are written to
+``<run_dir>/secrets/`` (mode 0600, removed when the run ends) and the actors get the paths and a
+config with secrets redacted, so nothing secret sits in an actor's arguments or runtime env.
 
 Running it::
 
@@ -65,6 +70,7 @@ import json
 import logging
 import math
 import secrets
+import shutil
 import sys
 import threading
 import time
@@ -72,7 +78,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from l2o.io.secrets import redact_url
+from l2o.io.secrets import SecretFile, redact_url, redacted_config, write_secret
 from l2o.io.storage import absolute
 from services.registry import HEARTBEAT_S
 from services.retry import LEARNER_RESTART, describe, retry_call
@@ -165,12 +171,39 @@ def init_ray(cfg: Any, address: str | None = None) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
+# Secrets
+
+#: The folder of secrets handed to the actors by path (mode 0700, files 0600), in the run's local
+#: directory (the run directory itself unless that is a storage URL: ``local_dir``). On several
+#: nodes that directory must be on a filesystem every node mounts at the same path.
+SECRETS_DIR = "secrets"
+
+
+def actor_config(cfg: Any) -> dict[str, Any]:
+    """``cfg`` as the actors get it: a JSON dump with every secret redacted (the actors take the
+    Redis URL and the token from their own arguments)."""
+    return redacted_config(cfg.model_dump(mode="json"))
+
+
+def hand_over(local_dir: Path, name: str, value: str) -> str | SecretFile:
+    """``value`` as an actor argument: stored in ``local_dir/secrets/name`` and passed by path
+    when it holds a secret (a token; a URL with a password), else as it is."""
+    if name != "token" and redact_url(value) == value:
+        return value
+    return write_secret(local_dir / SECRETS_DIR / name, value)
+
+
+# ------------------------------------------------------------------------------------------------
 # Learner
 
 
-def start_learner(cfg: Any, run_id: str, run_dir: Any, token: str, redis_url: str,
-                  add_repo_to_path: bool, local_dir: Path | None = None) -> tuple[Any, str]:
+def start_learner(cfg: Any, run_id: str, run_dir: Any, token: str | SecretFile,
+                  redis_url: str | SecretFile, add_repo_to_path: bool,
+                  local_dir: Path | None = None) -> tuple[Any, str]:
     """Start the learner actor; ``(actor handle, "host:port")``.
+
+    Secrets (the token, a Redis URL with a password) come as :class:`~l2o.io.secrets.SecretFile`
+    paths, and the config the actor gets has them redacted: Ray keeps actor arguments.
 
     The actor (``learner.process.LearnerProcess``, ``max_restarts=-1``, serving on start, placed
     by ``service.placement.learner``) resumes from ``run_dir`` (a local path or a storage URL)
@@ -188,7 +221,7 @@ def start_learner(cfg: Any, run_id: str, run_dir: Any, token: str, redis_url: st
     actor_cls = learner_actor(max_restarts=-1, max_task_retries=-1)
     opts["name"] = actor_name(run_id, "learner")
     actor = actor_cls.options(**opts).remote(
-        cfg.model_dump(mode="json"), str(run_dir), run_id=run_id, token=token,
+        actor_config(cfg), str(run_dir), run_id=run_id, token=token,
         on_params_checkpoint=hooks.enqueue_eval, on_address=hooks.publish_address,
         autostart=True, local_dir=str(local_dir or run_dir))
     try:
@@ -216,7 +249,7 @@ def read_metrics(redis_client: Any, registry: Any) -> list[dict[str, Any]]:
         for k in (*CORE_METRICS, *OPTIONAL_METRICS, "t"):
             if k in rec:
                 rec[k] = float(rec[k])
-        for k in ("seq", "version", "stage", "num_steps"):
+        for k in ("seq", "version", "stage", "num_steps", "incarnation"):
             if k in rec:
                 rec[k] = int(rec[k])
         out.append(rec)
@@ -336,11 +369,14 @@ class ServiceRun:
         registry.ensure_group()
         self._connect_ray(address)
         add_path = not ships_code()
-        self._start_learner(token, add_path)
+        # the actors get the secrets by file (hand_over), the driver keeps the token itself
+        handed = (hand_over(self.local_dir, "token", token),
+                  hand_over(self.local_dir, "redis_url", self.url))
+        self._start_learner(token, handed, add_path)
         if cfg.curriculum is not None:  # before the workers start: they read its stage
             self.curriculum = _start_curriculum(cfg, self.run_dir, self.client, self.learner,
                                                 registry, curriculum_scorer)
-        self._start_workers(token, add_path)
+        self._start_workers(handed, add_path)
         registry.set_status("running")
         self.run_refs = {w.run.remote(): i for i, w in enumerate(self.unroll)}
         self.eval_refs = [e.run.remote() for e in self.evals]
@@ -348,12 +384,15 @@ class ServiceRun:
     def _start_heartbeat(self, interval_s: float = HEARTBEAT_S) -> None:
         """Write the driver's heartbeat now and every ``interval_s`` until :meth:`close` (a
         missed one, Redis being away, is logged: readers allow several)."""
-        self.registry.heartbeat(interval_s)
+        from services.redis_server import RedisSettings
+
+        outage_s = RedisSettings.from_env().outage_s  # readers wait that long before failing us
+        self.registry.heartbeat(interval_s, outage_s)
 
         def beat() -> None:
             while not self._beating.wait(interval_s):
                 try:
-                    self.registry.heartbeat(interval_s)
+                    self.registry.heartbeat(interval_s, outage_s)
                 except Exception as e:  # noqa: BLE001 - the driver's own calls report Redis
                     log.warning("heartbeat not written: %s", e)
 
@@ -372,13 +411,14 @@ class ServiceRun:
                         "actors elsewhere cannot reach it; set REDIS_URL (or service.redis_url) "
                         "to a Redis every node can reach", len(alive))
 
-    def _start_learner(self, token: str, add_path: bool) -> None:
-        """Start the learner actor, publish its address and open a client to it."""
+    def _start_learner(self, token: str, handed: tuple[Any, Any], add_path: bool) -> None:
+        """Start the learner actor (given ``handed``: the token and the Redis URL as
+        :func:`hand_over` gives them), publish its address and open a client to it."""
         from services.client import LearnerClient
 
         registry = self.registry
-        self.learner, address = start_learner(self.cfg, self.run_id, self.run_dir, token,
-                                              self.url, add_path, self.local_dir)
+        self.learner, address = start_learner(self.cfg, self.run_id, self.run_dir, *handed,
+                                              add_path, self.local_dir)
         registry.set_learner_address(address)
         self.learner_node = _safe_get(self.learner.node_id.remote())
         # with TLS on, trust the learner's (self-signed) certificate
@@ -388,19 +428,20 @@ class ServiceRun:
         for worker_id, last in (self.client.status().get("worker_last_seq") or {}).items():
             registry.ensure_seq_at_least(worker_id, int(last) + 1)
 
-    def _start_workers(self, token: str, add_path: bool) -> None:
-        """Start ``num_unroll_workers`` unroll and ``num_eval_workers`` eval worker actors."""
+    def _start_workers(self, handed: tuple[Any, Any], add_path: bool) -> None:
+        """Start ``num_unroll_workers`` unroll and ``num_eval_workers`` eval worker actors
+        (given ``handed``: the token and the Redis URL as :func:`hand_over` gives them)."""
         from workers.eval_worker import create_eval_worker
         from workers.unroll import create_unroll_worker
 
         svc, run_id = self.cfg.service, self.run_id
-        config_dump = self.cfg.model_dump(mode="json")
-        self.unroll = [create_unroll_worker(config_dump, i, run_id, self.url, token,
+        config_dump, (token, url) = actor_config(self.cfg), handed
+        self.unroll = [create_unroll_worker(config_dump, i, run_id, url, token,
                                             name=actor_name(run_id, f"unroll-{i}"),
                                             root_cert=svc.tls_cert, add_repo_to_path=add_path,
                                             **svc.ray_options("unroll"))
                        for i in range(svc.num_unroll_workers)]
-        self.evals = [create_eval_worker(run_id, self.url, f"eval-{j}",
+        self.evals = [create_eval_worker(run_id, url, f"eval-{j}",
                                          name=actor_name(run_id, f"eval-{j}"),
                                          add_repo_to_path=add_path, **svc.ray_options("eval"))
                       for j in range(svc.num_eval_workers)]
@@ -555,8 +596,9 @@ class ServiceRun:
             pass
 
     def close(self, keep_actors: bool = False) -> None:
-        """Close the client, kill the actors (unless ``keep_actors``), and stop the Ray
-        instance and the embedded Redis if this run started them."""
+        """Close the client, kill the actors and remove the secrets handed to them (unless
+        ``keep_actors``), and stop the Ray instance and the embedded Redis if this run started
+        them."""
         import ray
 
         from services import redis_server
@@ -573,6 +615,7 @@ class ServiceRun:
                     ray.kill(a, no_restart=True)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+            shutil.rmtree(self.local_dir / SECRETS_DIR, ignore_errors=True)
         if self.started_ray:
             ray.shutdown()
         if self.owns_redis:

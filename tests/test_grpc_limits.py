@@ -67,8 +67,9 @@ def timed(fn, limit_s: float):  # noqa: ANN001, ANN201 - any call
 
 
 def test_stalled_push_streams_leave_status_and_health_answering(tmp_path: Path) -> None:
-    """12 authenticated PushGradient streams that stall after their first chunk: 8 take the
-    push slots, 4 are turned away with RESOURCE_EXHAUSTED; Status, health and FetchTheta answer
+    """13 authenticated PushGradient streams that stall after their first chunk: one client's
+    third is turned away (2 per client), then of 10 clients' streams 6 take the remaining push
+    slots and 4 are turned away, all with RESOURCE_EXHAUSTED; Status, health and FetchTheta answer
     within 2 s meanwhile; the stalled streams are cancelled after the idle limit, their partial
     gradients dropped; a slow stream that keeps sending is not; a normal push then succeeds."""
     learner = Learner(big_theta(), optax.sgd(0.1), ServiceConfig(max_staleness=100), tmp_path,
@@ -77,19 +78,30 @@ def test_stalled_push_streams_leave_status_and_health_answering(tmp_path: Path) 
                          stream_idle_s=IDLE_S)
     address = f"127.0.0.1:{port}"
     release = threading.Event()
-    channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
+    # one connection per channel: the server tells clients apart by their connection
+    channels = [grpc.insecure_channel(address, options=[*CLIENT_OPTIONS,
+                                                        ("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(11)]
+    channel = channels[0]
     client = LearnerClient(address, TOKEN, RUN, max_wait_s=5.0, rpc_timeout_s=2.0)
     try:
         stub = l2o_pb2_grpc.LearnerStub(channel)
-        firsts = [gradient_chunks(seq, learner.incarnation)[0] for seq in range(12)]
-        calls = [stub.PushGradient.future(stalled(first, release), metadata=auth_metadata(TOKEN))
-                 for first in firsts]
-        deadline = time.monotonic() + 5.0  # until 8 streams hold the slots, 4 are turned away
-        while sum(c.done() for c in calls) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        firsts = iter([gradient_chunks(seq, learner.incarnation)[0] for seq in range(13)])
+
+        def open_stalled(stubs: list, turned_away: int) -> list:
+            calls = [s.PushGradient.future(stalled(next(firsts), release),
+                                           metadata=auth_metadata(TOKEN)) for s in stubs]
+            deadline = time.monotonic() + 5.0  # until the turned-away ones are answered
+            while sum(c.done() for c in calls) < turned_away and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return calls
+
+        calls = open_stalled([stub] * 3, 1)  # one client: 2 served, its third turned away
+        calls += open_stalled([l2o_pb2_grpc.LearnerStub(c) for c in channels[1:]], 4)
         busy = [c for c in calls if c.done()]
-        assert len(busy) == 4
+        assert len(busy) == 5
         assert {c.code() for c in busy} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert sum("of this client" in c.details() for c in busy) == 1
 
         t_stall = time.monotonic()
         status = timed(client.status, 2.0)
@@ -129,7 +141,8 @@ def test_stalled_push_streams_leave_status_and_health_answering(tmp_path: Path) 
     finally:
         release.set()
         client.close()
-        channel.close()
+        for c in channels:
+            c.close()
         server.stop(0)
         learner.stop(checkpoint=False)
 

@@ -34,6 +34,7 @@ from services.registry import (  # noqa: E402
     HEARTBEAT_S,
     STALE_HEARTBEATS,
     Registry,
+    abandoned,
     leaderboard,
     list_runs,
     new_run_id,
@@ -228,23 +229,31 @@ def test_a_live_run_without_a_heartbeat_is_shown_failed():
     assert shown_state({"state": "starting", "updated_at": now - stale - 1}, now) == "failed"
     for state in ("done", "failed"):  # finished runs are shown as they are
         assert shown_state({"state": state, "heartbeat_at": 0.0}, now) == state
+    # stored as failed only past the driver's own Redis deadline (plus two heartbeats)
+    gone = {**running, "outage_s": 60.0}
+    assert not abandoned({**gone, "heartbeat_at": now - 69}, now)
+    assert abandoned({**gone, "heartbeat_at": now - 71}, now)
+    assert not abandoned({**gone, "heartbeat_at": now - 71, "state": "done"}, now)
 
 
 def test_status_shows_a_run_whose_driver_died_as_failed(external):
+    """A run without heartbeats is shown failed; once past its driver's Redis deadline, the
+    reader who notices stores it failed (with why); a live run is left alone."""
     client, _ = redis_connection(external.url)
-    dead, alive = (Registry(client, new_run_id(n)) for n in ("dead", "alive"))
-    for reg in (dead, alive):
+    dead, gone, alive = (Registry(client, new_run_id(n)) for n in ("dead", "gone", "alive"))
+    for reg in (dead, gone, alive):
         reg.write_manifest({})
         reg.set_status("running")
-    alive.heartbeat()
-    client.hset(dead.key("status"), mapping={
-        "heartbeat_at": repr(time.time() - STALE_HEARTBEATS * HEARTBEAT_S - 5),
-        "heartbeat_s": repr(HEARTBEAT_S)})
+        reg.heartbeat(HEARTBEAT_S, outage_s=40.0)
+    for reg, age in ((dead, STALE_HEARTBEATS * HEARTBEAT_S + 5), (gone, 40 + 2 * HEARTBEAT_S + 5)):
+        client.hset(reg.key("status"), "heartbeat_at", repr(time.time() - age))
     assert run_status(client, dead.run_id)["state"] == "failed"
     assert run_status(client, dead.run_id)["status"]["state"] == "running"  # as stored
     assert run_status(client, alive.run_id)["state"] == "running"
     states = {r["run_id"]: r["state"] for r in list_runs(client)}
-    assert states[dead.run_id] == "failed" and states[alive.run_id] == "running"
+    assert states == {dead.run_id: "failed", gone.run_id: "failed", alive.run_id: "running"}
+    assert gone.state() == "failed" and "heartbeat stopped" in gone.status()["error"]
+    assert dead.state() == "running" and alive.state() == "running"
 
 
 # ---- a service run through a Redis restart ------------------------------------------------

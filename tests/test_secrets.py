@@ -144,3 +144,36 @@ def test_status_redacts_a_manifest_written_in_plaintext(registry):
                                                "created_at": 0.0}))
     out = status_json(url, reg.run_id)
     assert SECRET not in out and "redis://:***@127.0.0.1:1/0" in out
+
+
+# --- secrets handed to other processes by file ---------------------------------------------
+
+def test_secrets_are_handed_over_by_a_private_file(tmp_path, monkeypatch):
+    """A token or a Redis URL with a password goes to actors as the path of a 0600 file: the
+    pickled argument holds the path, never the value; the environment's ``*_FILE`` variables
+    are read the same way, and a missing file is named."""
+    import os
+    import pickle
+
+    from l2o.io.secrets import SecretFile, reveal, secret_from_env
+    from services.auth import TokenError, load_token
+    from services.train import hand_over
+
+    run_dir = tmp_path / "run"
+    token = hand_over(run_dir, "token", "tok-" + SECRET)
+    url = hand_over(run_dir, "redis_url", URL)
+    plain = hand_over(run_dir, "redis_url_plain", "unix:///tmp/r.sock")
+    assert plain == "unix:///tmp/r.sock"  # nothing secret in it: passed as it is
+    for ref, value in ((token, "tok-" + SECRET), (url, URL)):
+        assert isinstance(ref, SecretFile) and reveal(ref) == value
+        assert SECRET.encode() not in pickle.dumps(ref) and SECRET not in repr(ref)
+        assert os.stat(ref.path).st_mode & 0o777 == 0o600
+    assert os.stat(run_dir / "secrets").st_mode & 0o777 == 0o700
+    monkeypatch.delenv("L2O_TOKEN", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("L2O_TOKEN_FILE", token.path)
+    monkeypatch.setenv("REDIS_URL_FILE", url.path)
+    assert load_token() == "tok-" + SECRET and secret_from_env("REDIS_URL") == URL
+    monkeypatch.setenv("L2O_TOKEN_FILE", str(tmp_path / "nope"))
+    with pytest.raises(TokenError, match="L2O_TOKEN_FILE.*nope"):
+        load_token()

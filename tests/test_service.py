@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -33,23 +34,30 @@ from services.registry import (  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
+#: the password of the module's Redis: runs must keep it out of what they hand to Ray
+REDIS_PASSWORD = f"pw-{uuid.uuid4().hex[:12]}"
+
+
 @pytest.fixture(scope="module")
 def redis_url():
-    """A real Redis server for the module (embedded, on a unix socket)."""
+    """A real Redis server for the module (embedded, on a unix socket, with a password)."""
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
     srv = EmbeddedRedis()
-    yield srv.url
+    srv.client().config_set("requirepass", REDIS_PASSWORD)
+    yield f"unix://:{REDIS_PASSWORD}@{srv.socket}"
     srv.stop()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    """A local Ray instance with 2 CPUs (its actors share the suite's compilation cache)."""
+    """A local Ray instance with 2 CPUs and its state API (its actors share the suite's
+    compilation cache)."""
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        # the dashboard serves Ray's state API (read by test_secrets_are_not_in_rays_state)
+        ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING")
     yield
     if started:
         ray.shutdown()
@@ -301,33 +309,159 @@ def test_rerun_resumes_on_a_fresh_redis(tmp_path, redis_url):
         other.stop()
 
 
-def test_two_runs_of_one_name_on_one_redis_are_told_apart(tmp_path, redis_url):
-    """Two runs named alike (different run directories) one after the other on one Redis: each
-    has its own run id, manifest, status and leaderboard rows; neither overwrites the other."""
-    from services.train import run_service
+#: seconds the learner of the first overlapping run is frozen: past the workers' RPC deadline
+#: (``$L2O_RPC_TIMEOUT_S`` = 2 s in these runs) and past their client's retries (attempts start
+#: for 10 s: the last ends by ~11 s), so the worker gives up on the client and reconnects
+FREEZE_S = 15.0
+#: the bearer token of the overlapping runs (from a token file); it must never show in Ray's state
+TOKEN_SECRET = f"tok-{uuid.uuid4().hex}"
 
-    data = small_config(tmp_path, num_unroll_workers=1)
-    data.update(meta_steps=6, checkpoint_every=3)
-    runs = []
-    for k in range(2):
-        cfg = config_from_dict({**data, "run_dir": str(tmp_path / f"runs{k}")})
-        summary = run_service(cfg, redis_url=redis_url, final_eval=False)
-        runs.append((cfg, summary))
-    (cfg_a, a), (cfg_b, b) = runs
+
+def _ray_state_text() -> str:
+    """Everything Ray's state API shows of the actors, tasks and jobs, as one text."""
+    import dataclasses
+
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    ours = {"address": ray.get_runtime_context().gcs_address}  # not another user's Ray
+    rows = [*list_actors(detail=True, limit=10_000, **ours),
+            *list_tasks(detail=True, limit=10_000, **ours), *list_jobs(detail=True, **ours)]
+    return json.dumps([dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r
+                       for r in rows], default=str)
+
+
+def _freeze(run, seen: dict) -> None:
+    """Once ``run`` has made 5 updates: SIGSTOP its learner for :data:`FREEZE_S`, then SIGCONT."""
+    import signal
+
+    from ray.util.state import list_actors
+
+    from services.train import actor_name
+
+    deadline = time.monotonic() + 240
+    while int(run.status.get("updates", 0)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [actor] = list_actors(address=ray.get_runtime_context().gcs_address,
+                          filters=[("name", "=", actor_name(run.run_id, "learner")),
+                                   ("state", "=", "ALIVE")])
+    seen.update(pid=actor.pid, incarnation=run.status["incarnation"])
+    os.kill(actor.pid, signal.SIGSTOP)
+    seen["stopped_at"] = time.monotonic()
+    try:
+        time.sleep(FREEZE_S)
+        seen["frozen_updates"] = int(run.status.get("updates", 0))
+    finally:
+        os.kill(actor.pid, signal.SIGCONT)
+        seen["continued_at"] = time.monotonic()
+
+
+@pytest.fixture(scope="module")
+def overlapping(tmp_path_factory, redis_url):
+    """Two runs of one name (different run directories) on the module's Redis, both started
+    before either trains, so they overlap; their token comes from a file. While both run, Ray's
+    state API is read, and the first run's learner is frozen (SIGSTOP) for :data:`FREEZE_S`.
+    ``(runs, summaries, polls of the first run as (time, version), freeze record, state text,
+    loop windows)``."""
+    from services.train import ServiceRun
+
+    tmp = tmp_path_factory.mktemp("overlap")
+    token_file = tmp / "token"
+    token_file.write_text(TOKEN_SECRET)
+    data = small_config(tmp, num_unroll_workers=1, worker_num_cpus=0.25,
+                        token_file=str(token_file))
+    data.update(meta_steps=30, checkpoint_every=10)
+    saved = os.environ.get("L2O_RPC_TIMEOUT_S")
+    os.environ["L2O_RPC_TIMEOUT_S"] = "2"  # the driver's and (passed on) the actors' deadline
+    runs = [ServiceRun(config_from_dict({**data, "run_dir": str(tmp / f"runs{k}")}), redis_url)
+            for k in range(2)]
+    polls: list[tuple[float, int]] = []
+    seen: dict = {}
+    windows: dict[int, tuple[float, float]] = {}
+
+    def train(k: int) -> None:
+        t0 = time.monotonic()
+        runs[k].loop((lambda st: polls.append((time.monotonic(), int(st["version"]))))
+                     if k == 0 else None, poll_s=0.1)
+        windows[k] = (t0, time.monotonic())
+
+    try:
+        for run in runs:
+            run.start()
+        state = _ray_state_text()
+        threads = [threading.Thread(target=train, args=(k,)) for k in range(2)]
+        threads.append(threading.Thread(target=_freeze, args=(runs[0], seen)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        summaries = []
+        for run in runs:
+            run.stop(eval_drain_timeout_s=120)
+            summaries.append(run.summarize(final_eval=False))
+    finally:
+        for run in runs:
+            run.close()
+        if saved is None:
+            os.environ.pop("L2O_RPC_TIMEOUT_S", None)
+        else:
+            os.environ["L2O_RPC_TIMEOUT_S"] = saved
+    return runs, summaries, polls, seen, state, windows
+
+
+def test_two_overlapping_runs_of_one_name_are_told_apart(overlapping, redis_url):
+    """Both runs train at the same time on one Redis: each finishes with its own run id,
+    manifest, status and leaderboard rows; neither overwrites the other."""
+    runs, summaries, _, _, _, windows = overlapping
+    (a, b), (cfg_a, cfg_b) = summaries, (runs[0].cfg, runs[1].cfg)
+    assert max(w[0] for w in windows.values()) < min(w[1] for w in windows.values())
     assert cfg_a.run_name == cfg_b.run_name and a["run_id"] != b["run_id"]
     assert {a["run_id"], b["run_id"]} == {run_id_of(cfg_a), run_id_of(cfg_b)}
     client, _ = redis_connection(redis_url)
-    for cfg, summary in runs:
+    for cfg, summary in zip((cfg_a, cfg_b), summaries, strict=True):
+        assert summary["updates"] >= cfg.meta_steps and summary["gradients_rejected"] == 0
         reg = Registry(client, summary["run_id"])
         manifest = reg.manifest()
         assert manifest["run_dir"] == str(cfg.run_path().resolve())
         assert manifest["run_name"] == cfg.run_name
         assert reg.state() == "done"
         versions = {r["version"] for r in reg.leaderboard(top=100)}
-        assert 3 in versions and len(versions) >= 2  # (the final θ's version may pass 6)
+        assert {10, 20, 30} <= versions
         assert all(p.startswith(str(cfg.run_path().resolve()))
                    for p in reg.checkpoints().values())
+        # only this run's worker pushed to this run's learner
+        assert {w for w, _ in ok_records(client, reg)} == {"unroll-0"}
+        assert not (cfg.run_path() / "secrets").exists()  # removed when the run ended
     board = {(r["run_id"], r["version"]) for r in leaderboard(client, top=10_000)}
-    assert {(a["run_id"], 3), (b["run_id"], 3)} <= board
+    assert {(a["run_id"], 10), (b["run_id"], 10)} <= board
     listed = {r["run_id"]: r["state"] for r in list_runs(client)}
     assert listed[a["run_id"]] == "done" and listed[b["run_id"]] == "done"
+
+
+def test_a_frozen_learner_is_waited_out(overlapping):
+    """The learner SIGSTOPped past the RPC deadlines while its worker runs: the worker's calls
+    time out and it reconnects; after SIGCONT the same learner (not a restart) goes on and the
+    run finishes; the other run trained meanwhile."""
+    runs, (a, b), polls, seen, _, _ = overlapping
+    assert seen.get("continued_at"), seen
+    assert seen["continued_at"] - seen["stopped_at"] >= FREEZE_S
+    at_stop = max(v for t, v in polls if t <= seen["stopped_at"])
+    during = [v for t, v in polls if seen["stopped_at"] + 1 < t < seen["continued_at"]]
+    assert all(v == at_stop for v in during)  # frozen: no update, as the driver saw it
+    assert max(v for _, v in polls) >= runs[0].cfg.meta_steps > at_stop  # went on after it
+    versions = [v for _, v in polls]
+    assert versions == sorted(versions)
+    assert runs[0].status["incarnation"] == seen["incarnation"]  # the same learner
+    [worker] = a["worker_stats"]
+    assert worker["reconnects"] >= 1  # its calls failed and were retried
+    assert a["updates"] >= runs[0].cfg.meta_steps and b["updates"] >= runs[1].cfg.meta_steps
+
+
+def test_secrets_are_not_in_rays_state(overlapping, redis_url):
+    """The bearer token and the Redis password reach the actors by file: nothing Ray's state
+    API shows (actors, tasks, jobs, their runtime envs) holds them."""
+    *_, state, _ = overlapping
+    assert "l2o:" in state and "LearnerProcess" in state  # the run's actors are listed
+    assert TOKEN_SECRET not in state
+    if "@" in redis_url:
+        password = redis_url.split("://", 1)[1].split("@", 1)[0].rpartition(":")[2]
+        assert password and password not in state

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from l2o.io.secrets import redact_url
+from l2o.io.secrets import SecretFile, redact_url
 from services.redis_server import RedisUnavailable
 from workers.ray_setup import (
     actor_name,
@@ -218,10 +218,11 @@ class EvalWorker:
     claimed job for that long before scoring it, so a test can kill it while it holds the job.
     """
 
-    def __init__(self, run_id: str, redis_url: str, consumer: str, *,
+    def __init__(self, run_id: str, redis_url: str | SecretFile, consumer: str, *,
                  eval_idle_ms: int | None = None, eval_max_deliveries: int | None = None,
                  block_ms: int = 500, hold_s: float = 0.0) -> None:
-        """Connect to the registry at ``redis_url``; ``consumer`` names this worker in the group."""
+        """Connect to the registry at ``redis_url`` (or the URL in that
+        :class:`~l2o.io.secrets.SecretFile`); ``consumer`` names this worker in the group."""
         from l2o.io.config import TrainConfig
         from services.redis_server import redis_connection
         from services.registry import Registry
@@ -340,8 +341,8 @@ class EvalWorker:
 EvalWorkerActor = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=4)(EvalWorker)
 
 
-def create_eval_worker(run_id: str, redis_url: str, consumer: str, *, num_cpus: float = 1.0,
-                       num_gpus: float = 0.0, add_repo_to_path: bool = False,
+def create_eval_worker(run_id: str, redis_url: str | SecretFile, consumer: str, *,
+                       num_cpus: float = 1.0, num_gpus: float = 0.0, add_repo_to_path: bool = False,
                        max_restarts: int = -1, name: str | None = None,
                        resources: dict[str, float] | None = None,
                        label_selector: dict[str, str] | None = None, **kwargs: Any) -> Any:

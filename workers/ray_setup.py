@@ -124,17 +124,25 @@ def jax_env(num_cpus: float, num_gpus: float = 0.0) -> dict[str, str]:
     return env
 
 
+#: The service's own settings (timeouts and deadlines; no secrets) passed on from the driver's
+#: environment to every actor.
+SERVICE_ENV = ("L2O_RPC_TIMEOUT_S", "L2O_REDIS_CONNECT_TIMEOUT_S", "L2O_REDIS_SOCKET_TIMEOUT_S",
+               "L2O_REDIS_OUTAGE_S")
+
+
 def actor_options(num_cpus: float, num_gpus: float = 0.0, *,
                   add_repo_to_path: bool = False, resources: dict[str, float] | None = None,
                   label_selector: dict[str, str] | None = None) -> dict[str, Any]:
-    """``.options(...)`` for an l2o actor: resources plus a runtime env from :func:`jax_env`.
+    """``.options(...)`` for an l2o actor: resources plus a runtime env from :func:`jax_env`
+    and the driver's :data:`SERVICE_ENV` settings.
 
     ``add_repo_to_path`` puts this checkout on the actor's ``PYTHONPATH`` (a local Ray started by
     the driver; on a cluster ``ray job submit --working-dir .`` ships the code instead).
     ``resources`` (custom Ray resources) and ``label_selector`` (node labels) place the actor
     (``service.placement`` of the config: :meth:`l2o.io.config.ServiceConfig.ray_options`).
     """
-    env = jax_env(num_cpus, num_gpus)
+    env = {**jax_env(num_cpus, num_gpus),
+           **{k: os.environ[k] for k in SERVICE_ENV if os.environ.get(k)}}
     if add_repo_to_path:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)

@@ -51,6 +51,7 @@ from typing import Any
 
 import ray
 
+from l2o.io.secrets import SecretFile, reveal
 from services.retry import (
     LEARNER_RESTART,
     RetryAborted,
@@ -107,14 +108,15 @@ class UnrollWorker:
     over) and :meth:`stats` at any time (actor concurrency allows both at once).
     """
 
-    def __init__(self, config: dict, worker_index: int, run_id: str, redis_url: str,
-                 token: str, *, root_cert: str | None = None,
-                 max_truncations: int | None = None, metrics_maxlen: int = 100_000,
-                 client_wait_s: float = 10.0) -> None:
+    def __init__(self, config: dict, worker_index: int, run_id: str,
+                 redis_url: str | SecretFile, token: str | SecretFile, *,
+                 root_cert: str | None = None, max_truncations: int | None = None,
+                 metrics_maxlen: int = 100_000, client_wait_s: float = 10.0) -> None:
         """Build the estimator of ``config`` (a ``TrainConfig`` dump) for worker ``worker_index``.
 
         ``redis_url`` points at the run's registry (the learner address is read from it);
-        ``token`` is the learner's bearer token; ``root_cert`` (a PEM file) turns on TLS.
+        ``token`` is the learner's bearer token; either may come as the
+        :class:`~l2o.io.secrets.SecretFile` holding it. ``root_cert`` (a PEM file) turns on TLS.
         """
         from l2o.io.config import TrainConfig
         from l2o.training.build import (
@@ -130,7 +132,7 @@ class UnrollWorker:
         self.index = int(worker_index)
         self.worker_id = worker_id_of(self.index)
         self.run_id = run_id
-        self.token = token
+        self.token = reveal(token)
         self.root_cert = root_cert
         self.max_truncations = max_truncations
         self.client_wait_s = client_wait_s
@@ -291,7 +293,7 @@ class UnrollWorker:
                 break
             reason = _reason_name(ack)
             self.last_reason = reason
-            self._record(seq, version, metrics, reason)
+            self._record(seq, stamp[1], version, metrics, reason)
             if ack.accepted:
                 self.counts["accepted"] += 1
                 if self.wait_for_update:
@@ -358,10 +360,12 @@ class UnrollWorker:
 
         return self._with_retry(push, f"push seq {seq}")
 
-    def _record(self, seq: int, version: int, metrics: dict, reason: str) -> None:
-        """Append this truncation's metrics to the run's metrics stream in Redis."""
+    def _record(self, seq: int, incarnation: int, version: int, metrics: dict,
+                reason: str) -> None:
+        """Append this truncation's metrics to the run's metrics stream in Redis (with the
+        incarnation of the learner whose θ it used: the one that took it, if accepted)."""
         rec = {"worker": self.worker_id, "seq": seq, "version": version, "reason": reason,
-               "t": repr(time.time())}
+               "incarnation": incarnation, "t": repr(time.time())}
         if self.cfg.curriculum is not None:  # the stage and horizon this truncation ran at
             rec["stage"] = self.stage
             rec["num_steps"] = self.cfg.curriculum.stages[self.stage]
@@ -414,8 +418,9 @@ UnrollWorkerActor = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurr
     UnrollWorker)
 
 
-def create_unroll_worker(config: dict, worker_index: int, run_id: str, redis_url: str,
-                         token: str, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
+def create_unroll_worker(config: dict, worker_index: int, run_id: str,
+                         redis_url: str | SecretFile, token: str | SecretFile, *,
+                         num_cpus: float = 1.0, num_gpus: float = 0.0,
                          add_repo_to_path: bool = False, name: str | None = None,
                          resources: dict[str, float] | None = None,
                          label_selector: dict[str, str] | None = None, **kwargs: Any) -> Any:

@@ -7,13 +7,24 @@ Whatever is written for others to read (checkpoint metadata, the Redis run manif
 run that needs the real URL takes it from its config file or ``$REDIS_URL``, never from a stored
 copy.
 
+Handing a secret to another process (a Ray actor) goes by file, never by value: the value would
+sit in the actor's creation arguments, and a secret in a runtime env's ``env_vars`` is shown by
+Ray's dashboard and state API. :func:`write_secret` stores it in a file only its owner can read
+and returns a :class:`SecretFile`, which pickles to the path alone; the receiving process calls
+:func:`reveal`. :func:`secret_from_env` reads ``$NAME``, else the file named by ``$NAME_FILE``
+(``L2O_TOKEN_FILE``, ``REDIS_URL_FILE``): how a secret reaches a Ray job without a value in its
+runtime env.
+
 This module is part of the library (no ``services`` import), so the library and the service both
 use it.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -97,3 +108,50 @@ def _redacted_field(name: str, value: Any) -> Any:
     if isinstance(value, str) and name.lower().endswith("url"):
         return redact_url(value)
     return redacted_config(value)
+
+
+@dataclass(frozen=True)
+class SecretFile:
+    """A secret passed by the path of the file holding it: only ``path`` is pickled, logged or
+    shown; :meth:`read` (or :func:`reveal`) gives the value."""
+
+    path: str
+
+    def read(self) -> str:
+        """The secret: the file's text, surrounding whitespace stripped (an empty or missing file
+        raises ``ValueError`` naming the path)."""
+        try:
+            value = Path(self.path).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read the secret file {self.path}: {e.strerror}") from None
+        if not value:
+            raise ValueError(f"the secret file {self.path} is empty")
+        return value
+
+
+def write_secret(path: str | os.PathLike, value: str) -> SecretFile:
+    """Store ``value`` in ``path`` (mode 0600, its directory 0700, written atomically); the
+    :class:`SecretFile` to hand over instead of the value."""
+    from l2o.io.atomic import atomic_write  # noqa: PLC0415 - only writers need it
+
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    with atomic_write(path, "w") as f:  # a mkstemp file: mode 0600
+        f.write(value + "\n")
+    return SecretFile(str(path))
+
+
+def reveal(secret: str | SecretFile | None) -> str | None:
+    """The value of ``secret``: read from its file when it is a :class:`SecretFile`."""
+    return secret.read() if isinstance(secret, SecretFile) else secret
+
+
+def secret_from_env(name: str) -> str | None:
+    """``$name``, else the content of the file ``$name_FILE`` names; ``None`` if neither is
+    set."""
+    value = os.environ.get(name, "").strip()
+    if value:
+        return value
+    path = os.environ.get(f"{name}_FILE", "").strip()
+    return SecretFile(path).read() if path else None

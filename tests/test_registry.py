@@ -21,9 +21,13 @@ from services.registry import (
 
 @pytest.fixture(scope="module")
 def client():
-    """A client of this process's embedded server (or of $REDIS_URL)."""
+    """A client of this process's embedded server (or of $REDIS_URL), stopped after the module
+    so that a later test's run can start this process's server on its own run directory."""
+    from services.redis_server import shutdown_embedded
+
     c, _url = redis_connection()
-    return c
+    yield c
+    shutdown_embedded()
 
 
 @pytest.fixture

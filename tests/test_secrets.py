@@ -107,13 +107,16 @@ def test_plain_dict_metadata_is_redacted_too(tmp_path):
 
 @pytest.fixture
 def registry():
-    from services.redis_server import redis_connection
+    from services.redis_server import EmbeddedRedis, redis_connection
     from services.registry import Registry
 
-    client, url = redis_connection()
-    reg = Registry(client, f"test-{uuid.uuid4().hex[:8]}")
-    yield reg, url
-    reg.delete_run()
+    # its own server, stopped after: this process's embedded one is for the runs of other tests
+    srv = EmbeddedRedis()
+    try:
+        client, url = redis_connection(srv.url)
+        yield Registry(client, f"test-{uuid.uuid4().hex[:8]}"), url
+    finally:
+        srv.stop()
 
 
 def status_json(url: str, run_id: str) -> str:

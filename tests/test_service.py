@@ -424,7 +424,7 @@ def test_two_overlapping_runs_of_one_name_are_told_apart(overlapping, redis_url)
         assert manifest["run_dir"] == str(cfg.run_path().resolve())
         assert manifest["run_name"] == cfg.run_name
         assert reg.state() == "done"
-        versions = {r["version"] for r in reg.leaderboard(top=100)}
+        versions = {r["version"] for r in reg.leaderboard(top=10_000)}
         assert {10, 20, 30} <= versions
         assert all(p.startswith(str(cfg.run_path().resolve()))
                    for p in reg.checkpoints().values())

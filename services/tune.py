@@ -11,13 +11,14 @@ experiment under the run directory (``RUN_DIR/tune``) whose trials are :func:`tr
   trial, so Tune's placement group (:func:`trial_resources`: one bundle for the trial's own
   process, one for the learner, one per unroll worker) captures them and trials cannot starve
   each other.
-- **Scoring.** Every ``perturbation_interval`` meta-updates the trial has its learner write a
-  checkpoint (its eval job goes to the trial's Redis eval stream) and scores it with an
+- **Scoring.** Every ``perturbation_interval`` meta-updates the trial pauses its unroll workers
+  (run state ``paused``: the interval stays an interval), has its learner write a checkpoint (its
+  eval job goes to the trial's Redis eval stream) and scores it with an
   :class:`workers.eval_worker.EvalWorker` running *in the trial's own process*: evaluation is per
   trial, not one pool for all. A trial must wait for its own score before it can report, so a
   shared pool would make every report queue behind the other trials' jobs; scored in the trial's
-  bundle, evaluation is charged to the trial's resources. The tuned-Adam baseline is cached in
-  Redis under the eval task's key, so only the first trial computes it. The result lands on the
+  bundle, evaluation is charged to the trial's resources. The tuned-Adam baseline is computed
+  once by the driver and cached in Redis under the eval task's key. The result lands on the
   leaderboard as ``EXPERIMENT/TRIAL@VERSION``.
 - **Report.** ``tune.report({"score", "meta_updates", …}, checkpoint=…)``: the score is the
   leaderboard's (learned / tuned-Adam final loss; lower is better) and the Tune checkpoint holds
@@ -132,10 +133,12 @@ def trial_resources(cfg: TrainConfig) -> Any:
 
 
 def experiment_cpus(cfg: TrainConfig) -> float:
-    """Logical CPUs of the trials that run at once."""
+    """Logical CPUs of the trials that run at once, plus one trial's worth: a trial restarting
+    after an exploit starts at once instead of pending (PBT pauses the trials that report while
+    another one pends)."""
     tc, svc = cfg.tune, cfg.service
     per_trial = tc.trial_cpus + (1 + svc.num_unroll_workers) * svc.worker_num_cpus
-    return per_trial * min(tc.population, tc.max_concurrent_trials or tc.population)
+    return per_trial * (1 + min(tc.population, tc.max_concurrent_trials or tc.population))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,6 +270,19 @@ def _report(run: Any, params_path: str, record: dict[str, Any], metrics: dict[st
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
+def _share_compilation_cache(path: str) -> None:
+    """Use the persistent JAX compilation cache at ``path`` here and in the actors this process
+    starts (``workers.ray_setup.jax_env`` passes it on), unless one is set already: a trial
+    restarted by an exploit or a retry then loads its programs instead of compiling them."""
+    import jax
+
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", path)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
 def trial_main(hparams: dict[str, Any], *, base: dict[str, Any], experiment_id: str,
                trials_dir: str, redis_url: str | None) -> None:
     """A Tune function trainable: one learner and its unroll workers meta-train ``base`` with
@@ -276,10 +292,12 @@ def trial_main(hparams: dict[str, Any], *, base: dict[str, Any], experiment_id: 
     from ray import tune
 
     from l2o.io.checkpoints import read_checkpoint
+    from services.registry import PAUSED
     from services.train import ServiceRun
     from workers.eval_worker import EvalWorker
 
     tc = TrainConfig.model_validate(base).tune
+    _share_compilation_cache(str(Path(trials_dir).parent / "jax_cache"))
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, hparams, Path(trials_dir), trial_id)
     run_id = f"{experiment_id}/{trial_id}"
@@ -316,6 +334,7 @@ def trial_main(hparams: dict[str, Any], *, base: dict[str, Any], experiment_id: 
             goal = min(meta_updates + tc.perturbation_interval, tc.max_updates_per_trial)
             run.cfg = cfg.model_copy(update={"meta_steps": updates0 + goal - base})
             run.loop(same_learner)
+            run.registry.set_status(PAUSED)  # the unroll workers wait while θ is scored
             params_path = ray.get(run.learner.checkpoint.remote(), timeout=120.0)
             meta = read_checkpoint(params_path)[1]
             version = int(meta["version"])
@@ -331,6 +350,7 @@ def trial_main(hparams: dict[str, Any], *, base: dict[str, Any], experiment_id: 
                        **{HP_PREFIX + k: v for k, v in hparams.items()}}
             run.registry.set_status(None, meta_updates=meta_updates, score=metrics["score"])
             _report(run, params_path, record, metrics)
+            run.registry.set_status("running")
             if meta_updates >= tc.max_updates_per_trial or (
                     tc.time_budget_s is not None and time.monotonic() - t0 > tc.time_budget_s):
                 break

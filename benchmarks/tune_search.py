@@ -14,7 +14,7 @@ Each row is the best validation score the experiment reached (learned / tuned-Ad
 the eval task, lower is better), the number of PBT exploits and the wall time. Evaluation is cut
 down (``--eval-steps``, 3 seeds) so that the whole benchmark fits a few minutes per experiment.
 
-    python benchmarks/tune_search.py [--population 3] [--updates 20] [--interval 5]
+    python benchmarks/tune_search.py [--population 3] [--updates 12] [--interval 4]
                                      [--presets l2l-quadratic l2l-digits] [--out FILE.json]
 """
 
@@ -87,9 +87,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["l2l-quadratic", "l2l-digits"])
     p.add_argument("--population", type=int, default=3)
-    p.add_argument("--updates", type=int, default=20, help="meta-updates per PBT/random trial")
-    p.add_argument("--interval", type=int, default=5)
-    p.add_argument("--eval-steps", type=int, default=100)
+    p.add_argument("--updates", type=int, default=12, help="meta-updates per PBT/random trial")
+    p.add_argument("--interval", type=int, default=4)
+    p.add_argument("--eval-steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                    "tune_search.json")

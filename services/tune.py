@@ -520,6 +520,9 @@ def plot_population(summary: dict[str, Any], path: Path) -> None:
                         markersize=10)
     ax.set_xlabel("meta-updates")
     ax.set_ylabel("score (learned / tuned Adam)")
+    if all(r["score"] > 0 for row in summary["trials"] for r in row["reports"]
+           if r.get("score") is not None):
+        ax.set_yscale("log")
     ax.set_title(f"{summary['scheduler']} population ({summary['exploits']} exploits, ×)")
     ax.legend(fontsize=7)
     for i, key in enumerate(keys, start=1):

@@ -333,7 +333,7 @@ def trial_main(hparams: dict[str, Any], *, base: dict[str, Any], experiment_id: 
         while True:
             goal = min(meta_updates + tc.perturbation_interval, tc.max_updates_per_trial)
             run.cfg = cfg.model_copy(update={"meta_steps": updates0 + goal - base})
-            run.loop(same_learner)
+            run.loop(same_learner, poll_s=0.1)
             run.registry.set_status(PAUSED)  # the unroll workers wait while θ is scored
             params_path = ray.get(run.learner.checkpoint.remote(), timeout=120.0)
             meta = read_checkpoint(params_path)[1]

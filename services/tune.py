@@ -406,7 +406,6 @@ def run_tune(cfg: TrainConfig, *, resume: bool = False, address: str | None = No
                              redis_url=url if embedded else None),
         trial_resources(cfg))
     path = run_dir / EXPERIMENT_DIR
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     try:
         if resume and tune.Tuner.can_restore(str(path)):
             tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)

@@ -327,18 +327,18 @@ def trial_main(hparams: dict[str, Any], *, base: dict[str, Any], experiment_id: 
 
         t0 = time.monotonic()
         exploits = len(read_jsonl(trial_dir / EXPLOITS_FILE))
-        # the learner trains on while a checkpoint is scored: meta-updates are the learner's
-        # since this start (plus the checkpoint's), counted at each reported checkpoint
-        base, updates0 = meta_updates, int(run.client.status()["updates"])
+        # a trial's meta-updates: the adopted checkpoint's plus its learner's since this start,
+        # counted at each reported checkpoint (an interval may overshoot by a few)
+        adopted, updates0 = meta_updates, int(run.client.status()["updates"])
         while True:
             goal = min(meta_updates + tc.perturbation_interval, tc.max_updates_per_trial)
-            run.cfg = cfg.model_copy(update={"meta_steps": updates0 + goal - base})
+            run.cfg = cfg.model_copy(update={"meta_steps": updates0 + goal - adopted})
             run.loop(same_learner, poll_s=0.1)
             run.registry.set_status(PAUSED)  # the unroll workers wait while θ is scored
             params_path = ray.get(run.learner.checkpoint.remote(), timeout=120.0)
             meta = read_checkpoint(params_path)[1]
             version = int(meta["version"])
-            meta_updates = base + int(meta["updates"]) - updates0
+            meta_updates = adopted + int(meta["updates"]) - updates0
             result = _score(run, evaluator, version)
             status = run.client.status()
             record = {"trial_id": trial_id, "run_id": run_id, "version": version,

@@ -188,6 +188,11 @@ def test_a_bad_tune_field_is_refused_with_its_dotted_name(tmp_path):
         **space, "estimator.unroll_length": {"kind": "choice", "values": [5, 10]}}}})
     with pytest.raises(ConfigError, match=r"tune\.search_space\.estimator\.unroll_length"):
         make_scheduler(cfg.tune)
+    kinds = {name: type(make_scheduler(config_from_dict(
+        {"tune": {"scheduler": name, "search_space": space}}).tune)).__name__
+        for name in ("pbt", "pb2", "asha", "none")}
+    assert kinds == {"pbt": "PopulationBasedTraining", "pb2": "PB2",
+                     "asha": "AsyncHyperBandScheduler", "none": "NoneType"}
     out = CliRunner().invoke(app, ["tune", "--set", "tune.population=0",
                                    "--set", f"run_dir={tmp_path}"])
     assert out.exit_code == 2 and "tune.population" in out.output

@@ -372,6 +372,7 @@ def run_tune(cfg: TrainConfig, *, resume: bool = False, address: str | None = No
     (also written to ``RUN_DIR/tune_summary.json``, with ``pbt.png``)."""
     import ray
     from ray import tune
+    from ray.tune.search import BasicVariantGenerator
 
     from l2o.training.job import is_unsupervised
     from services import redis_server
@@ -416,7 +417,9 @@ def run_tune(cfg: TrainConfig, *, resume: bool = False, address: str | None = No
                 trainable, param_space=param_space(tc),
                 tune_config=tune.TuneConfig(
                     metric="score", mode="min", scheduler=scheduler, num_samples=tc.population,
-                    max_concurrent_trials=tc.max_concurrent_trials),
+                    max_concurrent_trials=tc.max_concurrent_trials,
+                    # the same seed samples the same starting population, whatever the scheduler
+                    search_alg=BasicVariantGenerator(random_state=tc.seed)),
                 run_config=tune.RunConfig(
                     name=EXPERIMENT_DIR, storage_path=str(run_dir), verbose=verbose,
                     failure_config=tune.FailureConfig(max_failures=tc.max_failures)))

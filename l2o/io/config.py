@@ -195,7 +195,7 @@ class TuneConfig(StrictConfig):
     max_failures: int = Field(2, ge=0)  # retries of a failed trial from its last checkpoint
     max_concurrent_trials: PositiveInt | None = None  # default: the whole population
     trial_cpus: float = Field(0.5, gt=0)  # logical CPUs of the trial's own process
-    seed: int = 0
+    seed: int = 0  # samples the starting population
 
 
 def _check_search_space(cfg: TrainConfig) -> None:

@@ -26,7 +26,7 @@ def _config(tmp: Path, **tune_fields: object):
     data.update(run_dir=str(tmp), run_name="pop", seed=1)
     data["estimator"].update(num_tasks=4, num_steps=40)
     data["eval"].update(steps=30, seeds=2, adam_learning_rates=[0.03, 0.3])
-    data["tune"].update(population=3, perturbation_interval=4, max_updates_per_trial=12,
+    data["tune"].update(population=3, perturbation_interval=3, max_updates_per_trial=18,
                         quantile_fraction=0.34, resample_probability=0.0, max_failures=3,
                         **tune_fields)
     data["tune"]["search_space"]["estimator.unroll_length"] = {"kind": "uniform", "low": 4,

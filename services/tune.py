@@ -463,17 +463,18 @@ def summarize(cfg: TrainConfig, results: Any, client: Any, experiment_id: str,
               run_dir: Path) -> dict[str, Any]:
     """Write ``tune_summary.json`` and ``pbt.png`` for a finished experiment; the summary.
 
-    The best trial is the one holding the experiment's best row on the leaderboard; its best
-    params checkpoint is that row's.
+    The best trial is the one whose report had the lowest score; its best params checkpoint is
+    the one that report scored (its leaderboard row ``EXPERIMENT/TRIAL@VERSION``).
     """
     from l2o.io.atomic import write_json
-    from services.registry import leaderboard
+    from services.registry import Registry
 
     rows = _trial_rows(results, run_dir)
-    board = [r for r in leaderboard(client, top=10_000)
-             if r["run_id"].startswith(f"{experiment_id}/")]
-    best_row = board[0] if board else None
-    best_trial = best_row["run_id"].rpartition("/")[2] if best_row else None
+    reported = [(r["score"], row["trial_id"], int(r["version"])) for row in rows
+                for r in row["reports"] if r.get("score") is not None]
+    _, best_trial, best_version = min(reported) if reported else (None, None, None)
+    best_row = (Registry(client, f"{experiment_id}/{best_trial}").eval_result(best_version)
+                if best_trial else None)
     best = next((r for r in rows if r["trial_id"] == best_trial), None)
     summary = {
         "experiment": experiment_id, "scheduler": cfg.tune.scheduler,

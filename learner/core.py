@@ -758,7 +758,8 @@ class Learner:
         leaves, reason, detail = self._validate_tree(theta)
         if leaves is None:
             raise ValueError(f"new θ does not match the current one: {reason.name}: {detail}")
-        opt_state = self.meta_optimizer.init(theta) if opt_state is None else opt_state
+        opt_state = self.meta_optimizer.init(theta) if opt_state is None else \
+            jax.tree_util.tree_map(jnp.asarray, opt_state)
         with self._apply_lock, self._changed:
             self.counters["dropped_stale"] += len(self._buffer)
             self._buffer.clear()

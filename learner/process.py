@@ -199,18 +199,26 @@ class LearnerProcess:
     def restore_theta(self, path: str, version: int | None = None) -> dict[str, Any]:
         """Adopt the θ of the params checkpoint at ``path`` as a new generation (the curriculum's
         restore of a stage's best, :class:`l2o.training.curriculum.ServiceCurriculum`): version and
-        ``gen_id`` go up, buffered gradients are dropped, the meta-optimizer state is fresh.
-        ``version``: the θ version the file must hold. The new θ is checkpointed at once. Returns
-        ``{"version", "gen_id", "checkpoint"}`` (the new version and its params checkpoint)."""
+        ``gen_id`` go up, buffered gradients are dropped, the meta-optimizer state is fresh. A
+        full checkpoint (a population exploit's donor, ``services.tune``) brings its θ *and* its
+        meta-optimizer state. ``version``: the θ version the file must hold. The new θ is
+        checkpointed at once. Returns ``{"version", "gen_id", "checkpoint"}`` (the new version
+        and its params checkpoint)."""
         from l2o.io.checkpoints import load_checkpoint, read_checkpoint
 
         if self.learner is None:
             raise RuntimeError("the learner has not started")
         _, _, template = self.learner.snapshot()
-        tree, meta = load_checkpoint(path, template)
+        opt_state = None
+        if read_checkpoint(path)[1].get("kind") == "full":
+            tree, meta = load_checkpoint(path, {"theta": template,
+                                                "opt_state": self.learner.opt_state})
+            tree, opt_state = tree["theta"], tree["opt_state"]
+        else:
+            tree, meta = load_checkpoint(path, template)
         if version is not None and int(meta.get("version", -1)) != int(version):
             raise CheckpointError(f"{path} holds θ version {meta.get('version')}, not {version}")
-        gen_id = self.learner.new_generation(tree)
+        gen_id = self.learner.new_generation(tree, opt_state)
         # checkpoint it at once: a restarted learner resumes from the restored θ
         _, params_path = self.learner.save_checkpoint()
         return {"version": int(read_checkpoint(params_path)[1]["version"]), "gen_id": gen_id,

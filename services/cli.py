@@ -181,6 +181,35 @@ def train(
     console.print(f"wrote {cfg.run_path().resolve() / 'summary.json'}", soft_wrap=True)
 
 
+@app.command()
+def tune(
+    config: Annotated[Path | None, typer.Option(help="YAML config with a tune: section.")] = None,
+    preset_name: Annotated[str | None, typer.Option(
+        "--preset", help="Named preset (default: tune-quadratic, the embedded default).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted experiment in the run "
+                                               "directory (Tune's restore).")] = False,
+    assignments: Annotated[list[str] | None, typer.Option(
+        "--set", help="KEY=VALUE override of any config field, dotted (e.g. --set "
+                      "tune.population=8 --set tune.scheduler=pb2); repeatable.")] = None,
+) -> None:
+    """Population search (Ray Tune PBT / PB2 / ASHA / random) over meta-hyperparameters: each
+    trial a learner with its own unroll workers; writes tune_summary.json and pbt.png."""
+    _require_service("l2o tune", SERVICE_MODULES)
+    from services.tune import format_table, run_tune, tune_config
+
+    try:
+        cfg = tune_config(config, preset_name, assignments)
+        console.print(f"run dir: [bold]{cfg.run_path()}[/]  scheduler: {cfg.tune.scheduler}  "
+                      f"population: {cfg.tune.population}")
+        summary = run_tune(cfg, resume=resume)
+    except ConfigError as e:
+        _fail(str(e))
+        return
+    console.print(format_table(summary))
+    console.print(f"wrote {cfg.run_path() / 'tune_summary.json'} and "
+                  f"{cfg.run_path() / 'pbt.png'}")
+
+
 @app.command("eval")
 def eval_cmd(
     checkpoint: Annotated[str, typer.Argument(

@@ -99,8 +99,11 @@ GLOBAL_LEADERBOARD = f"{PREFIX}:leaderboard"
 
 #: run states; ``done``/``stop``/``failed`` tell workers to finish
 TERMINAL_STATES = frozenset({"done", "stop", "stopping", "failed"})
+#: the state in which unroll workers wait instead of training (a population trial scoring and
+#: reporting a checkpoint, ``services.tune``); ``running`` again resumes them
+PAUSED = "paused"
 #: run states of a run whose driver should still be writing heartbeats
-LIVE_STATES = frozenset({"starting", "running", "stopping"})
+LIVE_STATES = frozenset({"starting", "running", PAUSED, "stopping"})
 #: seconds between two heartbeats of a run's driver
 HEARTBEAT_S = 5.0
 #: missed heartbeats after which readers show a live-looking run as failed
@@ -345,6 +348,10 @@ class Registry:
     def should_stop(self) -> bool:
         """Whether workers should finish: the run is done, stopping, stopped or failed."""
         return self.state() in TERMINAL_STATES
+
+    def paused(self) -> bool:
+        """Whether workers should wait: the run is :data:`PAUSED`."""
+        return self.state() == PAUSED
 
     # ---- learner discovery --------------------------------------------------------------------
     def set_learner_address(self, address: str) -> None:

@@ -312,9 +312,10 @@ class ServiceRun:
     :meth:`loop`, :meth:`stop`, :meth:`summarize`; :meth:`close` releases what it started and
     :meth:`mark_failed` records a run that raised."""
 
-    def __init__(self, cfg: Any, redis_url: str | None = None) -> None:
+    def __init__(self, cfg: Any, redis_url: str | None = None, run_id: str | None = None) -> None:
         """Open Redis (``redis_url``, ``cfg.service.redis_url``, ``$REDIS_URL``, else an embedded
-        server) and the run's registry, and create the run directory; nothing else starts."""
+        server) and the run's registry, and create the run directory; nothing else starts.
+        ``run_id`` (a population trial's ``EXPERIMENT/TRIAL``) replaces the run directory's."""
         from services import redis_server
         from services.registry import Registry, run_id_for
 
@@ -325,7 +326,7 @@ class ServiceRun:
         #: what stays local (embedded Redis data, the applied log, TensorBoard)
         self.local_dir = cfg.local_path().resolve()
         self.local_dir.mkdir(parents=True, exist_ok=True)
-        self.run_id = run_id_for(self.run_dir, cfg.run_name)
+        self.run_id = run_id or run_id_for(self.run_dir, cfg.run_name)
         had_embedded = redis_server._EMBEDDED is not None
         self.redis, self.url = redis_server.redis_connection(
             redis_url or cfg.service.redis_url, data=redis_server.run_data_dir(self.local_dir))
@@ -335,6 +336,7 @@ class ServiceRun:
                                  eval_max_deliveries=cfg.service.eval_max_deliveries,
                                  eval_idle_ms=cfg.service.eval_idle_ms)
         self.started_ray = False
+        self.token = ""
         self.learner: Any = None
         self.learner_node: Any = None  # the Ray node id the learner runs on
         self.client: Any = None
@@ -360,6 +362,7 @@ class ServiceRun:
 
         cfg, svc, registry = self.cfg, self.cfg.service, self.registry
         token = load_token(svc.token_env, svc.token_file) or secrets.token_urlsafe(32)
+        self.token = token  # the actors' bearer token (never printed)
         registry.write_manifest(cfg.model_dump(mode="json"), run_dir=str(self.run_dir),
                                 run_name=cfg.run_name, redis=redact_url(self.url))
         registry.set_status("starting", target_updates=cfg.meta_steps,

@@ -77,8 +77,7 @@ def score_checkpoint(cfg: Any, path: str, registry: Any | None = None) -> dict[s
     included) plus
     ``checkpoint``, ``checkpoint_version``, ``adam_task_key``, ``adam_cached``, ``eval_seconds``.
     """
-    from l2o.training.job import adam_baseline_for, evaluate_theta, is_unsupervised, load_theta
-    from services.registry import task_key
+    from l2o.training.job import evaluate_theta, is_unsupervised, load_theta
 
     t0 = time.monotonic()
     lopt, theta, meta = load_theta(path)
@@ -89,16 +88,7 @@ def score_checkpoint(cfg: Any, path: str, registry: Any | None = None) -> dict[s
         result = evaluate_theta(cfg, lopt, theta, figures_dir=figures)
         return {**result, "checkpoint": str(path), "checkpoint_version": version,
                 "eval_seconds": round(time.monotonic() - t0, 3)}
-    ev = cfg.eval
-    key = task_key(cfg.eval_task().model_dump(mode="json"), ev.steps, ev.seeds,
-                   [float(x) for x in ev.adam_learning_rates],
-                   extra={"seed": cfg.seed, "adam_steps_factor": ev.adam_steps_factor})
-    baseline = registry.get_adam_sweep(key) if registry is not None else None
-    cached = baseline is not None
-    if baseline is None:
-        baseline = adam_baseline_for(cfg)
-        if registry is not None:
-            registry.set_adam_sweep(key, baseline)
+    key, baseline, cached = cached_adam_baseline(cfg, registry)
     result = evaluate_theta(cfg, lopt, theta, baseline=baseline)
     return {
         **result,
@@ -108,6 +98,26 @@ def score_checkpoint(cfg: Any, path: str, registry: Any | None = None) -> dict[s
         "adam_cached": cached,
         "eval_seconds": round(time.monotonic() - t0, 3),
     }
+
+
+def cached_adam_baseline(cfg: Any, registry: Any | None = None) -> tuple[str, dict, bool]:
+    """``(key, sweep, cached)``: the tuned-Adam sweep of ``cfg``'s eval task, read from
+    ``registry``'s cache under its task key, else computed (and cached when there is a
+    registry)."""
+    from l2o.training.job import adam_baseline_for
+    from services.registry import task_key
+
+    ev = cfg.eval
+    key = task_key(cfg.eval_task().model_dump(mode="json"), ev.steps, ev.seeds,
+                   [float(x) for x in ev.adam_learning_rates],
+                   extra={"seed": cfg.seed, "adam_steps_factor": ev.adam_steps_factor})
+    baseline = registry.get_adam_sweep(key) if registry is not None else None
+    if baseline is not None:
+        return key, baseline, True
+    baseline = adam_baseline_for(cfg)
+    if registry is not None:
+        registry.set_adam_sweep(key, baseline)
+    return key, baseline, False
 
 
 @dataclass(frozen=True)

@@ -273,6 +273,9 @@ class UnrollWorker:
             if self.max_truncations is not None and self.counts["truncations"] >= \
                     self.max_truncations:
                 break
+            if self.registry.paused():  # the driver is scoring a checkpoint (services.tune)
+                self._stop.wait(0.05)
+                continue
             self._refresh_theta()
             if self.theta is None:
                 continue

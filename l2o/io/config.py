@@ -219,6 +219,90 @@ class CurriculumConfig(StrictConfig):
         return v
 
 
+class SearchDimension(StrictConfig):
+    """One hyperparameter of a population search: ``loguniform``/``uniform`` over ``[low,
+    high]`` (a field holding an integer gets the sample rounded) or one of ``values``."""
+
+    kind: Literal["loguniform", "uniform", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> SearchDimension:
+        if self.kind == "choice":
+            if not self.values or self.low is not None or self.high is not None:
+                raise ValueError("a choice lists its values (and no low/high)")
+            return self
+        if self.low is None or self.high is None or self.values is not None:
+            raise ValueError(f"{self.kind} needs low and high (and no values)")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.kind == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low:g}")
+        return self
+
+    def bounds(self) -> list[Any]:
+        """The values a sample can take at the extremes (``low``/``high``, or every choice)."""
+        return list(self.values) if self.kind == "choice" else [self.low, self.high]
+
+
+class TuneConfig(StrictConfig):
+    """A population search over this config's fields (``l2o tune``; ``services.tune``).
+
+    Each of ``population`` trials is a learner with its own unroll workers; every
+    ``perturbation_interval`` meta-updates it reports the eval score of a fresh checkpoint
+    (learned / tuned-Adam final loss, lower is better). A trial ends after
+    ``max_updates_per_trial`` meta-updates or ``time_budget_s`` seconds, whichever comes first.
+    """
+
+    scheduler: Literal["pbt", "pb2", "asha", "none"] = "pbt"
+    population: PositiveInt = 4
+    perturbation_interval: PositiveInt = 10  # meta-updates between reports (and exploits)
+    max_updates_per_trial: PositiveInt = 60
+    time_budget_s: float | None = Field(None, gt=0)  # per trial
+    search_space: dict[str, SearchDimension] = Field(default_factory=dict)
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # PBT: bottom exploits top
+    resample_probability: float = Field(0.25, ge=0, le=1)  # PBT: resample, else perturb
+    max_failures: int = Field(2, ge=0)  # retries of a failed trial from its last checkpoint
+    max_concurrent_trials: PositiveInt | None = None  # default: the whole population
+    trial_cpus: float = Field(0.5, gt=0)  # logical CPUs of the trial's own process
+    seed: int = 0  # samples the starting population
+
+
+def _check_search_space(cfg: TrainConfig) -> None:
+    """Each searched field must exist and accept its bounds; raise naming
+    ``tune.search_space.FIELD``."""
+    base = cfg.model_dump(mode="json", exclude={"tune"})
+    for key, dim in cfg.tune.search_space.items():
+        where = f"tune.search_space.{key}"
+        node: Any = base
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"{where}: not a field of the config")
+            node = node[part]
+        if isinstance(node, dict | list) or key.split(".")[0] in ("tune", "service", "run_name",
+                                                                   "run_dir"):
+            raise ValueError(f"{where}: not a field a trial can search")
+        for value in dim.bounds():
+            if isinstance(node, int) and not isinstance(node, bool) and dim.kind != "choice":
+                value = round(value)
+            try:
+                TrainConfig.model_validate(set_dotted(base, key, value))
+            except ValidationError as e:
+                msgs = "; ".join(err["msg"] for err in e.errors())
+                raise ValueError(f"{where}: {value!r} is not a valid value ({msgs})") from None
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """``data`` (a config as a dict) with the dotted field ``key`` set to ``value``."""
+    *parents, leaf = key.split(".")
+    patch: dict[str, Any] = {leaf: value}
+    for p in reversed(parents):
+        patch = {p: patch}
+    return deep_merge(data, patch)
+
+
 #: What a run name may be: it names a directory, Redis keys and a registry row, so letters,
 #: digits, ``_``, ``.`` and ``-`` only (no path, glob or key separators, no whitespace), starting
 #: with a letter, digit or ``_``, with no ``..`` and at most 100 characters.
@@ -260,6 +344,7 @@ class TrainConfig(StrictConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     curriculum: CurriculumConfig | None = None  # L2O-Scale's if_cl (docs/l2o_scale.md)
+    tune: TuneConfig | None = None  # a population search (`l2o tune`; services/tune.py)
 
     @field_validator("run_name")
     @classmethod
@@ -294,6 +379,12 @@ class TrainConfig(StrictConfig):
         if self.curriculum is not None and schedule != "constant":
             raise ValueError("curriculum sets estimator.num_steps per stage; it needs "
                              f"estimator.horizon_schedule 'constant', not {schedule!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _tune_fields(self) -> TrainConfig:
+        if self.tune is not None:
+            _check_search_space(self)
         return self
 
     def worker_task(self, worker_index: int) -> TaskConfig:
@@ -471,10 +562,7 @@ def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
             where = getattr(e, "problem", None) or "a syntax error"
             raise ConfigError(f"override of {key.strip()!r}: the value is not valid YAML "
                               f"({where})") from None
-        *parents, leaf = key.strip().split(".")
-        patch: dict[str, Any] = {leaf: value}
-        for p in reversed(parents):
-            patch = {p: patch}
+        patch = set_dotted({}, key.strip(), value)
         section = next(iter(patch))
         if isinstance(patch[section], dict):
             explicit.setdefault(section, set()).update(patch[section])

@@ -351,6 +351,7 @@ class ServiceRun:
         self.train_seconds = 0.0
         self.worker_stats: list[Any] = []
         self._beating = threading.Event()
+        self._stop_requested = threading.Event()  # request_stop(): end the loop at its next poll
         self._heart: threading.Thread | None = None
 
     # -- start -----------------------------------------------------------------------------------
@@ -482,11 +483,17 @@ class ServiceRun:
             self._last_bucket = bucket
             self.history.append({"elapsed_s": round(elapsed_s, 3), **mirrored})
 
+    def request_stop(self) -> None:
+        """End :meth:`loop` at its next poll, as if ``meta_steps`` were reached (from any
+        thread); :meth:`stop` and :meth:`summarize` then run as usual."""
+        self._stop_requested.set()
+
     def _finished(self, t_train: float) -> bool:
-        """Whether the run is over: ``meta_steps`` updates, the time budget spent, or the
-        curriculum done (which this advances). Raises if the unroll workers died."""
+        """Whether the run is over: ``meta_steps`` updates, the time budget spent, the curriculum
+        done (which this advances), or :meth:`request_stop` called. Raises if the unroll workers
+        died."""
         cfg = self.cfg
-        if int(self.status.get("updates", 0)) >= cfg.meta_steps:
+        if int(self.status.get("updates", 0)) >= cfg.meta_steps or self._stop_requested.is_set():
             return True
         if cfg.time_budget_s is not None and time.monotonic() - t_train > cfg.time_budget_s:
             log.info("time budget of %.0f s spent", cfg.time_budget_s)

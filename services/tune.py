@@ -588,8 +588,11 @@ def tune_config(config: Path | None = None, preset_name: str | None = None,
     cfg = apply_overrides(cfg, overrides) if overrides else cfg
     if cfg.tune is None:
         raise ConfigError(f"{config or name}: no tune: section (a population search needs one)")
-    for problem in cfg.service.missing_files():
-        raise ConfigError(problem)
+    from workers.ray_setup import job_run_dir_problem
+
+    for problem in [*cfg.service.missing_files(), job_run_dir_problem(cfg.run_dir)]:
+        if problem:
+            raise ConfigError(problem)
     return cfg
 
 
@@ -614,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     Console().print(format_table(summary))
-    print(f"wrote {cfg.run_path() / SUMMARY_FILE} and {cfg.run_path() / PLOT_FILE}")
+    run_dir = cfg.run_path().resolve()
+    print(f"results in {run_dir} ({SUMMARY_FILE}, {PLOT_FILE}, trials/, tune/)")
     return 0
 
 

@@ -260,16 +260,16 @@ def test_status_shows_a_run_whose_driver_died_as_failed(external):
 
 
 def _run_through_a_redis_kill(tmp_path, redis_url: str | None, client_of, kill) -> tuple:
-    """A short service run (ending on its time budget: long enough for a checkpoint to be scored
-    on a loaded machine) during which, once a checkpoint is scored, ``kill()`` kills Redis (and
+    """A service run during which, once a checkpoint is scored, ``kill()`` kills Redis (and
     restarts it, or lets it be restarted); ``client_of()`` gives a client for watching, ``None``
-    until there is one. ``(cfg, summary, seen)``."""
+    until there is one. The run is ended 10 updates after the kill (``ServiceRun.request_stop``),
+    however slow the machine; its time budget is only a bound. ``(cfg, summary, seen)``."""
     from l2o.io.config import config_from_dict
-    from services.train import run_service
+    from services.train import ServiceRun
 
     cfg = config_from_dict({
         "run_name": f"rf-{uuid.uuid4().hex[:6]}", "run_dir": str(tmp_path / "runs"),
-        "meta_steps": 100_000, "log_every": 5, "checkpoint_every": 5, "time_budget_s": 45,
+        "meta_steps": 100_000, "log_every": 5, "checkpoint_every": 5, "time_budget_s": 240,
         "task": {"name": "quadratic"},
         "optimizer": {"name": "lstm", "kwargs": {"layers": [8]}},
         "estimator": {"num_tasks": 4, "unroll_length": 5, "num_steps": 20},
@@ -278,29 +278,40 @@ def _run_through_a_redis_kill(tmp_path, redis_url: str | None, client_of, kill) 
                     "eval_idle_ms": 3000},
     })
     seen: dict = {}
+    run = ServiceRun(cfg, redis_url)
 
-    def chaos() -> None:  # once a checkpoint is scored: note the rows, kill
+    def chaos() -> None:  # once a checkpoint is scored: note the rows, kill, train on, end
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not seen.get("stop"):
             run_id, client = read_run_id(cfg.run_path()), client_of()
             rows = leaderboard(client, run_id=run_id, top=100) if run_id and client else []
-            if rows:
+            if rows and not seen.get("killed"):
                 reg = Registry(client, run_id)
                 seen["state"], seen["updates"] = reg.state(), reg.status().get("updates", 0)
                 seen["rows"] = {(r["version"], r["score"]) for r in rows}
                 time.sleep(1.5)  # AOF everysec
                 kill()
                 seen["killed"] = True
+            if seen.get("killed") and int(run.status.get("updates", 0)) > seen["updates"] + 10:
+                run.request_stop()
                 return
             time.sleep(0.1)
 
     killer = threading.Thread(target=chaos, daemon=True)
-    killer.start()
     try:
-        summary = run_service(cfg, redis_url=redis_url, final_eval=False, poll_s=0.1)
+        run.start()
+        killer.start()
+        run.loop(None, 0.1)
+        run.stop()
+        summary = run.summarize(final_eval=False)
+    except BaseException as e:
+        run.mark_failed(e)
+        raise
     finally:
         seen["stop"] = True
-        killer.join(timeout=30)
+        run.close()
+        if killer.is_alive():
+            killer.join(timeout=30)
     assert seen.get("killed") and seen["state"] == "running", seen
     assert summary["updates"] > seen["updates"] + 5  # trained on after the restart
     assert (cfg.run_path() / "summary.json").exists()

@@ -149,3 +149,24 @@ def test_learner_skips_and_counts_a_non_finite_update(tmp_path):
     resumed = Learner.resume(small_theta(), tx, ServiceConfig(batch_size=2), tmp_path, "run",
                              tensorboard=False, start=False)
     assert resumed.status()["skipped_nonfinite"] == 2
+
+
+def test_a_cosine_meta_learning_rate_decays_to_its_final_fraction_and_stays():
+    from l2o.io.config import ConfigError
+    from l2o.training.build import meta_optimizer_from_config
+
+    cfg = config_from_dict({"meta_optimizer": {"name": "sgd", "learning_rate": 0.1,
+                                               "clip_norm": None, "schedule": "cosine",
+                                               "decay_steps": 10, "final_fraction": 0.2}})
+    tx = meta_optimizer_from_config(cfg.meta_optimizer)
+    theta = {"w": jnp.zeros(2)}
+    state = tx.init(theta)
+    steps = []
+    for _ in range(14):  # a unit gradient: SGD's step is the learning rate
+        update, state = tx.update({"w": jnp.ones(2)}, state, theta)
+        steps.append(-float(update["w"][0]))
+    np.testing.assert_allclose(steps[0], 0.1, rtol=1e-6)
+    assert all(a > b for a, b in zip(steps[:10], steps[1:10], strict=False))
+    np.testing.assert_allclose(steps[10:], 0.02, rtol=1e-5)
+    with pytest.raises(ConfigError, match="meta_optimizer.*decay_steps"):
+        config_from_dict({"meta_optimizer": {"schedule": "cosine"}})

@@ -61,6 +61,18 @@ class MetaOptimizerConfig(StrictConfig):
     name: Literal["adam", "rmsprop", "sgd"] = "adam"
     learning_rate: float = Field(1e-3, gt=0)  # L2L's published meta learning rate
     clip_norm: float | None = Field(1.0, gt=0)
+    #: ``constant``, or ``cosine``: the learning rate decays over ``decay_steps`` meta-updates to
+    #: ``final_fraction`` of its value and stays there (noisy ES/PES gradients settle instead of
+    #: random-walking θ away from where it got)
+    schedule: Literal["constant", "cosine"] = "constant"
+    decay_steps: PositiveInt | None = None
+    final_fraction: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _decay_steps_for_cosine(self) -> MetaOptimizerConfig:
+        if self.schedule == "cosine" and self.decay_steps is None:
+            raise ValueError("schedule 'cosine' needs decay_steps (meta-updates to decay over)")
+        return self
 
 
 class EvalConfig(StrictConfig):

@@ -39,19 +39,23 @@ def estimator_from_config(cfg: EstimatorConfig, family: TaskFamily,
 
 
 def meta_optimizer_from_config(cfg: MetaOptimizerConfig) -> optax.GradientTransformation:
-    """The optax transformation applied to θ: optional global-norm clipping, then the optimizer.
+    """The optax transformation applied to θ: optional global-norm clipping, then the optimizer
+    at a constant or cosine-decayed learning rate.
 
     Equal configs give the *same* object, so jitted code taking it as a static argument compiles
     once per process.
     """
-    return _meta_optimizer(cfg.name, cfg.learning_rate, cfg.clip_norm)
+    decay = (cfg.decay_steps, cfg.final_fraction) if cfg.schedule == "cosine" else None
+    return _meta_optimizer(cfg.name, cfg.learning_rate, cfg.clip_norm, decay)
 
 
 @functools.lru_cache(maxsize=64)
-def _meta_optimizer(name: str, learning_rate: float,
-                    clip_norm: float | None) -> optax.GradientTransformation:
+def _meta_optimizer(name: str, learning_rate: float, clip_norm: float | None,
+                    decay: tuple[int, float] | None) -> optax.GradientTransformation:
     makers = {"adam": optax.adam, "rmsprop": optax.rmsprop, "sgd": optax.sgd}
-    tx = makers[name](learning_rate)
+    lr = learning_rate if decay is None else optax.cosine_decay_schedule(
+        learning_rate, decay_steps=decay[0], alpha=decay[1])
+    tx = makers[name](lr)
     if clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     return tx

@@ -20,9 +20,14 @@ experiment under the run directory (``RUN_DIR/tune``) whose trials are :func:`tr
   bundle, evaluation is charged to the trial's resources. The tuned-Adam baseline is computed
   once by the driver and cached in Redis under the eval task's key. The result lands on the
   leaderboard as ``EXPERIMENT/TRIAL@VERSION``.
-- **Report.** ``tune.report({"score", "meta_updates", …}, checkpoint=…)``: the score is the
-  leaderboard's (learned / tuned-Adam final loss; lower is better) and the Tune checkpoint holds
-  the learner's full checkpoint (θ and meta-optimizer state) plus ``trial.json``.
+- **Report.** ``tune.report({"score", "interval", "meta_updates", …}, checkpoint=…)``: the
+  score is the leaderboard's (learned / tuned-Adam final loss; lower is better) and the Tune
+  checkpoint holds the learner's full checkpoint (θ and meta-optimizer state) plus
+  ``trial.json``. Schedulers count time in reports (``interval``, carried over on an exploit),
+  not in meta-updates: the workers stop a few updates past each interval's goal, by more on a
+  fast machine, and PBT must see every report as one interval (:data:`TIME_ATTR`). Every trial
+  reports ``ceil(max_updates_per_trial / perturbation_interval)`` times, so the population stays
+  together until its last interval and a late trial still has live trials to exploit.
 - **Exploit.** A trial started with a Tune checkpoint (``tune.get_checkpoint()``) adopts its θ and
   meta-optimizer state through the learner (``LearnerProcess.restore_theta``: a new generation,
   so a gradient computed on the old θ is refused as STALE_GENERATION), with the trial's new
@@ -66,6 +71,9 @@ ATTEMPTS_FILE = "attempts.jsonl"
 EXPERIMENT_DIR = "tune"
 SUMMARY_FILE = "tune_summary.json"
 PLOT_FILE = "pbt.png"
+#: The schedulers' clock: a trial's reports so far (one per interval, its donor's on an exploit).
+TIME_ATTR = "interval"
+
 #: Metrics keys of the searched hyperparameters in a trial's reports.
 HP_PREFIX = "hp_"
 #: How long a trial waits for its checkpoint's score.
@@ -93,14 +101,14 @@ def param_space(tc: Any) -> dict[str, Any]:
 def make_scheduler(tc: Any) -> Any:
     """The trial scheduler of ``tc.scheduler`` (``None`` for ``none``: FIFO random search).
 
-    Times are in meta-updates (the ``meta_updates`` each trial reports). PB2 takes continuous
-    bounds only: a ``choice`` is refused naming its field.
+    Times are in intervals (:data:`TIME_ATTR`): every report may perturb, and ASHA's rungs are
+    report counts. PB2 takes continuous bounds only: a ``choice`` is refused naming its field.
     """
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     if tc.scheduler == "pbt":
         return PopulationBasedTraining(
-            time_attr="meta_updates", perturbation_interval=tc.perturbation_interval,
+            time_attr=TIME_ATTR, perturbation_interval=1,
             hyperparam_mutations=param_space(tc), quantile_fraction=tc.quantile_fraction,
             resample_probability=tc.resample_probability)
     if tc.scheduler == "pb2":
@@ -112,12 +120,18 @@ def make_scheduler(tc: Any) -> Any:
                 raise ConfigError(f"tune.search_space.{key}: pb2 searches continuous ranges only "
                                   "(uniform or loguniform), not a choice")
             bounds[key] = [dim.low, dim.high]
-        return PB2(time_attr="meta_updates", perturbation_interval=tc.perturbation_interval,
+        return PB2(time_attr=TIME_ATTR, perturbation_interval=1,
                    hyperparam_bounds=bounds, quantile_fraction=tc.quantile_fraction)
     if tc.scheduler == "asha":
-        return ASHAScheduler(time_attr="meta_updates", max_t=tc.max_updates_per_trial,
-                             grace_period=tc.perturbation_interval, reduction_factor=2)
+        return ASHAScheduler(time_attr=TIME_ATTR, max_t=reports_per_trial(tc), grace_period=1,
+                             reduction_factor=2)
     return None
+
+
+def reports_per_trial(tc: Any) -> int:
+    """How many times a trial reports: once per ``perturbation_interval`` meta-updates until
+    ``max_updates_per_trial``."""
+    return math.ceil(tc.max_updates_per_trial / tc.perturbation_interval)
 
 
 def trial_resources(cfg: TrainConfig) -> Any:
@@ -314,10 +328,10 @@ def trial_main(hparams: dict[str, Any], *, base: dict[str, Any], experiment_id: 
     run = ServiceRun(cfg, redis_url, run_id=run_id)
     try:
         run.start()
-        meta_updates = 0
+        meta_updates = interval = 0
         if info is not None:
             _adopt(run, info, local, trial_id, trial_dir)
-            meta_updates = int(info["meta_updates"])
+            meta_updates, interval = int(info["meta_updates"]), int(info.get("interval", 0))
         evaluator = EvalWorker(run_id, run.url, "trial")
         incarnation = run.client.status()["incarnation"]
 
@@ -331,8 +345,9 @@ def trial_main(hparams: dict[str, Any], *, base: dict[str, Any], experiment_id: 
         # a trial's meta-updates: the adopted checkpoint's plus its learner's since this start,
         # counted at each reported checkpoint (an interval may overshoot by a few)
         adopted, updates0 = meta_updates, int(run.client.status()["updates"])
-        while True:
-            goal = min(meta_updates + tc.perturbation_interval, tc.max_updates_per_trial)
+        while interval < reports_per_trial(tc):
+            goal = meta_updates + tc.perturbation_interval
+            interval += 1
             run.cfg = cfg.model_copy(update={"meta_steps": updates0 + goal - adopted})
             run.loop(same_learner, poll_s=0.1)
             run.registry.set_status(PAUSED)  # the unroll workers wait while θ is scored
@@ -344,16 +359,17 @@ def trial_main(hparams: dict[str, Any], *, base: dict[str, Any], experiment_id: 
             status = run.client.status()
             record = {"trial_id": trial_id, "run_id": run_id, "version": version,
                       "gen_id": int(status["gen_id"]), "meta_updates": meta_updates,
+                      "interval": interval,
                       "score": float(result["score"]), "hparams": hparams}
-            metrics = {"score": float(result["score"]), "meta_updates": meta_updates,
+            metrics = {"score": float(result["score"]), TIME_ATTR: interval,
+                       "meta_updates": meta_updates,
                        "version": version, "gen_id": int(status["gen_id"]),
                        "exploits": exploits, "meta_loss": float(status["last_meta_loss"]),
                        **{HP_PREFIX + k: v for k, v in hparams.items()}}
             run.registry.set_status(None, meta_updates=meta_updates, score=metrics["score"])
             _report(run, params_path, record, metrics)
             run.registry.set_status("running")
-            if meta_updates >= tc.max_updates_per_trial or (
-                    tc.time_budget_s is not None and time.monotonic() - t0 > tc.time_budget_s):
+            if tc.time_budget_s is not None and time.monotonic() - t0 > tc.time_budget_s:
                 break
         run.registry.set_status("done")
     except BaseException as e:
@@ -446,7 +462,8 @@ def _trial_rows(results: Any, run_dir: Path) -> list[dict[str, Any]]:
             trial_id = str(df["trial_id"].iloc[-1])
         reports = [] if df is None else [
             {k: (None if isinstance(v, float) and math.isnan(v) else v)
-             for k, v in row.items() if k in ("score", "meta_updates", "version", "gen_id")
+             for k, v in row.items() if k in ("score", TIME_ATTR, "meta_updates", "version",
+                                             "gen_id")
              or k.startswith(HP_PREFIX)}
             for row in df.to_dict("records")]
         trial_dir = run_dir / "trials" / trial_id

@@ -26,9 +26,9 @@ def _config(tmp: Path, **tune_fields: object):
     data.update(run_dir=str(tmp), run_name="pop", seed=1)
     data["estimator"].update(num_tasks=4, num_steps=40)
     data["eval"].update(steps=30, seeds=2, adam_learning_rates=[0.03, 0.3])
-    data["tune"].update(population=3, perturbation_interval=3, max_updates_per_trial=18,
-                        quantile_fraction=0.34, resample_probability=0.0, max_failures=3,
-                        **tune_fields)
+    data["tune"].update({"population": 3, "perturbation_interval": 3,
+                         "max_updates_per_trial": 18, "quantile_fraction": 0.34,
+                         "resample_probability": 0.0, "max_failures": 3, **tune_fields})
     data["tune"]["search_space"]["estimator.unroll_length"] = {"kind": "uniform", "low": 4,
                                                                "high": 12}
     return config_from_dict(data)
@@ -165,6 +165,51 @@ def test_resume_does_not_restart_finished_trials(experiment):
     again = run_tune(cfg, resume=True, verbose=0)
     assert {t: len(_lines(d / "attempts.jsonl")) for t, d in _trials(cfg).items()} == before
     assert again["best_trial"] == summary["best_trial"]
+
+
+def test_an_interrupted_experiment_resumes_without_restarting_its_finished_trial(tmp_path):
+    """``python -m services.tune`` interrupted (SIGINT) while the second of two trials (one at a
+    time) runs; ``--resume`` finishes it from its checkpoint and leaves the first one alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = _config(tmp_path, scheduler="none", population=2, max_concurrent_trials=1,
+                  max_updates_per_trial=6)
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "services.tune", "--config", str(path)]
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        # the second trial has reported once: the first is finished, the second half-way
+        while not sorted((cfg.run_path() / "tune").glob("trial_main_*_00001_*/checkpoint_000000")):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the second trial never reported"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    trials = _trials(cfg)
+    assert len(trials) == 2
+    first, second = sorted(trials)
+    assert len(_lines(trials[first] / "attempts.jsonl")) == 1
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len(_lines(trials[first] / "attempts.jsonl")) == 1  # not started again
+    resumed = _lines(trials[second] / "attempts.jsonl")
+    assert len(resumed) == 2 and resumed[-1]["checkpoint_of"] == second
+    summary = json.loads((cfg.run_path() / "tune_summary.json").read_text())
+    for row in summary["trials"]:
+        assert row["error"] is None and row["reports"][-1]["interval"] == 2
 
 
 def test_a_bad_tune_field_is_refused_with_its_dotted_name(tmp_path):

@@ -520,20 +520,20 @@ def _registry_clients(redis_url: str | None, run_dir: Path | None) -> Iterator[A
     else:
         dirs = sorted(p for p in Path(TrainConfig().run_dir).glob("*/redis") if p.is_dir())
     for data in dirs:
+        client, server_url, started = _reader_connection(url, data)
         try:
-            client, _ = _reader_connection(url, data)
             yield client
         finally:
-            if data is not None:  # a server this process may have started to read stopped data
-                redis_server.shutdown_embedded()
+            if started:  # a server this process started to read a stopped run's data
+                redis_server.shutdown_embedded(server_url)
 
 
-def _reader_connection(url: str | None, data: Path | None) -> tuple[Any, str]:
-    """:func:`services.redis_server.redis_connection` for a reader; a one-line error if none."""
-    from services.redis_server import redis_connection
+def _reader_connection(url: str | None, data: Path | None) -> tuple[Any, str, bool]:
+    """:func:`services.redis_server.owned_connection` for a reader; a one-line error if none."""
+    from services.redis_server import owned_connection
 
     try:
-        return redis_connection(url, data=data, reuse_running=True)
+        return owned_connection(url, data=data, reuse_running=True)
     except (ConnectionError, ValueError) as e:
         _fail(str(e))
         raise  # unreachable

@@ -46,6 +46,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -61,6 +62,8 @@ __all__ = [
     "redis_server_binary",
     "run_data_dir",
     "shutdown_embedded",
+    "owned_connection",
+    "embedded_urls",
 ]
 
 
@@ -293,31 +296,46 @@ class EmbeddedRedis:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-_EMBEDDED: EmbeddedRedis | None = None
+#: This process's embedded servers, one per data directory (``None``: a scratch server).
+_EMBEDDED: dict[Path | None, EmbeddedRedis] = {}
 _LOCK = threading.Lock()
 
 
 def embedded_server(data: str | os.PathLike | None = None) -> EmbeddedRedis:
-    """This process's embedded server (keeping its data in ``data``), started on first use."""
-    global _EMBEDDED
-    want = Path(data).resolve() if data is not None else None
+    """This process's embedded server keeping its data in ``data`` (``None``: nothing is kept),
+    started on first use: one per data directory, so runs with their own run directories in one
+    process (tests, a population search's driver) each have theirs."""
+    key = Path(data).resolve() if data is not None else None
     with _LOCK:
-        if _EMBEDDED is not None and _EMBEDDED.alive() and want is not None and \
-                _EMBEDDED.data.resolve() != want:
-            raise RuntimeError(f"this process already runs an embedded Redis on "
-                               f"{_EMBEDDED.data}, not {want}")
-        if _EMBEDDED is None or not _EMBEDDED.alive():
-            _EMBEDDED = EmbeddedRedis(data=want)
-        return _EMBEDDED
+        server = _EMBEDDED.get(key)
+        if server is None or not server.alive():
+            server = _EMBEDDED[key] = EmbeddedRedis(data=key)
+        return server
 
 
-def shutdown_embedded() -> None:
-    """Stop this process's embedded server, if one was started."""
-    global _EMBEDDED
+def embedded_urls() -> set[str]:
+    """The URLs of this process's live embedded servers."""
     with _LOCK:
-        if _EMBEDDED is not None:
-            _EMBEDDED.stop()
-            _EMBEDDED = None
+        return {s.url for s in _EMBEDDED.values() if s.alive()}
+
+
+def shutdown_embedded(url: str | None = None) -> None:
+    """Stop this process's embedded server at ``url``; every one of them when ``url`` is None."""
+    with _LOCK:
+        for key, server in list(_EMBEDDED.items()):
+            if url is None or server.url == url:
+                server.stop()
+                del _EMBEDDED[key]
+
+
+def owned_connection(url: str | SecretFile | None = None, **kwargs: Any
+                     ) -> tuple[redis.Redis, str, bool]:
+    """``(client, url, started)``: :func:`redis_connection` (same arguments), and whether this
+    call started the embedded server it connected to. A caller that started it stops it with
+    ``shutdown_embedded(url)`` when done; a server someone else started is left running."""
+    before = embedded_urls()
+    client, got = redis_connection(url, **kwargs)
+    return client, got, got not in before and got in embedded_urls()
 
 
 def redis_connection(url: str | SecretFile | None = None, *, data: str | os.PathLike | None = None,

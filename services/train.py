@@ -327,11 +327,8 @@ class ServiceRun:
         self.local_dir = cfg.local_path().resolve()
         self.local_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id or run_id_for(self.run_dir, cfg.run_name)
-        had_embedded = redis_server._EMBEDDED is not None
-        self.redis, self.url = redis_server.redis_connection(
+        self.redis, self.url, self.owns_redis = redis_server.owned_connection(
             redis_url or cfg.service.redis_url, data=redis_server.run_data_dir(self.local_dir))
-        self.owns_redis = not had_embedded and redis_server._EMBEDDED is not None \
-            and self.url == redis_server._EMBEDDED.url
         self.registry = Registry(self.redis, self.run_id,
                                  eval_max_deliveries=cfg.service.eval_max_deliveries,
                                  eval_idle_ms=cfg.service.eval_idle_ms)
@@ -629,7 +626,7 @@ class ServiceRun:
         if self.started_ray:
             ray.shutdown()
         if self.owns_redis:
-            redis_server.shutdown_embedded()
+            redis_server.shutdown_embedded(self.url)
 
 
 def run_service(cfg: Any, *, address: str | None = None,

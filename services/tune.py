@@ -409,10 +409,9 @@ def run_tune(cfg: TrainConfig, *, resume: bool = False, address: str | None = No
     run_dir = cfg.run_path().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     experiment_id = run_id_for(run_dir, cfg.run_name)
-    had_embedded = redis_server._EMBEDDED is not None
-    client, url = redis_server.redis_connection(cfg.service.redis_url,
-                                                data=redis_server.run_data_dir(run_dir))
-    embedded = redis_server._EMBEDDED is not None and url == redis_server._EMBEDDED.url
+    client, url, started_redis = redis_server.owned_connection(
+        cfg.service.redis_url, data=redis_server.run_data_dir(run_dir))
+    embedded = url in redis_server.embedded_urls()
     # every trial scores against the same tuned-Adam sweep: computed once, here, not by the
     # first trial of each while its learner trains on
     if not is_unsupervised(cfg):
@@ -448,8 +447,8 @@ def run_tune(cfg: TrainConfig, *, resume: bool = False, address: str | None = No
     finally:
         if started_ray:
             ray.shutdown()
-        if embedded and not had_embedded:
-            redis_server.shutdown_embedded()
+        if started_redis:
+            redis_server.shutdown_embedded(url)
 
 
 def _trial_rows(results: Any, run_dir: Path) -> list[dict[str, Any]]:

@@ -355,12 +355,17 @@ def test_service_run_survives_its_embedded_redis_killed(tmp_path, monkeypatch):
 
     monkeypatch.delenv("REDIS_URL", raising=False)
 
+    def run_server():
+        """The run's server: the one embedded server this process has running."""
+        live = [s for s in redis_server._EMBEDDED.values() if s.alive()]
+        return live[0] if len(live) == 1 else None
+
     def client_of():
-        srv = redis_server._EMBEDDED
-        return srv.client(decode_responses=True) if srv is not None and srv.alive() else None
+        srv = run_server()
+        return srv.client(decode_responses=True) if srv is not None else None
 
     def kill() -> None:
-        seen_server["srv"] = redis_server._EMBEDDED
+        seen_server["srv"] = run_server()
         seen_server["srv"].proc.send_signal(signal.SIGKILL)
 
     seen_server: dict = {}

@@ -509,11 +509,9 @@ def evaluate_on_suite_with_pool(checkpoint: str | Path, suite: str = "heldout",
     name, version, task_list, _ = resolve_suite(suite, tasks)
     names = [st.name for st in task_list]
     path = str(Path(checkpoint).expanduser().absolute())
-    had_embedded = redis_server._EMBEDDED is not None
     with warnings.catch_warnings():  # fork+exec of redis-server: no Python runs in the child
         warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
-        rclient, url = redis_server.redis_connection(redis_url)
-    owns_redis = not had_embedded and redis_server._EMBEDDED is not None
+        rclient, url, owns_redis = redis_server.owned_connection(redis_url)
     registry = Registry(rclient, f"suite-{uuid.uuid4().hex[:8]}")
     started_ray, workers, run_refs = False, [], []
     try:
@@ -554,4 +552,4 @@ def evaluate_on_suite_with_pool(checkpoint: str | Path, suite: str = "heldout",
         if started_ray:
             ray.shutdown()
         if owns_redis:
-            redis_server.shutdown_embedded()
+            redis_server.shutdown_embedded(url)

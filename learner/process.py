@@ -184,6 +184,13 @@ class LearnerProcess:
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
+    def placement_group_id(self) -> str | None:
+        """The Ray placement group this learner was scheduled in (``None`` outside one)."""
+        import ray
+
+        return ray.get_runtime_context().get_placement_group_id() if ray.is_initialized() \
+            else None
+
     def status(self) -> dict[str, Any]:
         """The learner's figures (see :meth:`learner.core.Learner.status`)."""
         if self.learner is None:

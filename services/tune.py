@@ -231,6 +231,17 @@ def _probe_old_generation(run: Any, gen_before: int) -> str:
     return reason_name(ack)
 
 
+def _placement_groups(run: Any) -> dict[str, Any]:
+    """The Ray placement groups of the trial's own process, its learner and its unroll workers:
+    all the trial's one (Tune's, which captures the actors the trial creates)."""
+    import ray
+
+    stats = ray.get([w.stats.remote() for w in run.unroll], timeout=60.0)
+    return {"trial": ray.get_runtime_context().get_placement_group_id(),
+            "learner": ray.get(run.learner.placement_group_id.remote(), timeout=60.0),
+            "unroll": [s["placement_group_id"] for s in stats]}
+
+
 def _unpack(checkpoint: Any, trial_dir: Path) -> tuple[dict[str, Any], Path]:
     """The Tune ``checkpoint``'s trial record, and its full checkpoint copied into
     ``trial_dir/incoming`` (where the learner actor can read it)."""
@@ -322,12 +333,13 @@ def trial_main(hparams: dict[str, Any], *, base: dict[str, Any], experiment_id: 
                                             range(cfg.service.num_unroll_workers))])
     checkpoint = tune.get_checkpoint()
     info, local = _unpack(checkpoint, trial_dir) if checkpoint is not None else (None, None)
-    _append_jsonl(trial_dir / ATTEMPTS_FILE, {
-        "time": time.time(), "hparams": hparams,
-        "checkpoint_of": info["trial_id"] if info else None})
     run = ServiceRun(cfg, redis_url, run_id=run_id)
     try:
         run.start()
+        _append_jsonl(trial_dir / ATTEMPTS_FILE, {
+            "time": time.time(), "hparams": hparams,
+            "checkpoint_of": info["trial_id"] if info else None,
+            "placement_groups": _placement_groups(run)})
         meta_updates = interval = 0
         if info is not None:
             _adopt(run, info, local, trial_id, trial_dir)
@@ -436,9 +448,11 @@ def run_tune(cfg: TrainConfig, *, resume: bool = False, address: str | None = No
                 trainable, param_space=param_space(tc),
                 tune_config=tune.TuneConfig(
                     metric="score", mode="min", scheduler=scheduler, num_samples=tc.population,
-                    max_concurrent_trials=tc.max_concurrent_trials,
-                    # the same seed samples the same starting population, whatever the scheduler
-                    search_alg=BasicVariantGenerator(random_state=tc.seed)),
+                    # the same seed samples the same starting population, whatever the scheduler;
+                    # the generator itself limits concurrency (Tune ignores TuneConfig's
+                    # max_concurrent_trials when it is given a generator)
+                    search_alg=BasicVariantGenerator(
+                        random_state=tc.seed, max_concurrent=tc.max_concurrent_trials or 0)),
                 run_config=tune.RunConfig(
                     name=EXPERIMENT_DIR, storage_path=str(run_dir), verbose=verbose,
                     failure_config=tune.FailureConfig(max_failures=tc.max_failures)))

@@ -157,6 +157,19 @@ def test_a_trial_whose_learner_was_killed_is_retried_and_the_experiment_finishes
         assert row["reports"][-1]["interval"] == reports_per_trial(cfg.tune) == 6
 
 
+def test_each_trials_learner_and_workers_run_in_that_trials_placement_group(experiment):
+    cfg, _, _ = experiment
+    firsts = []
+    for trial_dir in _trials(cfg).values():
+        for attempt in _lines(trial_dir / "attempts.jsonl"):
+            groups = attempt["placement_groups"]
+            assert groups["trial"] is not None
+            assert groups["learner"] == groups["trial"]
+            assert groups["unroll"] == [groups["trial"]] * cfg.service.num_unroll_workers
+        firsts.append(_lines(trial_dir / "attempts.jsonl")[0]["placement_groups"]["trial"])
+    assert len(set(firsts)) == len(firsts) == cfg.tune.population
+
+
 def test_resume_does_not_restart_finished_trials(experiment):
     from services.tune import run_tune
 

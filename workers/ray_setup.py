@@ -156,13 +156,15 @@ def actor_options(num_cpus: float, num_gpus: float = 0.0, *,
 
 
 def node_of_this_process() -> dict[str, str | None]:
-    """The Ray node this process runs on: ``node_id`` and ``node_ip`` (``None`` outside Ray)."""
+    """The Ray node this process runs on: ``node_id``, ``node_ip`` and the
+    ``placement_group_id`` it was scheduled in (``None`` outside Ray or a placement group)."""
     import ray
 
     if not ray.is_initialized():
-        return {"node_id": None, "node_ip": None}
-    return {"node_id": ray.get_runtime_context().get_node_id(),
-            "node_ip": ray.util.get_node_ip_address()}
+        return {"node_id": None, "node_ip": None, "placement_group_id": None}
+    context = ray.get_runtime_context()
+    return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "placement_group_id": context.get_placement_group_id()}
 
 
 def placement() -> dict[str, Any]:

@@ -66,6 +66,9 @@ TRIAL_FILE = "trial.json"
 FULL_FILE = "full.ckpt"
 #: In a trial's run directory: one JSON line per exploit / per start of the trial.
 EXPLOITS_FILE = "exploits.jsonl"
+#: Every report of a trial, as it made it (Tune's own per-trial result files lose rows when a
+#: paused or exploiting trial restarts, so the summary is built from these).
+REPORTS_FILE = "reports.jsonl"
 ATTEMPTS_FILE = "attempts.jsonl"
 #: The experiment's name under the run directory (Tune's own files).
 EXPERIMENT_DIR = "tune"
@@ -379,6 +382,7 @@ def trial_main(hparams: dict[str, Any], *, base: dict[str, Any], experiment_id: 
                        "exploits": exploits, "meta_loss": float(status["last_meta_loss"]),
                        **{HP_PREFIX + k: v for k, v in hparams.items()}}
             run.registry.set_status(None, meta_updates=meta_updates, score=metrics["score"])
+            _append_jsonl(trial_dir / REPORTS_FILE, {"time": time.time(), **metrics})
             _report(run, params_path, record, metrics)
             run.registry.set_status("running")
             if tc.time_budget_s is not None and time.monotonic() - t0 > tc.time_budget_s:
@@ -466,20 +470,15 @@ def run_tune(cfg: TrainConfig, *, resume: bool = False, address: str | None = No
 
 
 def _trial_rows(results: Any, run_dir: Path) -> list[dict[str, Any]]:
-    """One row per trial: its reports, exploits, starts, final and best score."""
+    """One row per trial: its reports (from ``trials/TRIAL/reports.jsonl``), exploits, starts,
+    final and best score."""
+    keep = ("score", TIME_ATTR, "meta_updates", "version", "gen_id")
     rows = []
     for result in results:
-        df = result.metrics_dataframe
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        if df is not None and "trial_id" in df:
-            trial_id = str(df["trial_id"].iloc[-1])
-        reports = [] if df is None else [
-            {k: (None if isinstance(v, float) and math.isnan(v) else v)
-             for k, v in row.items() if k in ("score", TIME_ATTR, "meta_updates", "version",
-                                             "gen_id")
-             or k.startswith(HP_PREFIX)}
-            for row in df.to_dict("records")]
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(Path(result.path))
         trial_dir = run_dir / "trials" / trial_id
+        reports = [{k: v for k, v in r.items() if k in keep or k.startswith(HP_PREFIX)}
+                   for r in read_jsonl(trial_dir / REPORTS_FILE)]
         scores = [r["score"] for r in reports if r.get("score") is not None]
         rows.append({
             "trial_id": trial_id, "hparams": result.config,
@@ -491,6 +490,11 @@ def _trial_rows(results: Any, run_dir: Path) -> list[dict[str, Any]]:
             "error": str(result.error) if result.error else None,
             "reports": reports})
     return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def _trial_id_of(trial_path: Path) -> str:
+    """The trial id in Tune's trial directory name ``trial_main_<exp>_<index>_...``."""
+    return "_".join(trial_path.name.split("_")[2:4])
 
 
 def summarize(cfg: TrainConfig, results: Any, client: Any, experiment_id: str,

@@ -5,7 +5,7 @@
     import optax
     from l2o import pretrained
 
-    tx = optax.chain(optax.clip_by_global_norm(1.0), pretrained.load("general-v1", num_steps=1000))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), pretrained.load("general-v2", num_steps=1000))
     opt_state = tx.init(params)
     updates, opt_state = tx.update(grads, opt_state, params)   # params are required
     params = optax.apply_updates(params, updates)
@@ -28,6 +28,10 @@ from l2o.optimizers.base import LearnedOptimizer
 from l2o.types import MetaParams
 
 _HERE = Path(__file__).resolve().parent
+
+#: The optimizer :func:`load` gives without a name: the newest recipe's (``general-v1`` stays, as
+#: it was shipped, for reproducibility).
+DEFAULT = "general-v2"
 
 
 def names() -> list[str]:
@@ -56,7 +60,7 @@ def load_theta(name: str) -> tuple[LearnedOptimizer, MetaParams]:
     return lopt, theta
 
 
-def load(name: str = "general-v1", num_steps: int | None = None
+def load(name: str = DEFAULT, num_steps: int | None = None
          ) -> optax.GradientTransformationExtraArgs:
     """The shipped optimizer ``name`` as an optax transformation.
 

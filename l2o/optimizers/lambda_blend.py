@@ -99,8 +99,7 @@ class LambdaBlendOptimizer(Optimizer):
         rnn = {}
         for name, idx in lay.net_leaves.items():
             g = LSTMOptimizer._flat(g_leaves, idx)
-            learned, rnn[name] = _lstm_step(self.theta[name], state.rnn[name], g,
-                                            cfg.preprocess_k, cfg.output_scale)
+            learned, rnn[name] = _lstm_step(self.theta[name], state.rnn[name], g, cfg)
             lam = self._lambda(self.theta[name], rnn[name].h[-1])
             off = 0
             for i in idx:

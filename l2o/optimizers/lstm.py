@@ -12,6 +12,22 @@ i.e. the network outputs the *step itself*, not a descent direction: a network t
 SGD learns to output a multiple of ``-grad``. Each coordinate keeps its own LSTM state ``(h, c)``
 for every layer.
 
+Stable variant (preset ``l2l-digits-stable``). The seed's steps do not shrink with the gradient
+(LogAndSign is scale-free: at ``|g| ≈ 1e-4`` a trained LSTM still moves each weight ~0.04 per
+step, and with a zero gradient it moves every parameter) and its read-out is unbounded, so it
+diverges on longer runs and other nets where Adam does not. Three options, all off by default
+(the seed), change only how the read-out ``out`` becomes the step::
+
+    step = output_scale · tanh(out) · min(|g|·e^k, 1) · max(rms(p₀), step_floor)
+                 bounded_output       gated             relative_steps
+
+``gated`` multiplies by the magnitude of the linear sign feature, so a zero gradient gives an
+exactly zero step and steps shrink linearly with ``|g|`` below ``e^-k``; ``bounded_output`` caps
+``|step|`` at ``output_scale`` whatever the LSTM sees; ``relative_steps`` makes that cap a fraction
+of each tensor's RMS at initialization (frozen then, as in :mod:`l2o.optimizers.normalized_mlp`;
+``step_floor`` for tensors that start at zero), so one θ carries over to tensors of other scales.
+θ has the same shapes either way.
+
 ``net_assignments`` maps subsets of the parameters (selected by their tree paths, e.g. conv vs.
 fully connected weights) to separate networks, each with its own weights; θ is then
 ``{net_name: net_weights}``. By default one net, ``"coordinatewise"``, handles everything.
@@ -93,11 +109,14 @@ class LSTMNetState:
 
 @struct.dataclass
 class LSTMOptState:
-    """Parameters (user's tree), iteration counter and the LSTM state of each net."""
+    """Parameters (user's tree), iteration counter and the LSTM state of each net; with
+    ``relative_steps``, ``scale[net]`` is ``max(rms(p₀), step_floor)`` of each coordinate's tensor
+    (flat ``[P]``, like the LSTM state), else ``None``."""
 
     params: Params
     iteration: jax.Array
     rnn: dict[str, LSTMNetState]
+    scale: dict[str, jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,11 +177,23 @@ class LSTMOptimizer(Optimizer):
             n = sum(int(math.prod(jnp.shape(leaves[i]))) for i in idx)
             zeros = tuple(jnp.zeros((u, n), jnp.float32) for u in self.config.layers)
             rnn[name] = LSTMNetState(h=zeros, c=zeros)
-        return LSTMOptState(params=params, iteration=zero_iteration(), rnn=rnn)
+        scale = None
+        if self.config.relative_steps:
+            scale = {name: self._flat([self._tensor_scale(leaves[i]) for i in idx],
+                                      tuple(range(len(idx))))
+                     for name, idx in lay.net_leaves.items()}
+        return LSTMOptState(params=params, iteration=zero_iteration(), rnn=rnn, scale=scale)
+
+    def _tensor_scale(self, p: jax.Array) -> jax.Array:
+        """``max(rms(p), step_floor)`` broadcast to ``p``'s shape, in float32."""
+        p32 = jnp.asarray(p, jnp.float32)
+        rms = jnp.sqrt(jnp.mean(jnp.square(p32))) if p32.size else jnp.zeros(())
+        return jnp.full(p32.shape, jnp.maximum(rms, self.config.step_floor), jnp.float32)
 
     def update(self, state: LSTMOptState, grads: Params, *, loss: jax.Array | None = None,
                key: PRNGKey | None = None) -> LSTMOptState:
-        """One step: ``params + output_scale * lstm(log_and_sign(grads))`` per coordinate."""
+        """One step: ``params + output_scale * lstm(log_and_sign(grads))`` per coordinate (with
+        the stable options: gated, bounded and relative, see :class:`LSTMLearnedOptimizer`)."""
         lay = self.layout(state.params)
         g_leaves = lay.treedef.flatten_up_to(grads)
         p_leaves = lay.treedef.flatten_up_to(state.params)
@@ -170,8 +201,9 @@ class LSTMOptimizer(Optimizer):
         rnn = {}
         for name, idx in lay.net_leaves.items():
             g = self._flat(g_leaves, idx)
-            step, rnn[name] = _lstm_step(self.theta[name], state.rnn[name], g,
-                                         self.config.preprocess_k, self.config.output_scale)
+            step, rnn[name] = _lstm_step(self.theta[name], state.rnn[name], g, self.config)
+            if state.scale is not None:
+                step = step * state.scale[name].astype(step.dtype)
             off = 0
             for i in idx:
                 p = p_leaves[i]
@@ -179,23 +211,27 @@ class LSTMOptimizer(Optimizer):
                 new_leaves[i] = p + step[off:off + n].reshape(p.shape).astype(p.dtype)
                 off += n
         params = jax.tree_util.tree_unflatten(lay.treedef, new_leaves)
-        return LSTMOptState(params=params, iteration=state.iteration + 1, rnn=rnn)
+        return LSTMOptState(params=params, iteration=state.iteration + 1, rnn=rnn,
+                            scale=state.scale)
 
     @property
     def name(self) -> str:
         return self.config.name
 
 
-def _lstm_step(net: dict, state: LSTMNetState, g: jax.Array, k: float,
-               scale: float) -> tuple[jax.Array, LSTMNetState]:
+def _lstm_step(net: dict, state: LSTMNetState, g: jax.Array,
+               cfg: LSTMLearnedOptimizer) -> tuple[jax.Array, LSTMNetState]:
     """One application of a net to the flat gradient slab ``g`` [P]: (step [P], new state).
+
+    The step is ``output_scale · out`` (seed), ``output_scale · tanh(out)`` with
+    ``bounded_output``, times ``|sign|`` with ``gated`` (the caller applies ``relative_steps``).
 
     Units-major layout: inputs and states are ``[units, P]``, so each layer is a single
     ``[4·units, in + units] @ [in + units, P]`` matmul (input and recurrent weights stacked, gates
     fused in the order i, f, g, o) and each gate is a contiguous block of rows. The read-out is a
     weighted sum over units, which XLA fuses with the last layer's nonlinearities.
     """
-    log, sign = log_and_sign(g, k)
+    log, sign = log_and_sign(g, cfg.preprocess_k)
     x = jnp.stack([log, sign], axis=0)
     hs, cs = [], []
     for layer, (h, c) in enumerate(zip(state.h, state.c, strict=True)):
@@ -209,10 +245,14 @@ def _lstm_step(net: dict, state: LSTMNetState, g: jax.Array, k: float,
         cs.append(c)
         x = h
     out = jnp.sum(x * net["out"]["w"][:, None], axis=0) + net["out"]["b"]
+    if cfg.bounded_output:
+        out = jnp.tanh(out)
+    if cfg.gated:
+        out = out * jnp.abs(sign)
     # keep the state's dtype fixed (a scan carry), whatever the dtype of θ
     hs = [x.astype(h.dtype) for x, h in zip(hs, state.h, strict=True)]
     cs = [x.astype(c.dtype) for x, c in zip(cs, state.c, strict=True)]
-    return scale * out, LSTMNetState(h=tuple(hs), c=tuple(cs))
+    return cfg.output_scale * out, LSTMNetState(h=tuple(hs), c=tuple(cs))
 
 
 def _as_tuple(x: Any) -> Any:
@@ -235,6 +275,14 @@ class LSTMLearnedOptimizer(LearnedOptimizer):
         ``(path, leaf) -> bool``); a leaf that matches none is an error. Default: one net
         ``"coordinatewise"`` for every parameter.
       forget_bias: initial bias of the forget gates.
+      gated: multiply each coordinate's step by the magnitude of its linear sign feature,
+        ``min(|g|·e^k, 1)``: a zero gradient gives a zero step, and steps shrink linearly with
+        ``|g|`` below ``e^-k``. Off in L2L.
+      bounded_output: ``tanh`` on the read-out, so ``|step| ≤ output_scale`` (times the tensor
+        scale with ``relative_steps``). Off in L2L (a linear, unbounded read-out).
+      relative_steps: multiply each step by its tensor's scale at initialization,
+        ``max(rms(p₀), step_floor)``. Off in L2L.
+      step_floor: the smallest tensor scale with ``relative_steps`` (tensors starting at zero).
     """
 
     layers: tuple[int, ...] = (20, 20)
@@ -242,6 +290,10 @@ class LSTMLearnedOptimizer(LearnedOptimizer):
     output_scale: float = 0.01
     net_assignments: tuple[tuple[str, Selector], ...] | None = None
     forget_bias: float = 1.0
+    gated: bool = False
+    bounded_output: bool = False
+    relative_steps: bool = False
+    step_floor: float = 0.1
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(u) for u in _as_tuple(self.layers)))
@@ -255,6 +307,8 @@ class LSTMLearnedOptimizer(LearnedOptimizer):
             object.__setattr__(self, "net_assignments", na)
         if not self.layers:
             raise ValueError("layers must name at least one LSTM layer")
+        if not self.step_floor > 0:
+            raise ValueError(f"step_floor must be > 0, got {self.step_floor}")
 
     @property
     def assignments(self) -> tuple[tuple[str, Selector], ...]:

@@ -346,7 +346,10 @@ def trial_main(hparams: dict[str, Any], *, base: dict[str, Any], experiment_id: 
         meta_updates = interval = 0
         if info is not None:
             _adopt(run, info, local, trial_id, trial_dir)
-            meta_updates, interval = int(info["meta_updates"]), int(info.get("interval", 0))
+            # a started trial always reports again: one taken over at a donor's last interval
+            # scores what it adopted after one more interval of its own hyperparameters
+            meta_updates = int(info["meta_updates"])
+            interval = min(int(info.get("interval", 0)), reports_per_trial(tc) - 1)
         evaluator = EvalWorker(run_id, run.url, "trial")
         incarnation = run.client.status()["incarnation"]
 

@@ -210,6 +210,18 @@ def test_authentication_health_and_reflection(tmp_path: Path) -> None:
     assert health_main([address, "--timeout", "0.5"]) == 1  # stopped: unhealthy
 
 
+def _port_other_than(port: int) -> int:
+    """A free loopback port that is not ``port`` (the OS may hand a just-freed port out again,
+    and a client would then reach the new server without having to find it)."""
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] != port:
+                return s.getsockname()[1]
+
+
 def test_checkpoint_restart_resumes_version_and_dedup(tmp_path: Path) -> None:
     tx = optax.adam(1e-2)
     seen: list[tuple[Path, int]] = []
@@ -239,7 +251,7 @@ def test_checkpoint_restart_resumes_version_and_dedup(tmp_path: Path) -> None:
         assert resumed.resumed_from is not None and resumed.version == 3
         assert_tree_equal(resumed.theta, learner.theta)
         assert_tree_equal(resumed.opt_state, learner.opt_state)
-        server2, port2 = serve(resumed, "127.0.0.1", 0, TOKEN)
+        server2, port2 = serve(resumed, "127.0.0.1", _port_other_than(port), TOKEN)
         address["now"] = f"127.0.0.1:{port2}"  # the client rediscovers the new address
         try:
             # a new incarnation: θ comes in full although the version is the one the client has

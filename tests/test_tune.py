@@ -35,24 +35,26 @@ def _config(tmp: Path, **tune_fields: object):
 
 
 def _kill_one_learner(run_dir: Path, stop: threading.Event, killed: dict) -> None:
-    """Kill the learner of the first trial that has reported a checkpoint to Tune."""
+    """Kill the learner of a trial that has just exploited another (it is training on the
+    adopted θ). Not earlier: a trial killed while it leads the population restarts for seconds,
+    the others finish meanwhile on a quiet machine, and PBT is left nobody to exploit."""
     import ray
 
     from workers.ray_setup import actor_name
 
-    while not stop.wait(0.5):
+    while not stop.wait(0.1):
         id_file = run_dir / "run_id"
-        reported = sorted((run_dir / "tune").glob("trial_main_*/checkpoint_000000"))
-        if not id_file.exists() or not reported:
+        exploited = sorted(p.parent.name for p in (run_dir / "trials").glob("*/exploits.jsonl"))
+        if not id_file.exists() or not exploited:
             continue
-        trial_id = "_".join(reported[0].parent.name.split("_")[2:4])
-        name = actor_name(f"{id_file.read_text().strip()}/{trial_id}", "learner")
-        try:
-            ray.kill(ray.get_actor(name), no_restart=False)  # Ray restarts it: a new incarnation
-        except ValueError:
-            continue
-        killed.update(trial=trial_id, time=time.time())
-        return
+        for trial_id in exploited:
+            name = actor_name(f"{id_file.read_text().strip()}/{trial_id}", "learner")
+            try:  # Ray restarts it: a new incarnation, which the trial reports as a failure
+                ray.kill(ray.get_actor(name), no_restart=False)
+            except ValueError:  # that trial has finished
+                continue
+            killed.update(trial=trial_id, time=time.time())
+            return
 
 
 @pytest.fixture(scope="module")

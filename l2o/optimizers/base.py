@@ -72,6 +72,12 @@ class LearnedOptimizer:
         return type(self).__name__
 
 
+def tensor_rms(x: jax.Array) -> jax.Array:
+    """The root mean square of a tensor's entries, in float32 (0 for an empty tensor): the scale
+    the learned optimizers with relative steps measure each parameter tensor by."""
+    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))) if x.size else jnp.zeros(())
+
+
 def zero_iteration() -> jax.Array:
     """An int32 scalar 0, the iteration counter of a fresh state."""
     return jnp.zeros((), jnp.int32)

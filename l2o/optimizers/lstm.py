@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from l2o.optimizers.base import LearnedOptimizer, Optimizer, zero_iteration
+from l2o.optimizers.base import LearnedOptimizer, Optimizer, tensor_rms, zero_iteration
 from l2o.optimizers.registry import register_optimizer
 from l2o.types import MetaParams, Params, PRNGKey
 
@@ -186,9 +186,8 @@ class LSTMOptimizer(Optimizer):
 
     def _tensor_scale(self, p: jax.Array) -> jax.Array:
         """``max(rms(p), step_floor)`` broadcast to ``p``'s shape, in float32."""
-        p32 = jnp.asarray(p, jnp.float32)
-        rms = jnp.sqrt(jnp.mean(jnp.square(p32))) if p32.size else jnp.zeros(())
-        return jnp.full(p32.shape, jnp.maximum(rms, self.config.step_floor), jnp.float32)
+        return jnp.full(jnp.shape(p), jnp.maximum(tensor_rms(jnp.asarray(p)),
+                                                  self.config.step_floor), jnp.float32)
 
     def update(self, state: LSTMOptState, grads: Params, *, loss: jax.Array | None = None,
                key: PRNGKey | None = None) -> LSTMOptState:

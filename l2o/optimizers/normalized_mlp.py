@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from l2o.optimizers.base import LearnedOptimizer, Optimizer, zero_iteration
+from l2o.optimizers.base import LearnedOptimizer, Optimizer, tensor_rms, zero_iteration
 from l2o.optimizers.registry import register_optimizer
 from l2o.types import MetaParams, Params, PRNGKey
 
@@ -83,10 +83,6 @@ class NormalizedMLPState:
     second_moment: Params
     initial_rms: Params
     horizon: jax.Array
-
-
-def _rms(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))) if x.size else jnp.zeros(())
 
 
 def schedule_value(theta: MetaParams, progress: jax.Array) -> jax.Array:
@@ -141,7 +137,7 @@ def scale_by_normalized_mlp(theta: MetaParams, num_steps: int | None = None,
             momenta=jax.tree_util.tree_map(lambda p: jnp.zeros((k,) + jnp.shape(p), jnp.float32),
                                            params),
             second_moment=jax.tree_util.tree_map(zeros, params),
-            initial_rms=jax.tree_util.tree_map(_rms, params),
+            initial_rms=jax.tree_util.tree_map(tensor_rms, params),
             horizon=jnp.asarray(horizon, jnp.float32))
 
     def update_fn(updates: Params, state: NormalizedMLPState, params: Params | None = None,

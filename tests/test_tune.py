@@ -34,13 +34,19 @@ def _config(tmp: Path, **tune_fields: object):
     return config_from_dict(data)
 
 
-def _kill_one_learner(run_dir: Path, stop: threading.Event, killed: dict) -> None:
+def _kill_one_learner(run_dir: Path, last_interval: int, stop: threading.Event,
+                      killed: dict) -> None:
     """Kill the learner of a trial that has just exploited another (it is training on the
     adopted θ). Not earlier: a trial killed while it leads the population restarts for seconds,
     the others finish meanwhile on a quiet machine, and PBT is left nobody to exploit."""
     import ray
 
+    from services.tune import REPORTS_FILE, read_jsonl
     from workers.ray_setup import actor_name
+
+    def reports_left(trial_id: str) -> int:
+        reports = read_jsonl(run_dir / "trials" / trial_id / REPORTS_FILE)
+        return last_interval - (reports[-1]["interval"] if reports else 0)
 
     while not stop.wait(0.1):
         id_file = run_dir / "run_id"
@@ -48,6 +54,8 @@ def _kill_one_learner(run_dir: Path, stop: threading.Event, killed: dict) -> Non
         if not id_file.exists() or not exploited:
             continue
         for trial_id in exploited:
+            if reports_left(trial_id) < 2:  # killed after its last report, it would not retry
+                continue
             name = actor_name(f"{id_file.read_text().strip()}/{trial_id}", "learner")
             try:  # Ray restarts it: a new incarnation, which the trial reports as a failure
                 ray.kill(ray.get_actor(name), no_restart=False)
@@ -61,15 +69,15 @@ def _kill_one_learner(run_dir: Path, stop: threading.Event, killed: dict) -> Non
 def experiment(tmp_path_factory):
     import ray
 
-    from services.tune import experiment_cpus, run_tune
+    from services.tune import experiment_cpus, reports_per_trial, run_tune
     from workers.ray_setup import connect_ray
 
     cfg = _config(tmp_path_factory.mktemp("tune"))
     started = connect_ray(experiment_cpus(cfg))
     killed: dict = {}
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_one_learner, args=(cfg.run_path(), stop, killed),
-                              daemon=True)
+    killer = threading.Thread(target=_kill_one_learner, daemon=True,
+                              args=(cfg.run_path(), reports_per_trial(cfg.tune), stop, killed))
     killer.start()
     try:
         summary = run_tune(cfg, verbose=0)

@@ -253,6 +253,35 @@ def test_sampled_masking_matches_small_network(digits):
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
 
 
+def test_sampled_layernorm_matches_small_network_and_none_ignores_its_tensors(digits):
+    from l2o.suite.tasks import layer_norm
+
+    fam = SampledMLPFamily(data=digits, widths=(4, 8), depths=(1, 2), norms=("none", "layernorm"))
+    cfg = fam.sample(KEY).replace(width=jnp.int32(4), depth=jnp.int32(1), norm=jnp.int32(1),
+                                  activation=jnp.int32(0), batch_size=jnp.int32(32))
+    task = fam.task(cfg)
+    params = jax.jit(task.init)(KEY)
+    params["layer_0"]["offset"] = params["layer_0"]["offset"] + 0.3  # not the identity
+    batch = jax.jit(task.sample_batch)(KEY)
+    loss, g = jax.jit(jax.value_and_grad(task.loss))(params, batch)
+    assert np.all(np.asarray(g["layer_0"]["scale"])[4:] == 0)
+    assert np.any(np.asarray(g["layer_0"]["scale"])[:4] != 0)
+    # layer norm over the four active units only, then relu and the readout
+    x, y = batch["x"][:32], batch["y"][:32]
+    lay = jax.tree_util.tree_map(lambda v: v[..., :4], params["layer_0"])
+    h = jax.nn.relu(layer_norm(x.reshape(32, -1) @ lay["w"] + lay["b"], lay["scale"],
+                               lay["offset"]))
+    logits = h @ params["readout"]["w"][:4] + params["readout"]["b"]
+    ref = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+    np.testing.assert_allclose(loss, ref, rtol=1e-4)
+    # the same problem without the norm: its scale/offset get no gradient
+    g_none = jax.grad(fam.task(cfg.replace(norm=jnp.int32(0))).loss)(params, batch)
+    assert np.all(np.asarray(g_none["layer_0"]["scale"]) == 0)
+    assert np.all(np.asarray(g_none["layer_0"]["offset"]) == 0)
+    with pytest.raises(ValueError, match="norms"):
+        SampledMLPFamily(data=digits, norms=("batchnorm",))
+
+
 def test_reparam_loss_is_base_loss():
     base = QuadraticFamily(dim=5)
     fam = ReparamFamily(base=base, min_scale=1e-2, max_scale=1e2)

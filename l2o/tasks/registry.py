@@ -128,15 +128,18 @@ def sampled_mlp(dataset: str = "digits", widths: Sequence[int] = (16, 32, 64),
                 depths: Sequence[int] = (1, 2),
                 activations: Sequence[str] = ("relu", "tanh", "sigmoid"),
                 batch_sizes: Sequence[int] = (32, 64, 128),
+                norms: Sequence[str] = ("none",),
                 data_dir: str | None = None) -> TaskFamily:
-    """MLPs with width, depth, activation and batch size drawn per problem (masked; digits)."""
+    """MLPs with width, depth, activation, norm (``none``/``layernorm``) and batch size drawn per
+    problem (masked; digits)."""
     from l2o.tasks.sampled import SampledMLPFamily
 
     return SampledMLPFamily(data=_load(dataset, data_dir),
                             widths=_int_tuple("widths", widths),
                             depths=_int_tuple("depths", depths),
                             activations=tuple(activations),
-                            batch_sizes=_int_tuple("batch_sizes", batch_sizes))
+                            batch_sizes=_int_tuple("batch_sizes", batch_sizes),
+                            norms=tuple(norms))
 
 
 def reparam(task: str = "sampled_mlp", task_kwargs: dict | None = None,

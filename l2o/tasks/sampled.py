@@ -1,10 +1,11 @@
-"""A family of MLP classifiers whose width, depth, activation and batch size come from a key.
+"""A family of MLP classifiers whose width, depth, activation, normalization and batch size come
+from a key.
 
-``SampledMLPFamily.sample(key)`` draws one entry from each of four small static menus (widths,
-depths, activations, batch sizes) and returns their values as int32 scalars. Shapes must be static
-under ``jit``, and ``vmap`` needs every inner problem to have the *same* shapes, so every task of
-the family is built inside the *maximal* architecture (widest width, deepest depth, largest batch)
-and the sampled one is carved out of it by masking:
+``SampledMLPFamily.sample(key)`` draws one entry from each of five small static menus (widths,
+depths, activations, norms, batch sizes) and returns their values as int32 scalars. Shapes must
+be static under ``jit``, and ``vmap`` needs every inner problem to have the *same* shapes, so every
+task of the family is built inside the *maximal* architecture (widest width, deepest depth,
+largest batch) and the sampled one is carved out of it by masking:
 
 * **width**: every hidden layer has ``max(widths)`` units; units beyond the sampled width are
   multiplied by 0 after the activation, and their incoming weights start at 0. Their weights get
@@ -13,6 +14,10 @@ and the sampled one is carved out of it by masking:
   is the identity when ``l ≥ depth`` (its weights are still there, with zero gradient).
 * **activation**: an index into ``activations``, applied with ``lax.switch`` (under ``vmap`` every
   branch is computed and one is selected).
+* **norm**: an index into ``norms``: ``"none"`` or ``"layernorm"`` (each hidden pre-activation
+  normalized over the *active* units, then a learned per-unit scale and offset). When the menu
+  offers ``"layernorm"`` every hidden layer carries ``scale``/``offset`` tensors; a problem that
+  drew ``"none"`` leaves them at zero gradient.
 * **batch size**: ``max(batch_sizes)`` examples are drawn and the loss averages over the first
   ``batch_size`` of them.
 
@@ -39,15 +44,20 @@ from l2o.tasks.classifier import ImageClassifier, get_activation, lecun_normal
 from l2o.tasks.datasets import Dataset
 from l2o.types import Batch, Params, PRNGKey
 
+#: The normalizations a sampled MLP can draw (its ``norms`` menu).
+NORMS = ("none", "layernorm")
+
 
 @struct.dataclass
 class SampledMLPConfig:
-    """One configuration: sampled width, depth, activation index and batch size (int32)."""
+    """One configuration: sampled width, depth, activation index, norm index and batch size
+    (int32)."""
 
     width: jax.Array
     depth: jax.Array
     activation: jax.Array
     batch_size: jax.Array
+    norm: jax.Array
 
 
 @struct.dataclass
@@ -64,6 +74,7 @@ class MaskedMLPTask(ImageClassifier):
     max_depth: int = struct.field(pytree_node=False, default=2)
     max_batch: int = struct.field(pytree_node=False, default=128)
     activations: tuple[str, ...] = struct.field(pytree_node=False, default=("relu",))
+    norms: tuple[str, ...] = struct.field(pytree_node=False, default=("none",))
     num_classes: int = struct.field(pytree_node=False, default=10)
 
     def unit_mask(self) -> jax.Array:
@@ -82,6 +93,9 @@ class MaskedMLPTask(ImageClassifier):
             scale = jax.lax.rsqrt(jnp.asarray(fan_in, jnp.float32))
             params[f"layer_{i}"] = {"w": w * scale * in_mask[:, None] * mask[None, :],
                                     "b": jnp.zeros((self.max_width,), jnp.float32)}
+            if "layernorm" in self.norms:
+                params[f"layer_{i}"].update(scale=jnp.ones((self.max_width,), jnp.float32),
+                                            offset=jnp.zeros((self.max_width,), jnp.float32))
             fan_in, in_mask = width, mask
         w = lecun_normal(keys[-1], (self.max_width, self.num_classes), 1)
         params["readout"] = {"w": w * jax.lax.rsqrt(width) * mask[:, None],
@@ -102,13 +116,25 @@ class MaskedMLPTask(ImageClassifier):
             return fns[0](h)
         return jax.lax.switch(self.cfg.activation, fns, h)
 
+    def _normalized(self, z: jax.Array, layer: Params, mask: jax.Array) -> jax.Array:
+        """``z`` after the drawn normalization: layer norm over the active units, or as is."""
+        if "layernorm" not in self.norms:
+            return z
+        n = jnp.sum(mask)
+        mean = jnp.sum(z * mask, axis=-1, keepdims=True) / n
+        var = jnp.sum(jnp.square((z - mean) * mask), axis=-1, keepdims=True) / n
+        normed = (z - mean) * jax.lax.rsqrt(var + 1e-5) * layer["scale"] + layer["offset"]
+        drew_layernorm = jnp.asarray([n == "layernorm" for n in self.norms])[self.cfg.norm]
+        return jnp.where(drew_layernorm, normed, z)
+
     def logits(self, params: Params, x: jax.Array) -> jax.Array:
         """Logits ``[B, classes]`` of the masked network."""
         mask = self.unit_mask()
         h = x.reshape(x.shape[0], -1)
         for i in range(self.max_depth):
             layer = params[f"layer_{i}"]
-            z = self._activation(h @ layer["w"] + layer["b"]) * mask
+            z = self._normalized(h @ layer["w"] + layer["b"], layer, mask)
+            z = self._activation(z) * mask
             # layer 0 always runs (input → hidden width); deeper ones may be skipped
             h = z if i == 0 else jnp.where(i < self.cfg.depth, z, h)
         return h @ params["readout"]["w"] + params["readout"]["b"]
@@ -131,7 +157,8 @@ class MaskedMLPTask(ImageClassifier):
 
 @struct.dataclass
 class SampledMLPFamily(TaskFamily):
-    """MLP classifiers on ``data`` with width, depth, activation and batch size drawn from menus.
+    """MLP classifiers on ``data`` with width, depth, activation, norm and batch size drawn from
+    menus.
 
     Every menu entry is equally likely, independently. See the module docstring for how the
     sampled architecture lives inside the maximal one.
@@ -143,6 +170,7 @@ class SampledMLPFamily(TaskFamily):
     activations: tuple[str, ...] = struct.field(pytree_node=False,
                                                 default=("relu", "tanh", "sigmoid"))
     batch_sizes: tuple[int, ...] = struct.field(pytree_node=False, default=(32, 64, 128))
+    norms: tuple[str, ...] = struct.field(pytree_node=False, default=("none",))
 
     def __post_init__(self):
         for name in ("widths", "depths", "batch_sizes"):
@@ -156,6 +184,12 @@ class SampledMLPFamily(TaskFamily):
         for a in acts:
             get_activation(a)
         object.__setattr__(self, "activations", acts)
+        norms = tuple(str(n) for n in self.norms)
+        unknown = sorted(set(norms) - set(NORMS))
+        if not norms or unknown:
+            raise ValueError(f"norms must be a non-empty sequence of {', '.join(NORMS)}; got "
+                             f"{list(norms)}")
+        object.__setattr__(self, "norms", norms)
 
     @property
     def num_classes(self) -> int:
@@ -164,7 +198,7 @@ class SampledMLPFamily(TaskFamily):
 
     def sample(self, key: PRNGKey) -> SampledMLPConfig:
         """Independent uniform draws from each menu."""
-        kw, kd, ka, kb = jax.random.split(key, 4)
+        kw, kd, ka, kb, kn = jax.random.split(key, 5)
 
         def pick(k: PRNGKey, menu: tuple[int, ...]) -> jax.Array:
             return jnp.asarray(menu, jnp.int32)[jax.random.randint(k, (), 0, len(menu))]
@@ -172,13 +206,15 @@ class SampledMLPFamily(TaskFamily):
         return SampledMLPConfig(
             width=pick(kw, self.widths), depth=pick(kd, self.depths),
             activation=jax.random.randint(ka, (), 0, len(self.activations)).astype(jnp.int32),
-            batch_size=pick(kb, self.batch_sizes))
+            batch_size=pick(kb, self.batch_sizes),
+            norm=jax.random.randint(kn, (), 0, len(self.norms)).astype(jnp.int32))
 
     def task(self, cfg: SampledMLPConfig) -> MaskedMLPTask:
         """The masked MLP of configuration ``cfg``."""
         return MaskedMLPTask(data=self.data, cfg=cfg, max_width=max(self.widths),
                              max_depth=max(self.depths), max_batch=max(self.batch_sizes),
-                             activations=self.activations, num_classes=self.data.num_classes)
+                             activations=self.activations, norms=self.norms,
+                             num_classes=self.data.num_classes)
 
     @property
     def name(self) -> str:

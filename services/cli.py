@@ -451,6 +451,43 @@ def _tuned_lr(baselines: dict[str, Any], name: str) -> str:
     return f"{b['lr']:.3g}{edge}"
 
 
+@app.command("select")
+def select_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (its checkpoints/).")],
+    last: Annotated[int, typer.Option(min=1, help="Score the last N params checkpoints.")] = 10,
+    average: Annotated[int, typer.Option(
+        min=0, help="Also score the average θ of the last N checkpoints (0 or 1: none).")] = 5,
+    num_tasks: Annotated[int, typer.Option(
+        min=1, help="Validation tasks drawn from the run's evaluation family.")] = 6,
+    steps: Annotated[int | None, typer.Option(
+        min=1, help="Inner steps per validation run; default: the run's eval.steps.")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Initializations per task.")] = 4,
+    out: Annotated[Path | None, typer.Option(
+        help="The chosen θ's params checkpoint; default: RUN_DIR/selected.ckpt.")] = None,
+) -> None:
+    """Choose the θ to ship from a run's last checkpoints and their average, on validation
+    tasks from the run's evaluation family (never the held-out suite)."""
+    from l2o.evaluation.selection import select_theta, write_selection
+    from l2o.io.checkpoints import latest_checkpoint, list_checkpoints, read_checkpoint
+
+    found = [p for _, p in list_checkpoints(run_dir, "params")]
+    full = latest_checkpoint(run_dir, "full")
+    if not found or full is None:
+        _fail(f"{run_dir}: needs params checkpoints and a full checkpoint (for its config)")
+        return
+    cfg = TrainConfig.model_validate(read_checkpoint(full)[1]["config"])
+    result = select_theta(found, cfg.eval_task(), last=last, average=average,
+                          num_tasks=num_tasks, steps=steps or cfg.eval.steps, seeds=seeds,
+                          adam_learning_rates=cfg.eval.adam_learning_rates, log=console.print)
+    table = Table("candidate", "versions", "geometric-mean loss ratio (lower is better)",
+                  title=f"validation on {num_tasks} tasks of {cfg.eval_task().name}")
+    for row in result["candidates"]:
+        table.add_row(row["candidate"], ",".join(map(str, row["versions"])), f"{row['score']:.4f}")
+    console.print(table)
+    path = write_selection(result, run_dir, out or run_dir / "selected.ckpt")
+    console.print(f"chose {result['chosen']}: wrote {path}")
+
+
 @app.command("suite-baselines")
 def suite_baselines(
     suite: Annotated[str, typer.Option(help="The suite (see l2o.suite.tasks).")] = "heldout",

@@ -86,6 +86,8 @@ class CheckpointMeta(BaseModel):
     service: dict[str, Any] | None = None
     #: the shipped optimizer's name (``l2o.pretrained``)
     name: str | None = None
+    #: how ``l2o select`` chose this θ: the candidate and the versions it averages
+    selection: dict[str, Any] | None = None
     saved_at: float | None = Field(default_factory=time.time)
     # a best-θ checkpoint: its score, the horizon it was scored at and the curriculum stage
     eval_final_loss: float | None = None

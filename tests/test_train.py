@@ -462,6 +462,7 @@ def test_cli_eval_reproduces_the_eval_of_the_runs_summary(tmp_path):
     import yaml
     from typer.testing import CliRunner
 
+    from l2o.training.job import load_theta
     from services.cli import app
 
     cfg = quadratic_config(tmp_path, meta_steps=2, checkpoint_every=2,
@@ -478,3 +479,10 @@ def test_cli_eval_reproduces_the_eval_of_the_runs_summary(tmp_path):
                                   "--out", str(out)])
         assert res.exit_code == 0, res.output
         assert json.loads((out / "summary.json").read_text())["eval"] == run["eval"], kind
+    # `l2o select` reads the run's evaluation family from its full checkpoint
+    res = runner.invoke(app, ["select", str(cfg.run_path()), "--num-tasks", "1", "--steps", "5",
+                              "--seeds", "2", "--out", str(tmp_path / "chosen.ckpt")])
+    assert res.exit_code == 0, res.output
+    chosen = json.loads((tmp_path / "chosen.selection.json").read_text())
+    assert chosen["validation_task"] == cfg.eval_task().model_dump(mode="json")
+    assert load_theta(tmp_path / "chosen.ckpt")[2]["selection"]["chosen"] == chosen["chosen"]

@@ -76,8 +76,8 @@ def select_theta(checkpoints: Sequence[Path], task: TaskConfig, *, last: int = 1
     candidates: list[tuple[str, MetaParams, list[int]]] = [
         (Path(p).name, theta, [int(meta["version"])])
         for p, (_, theta, meta) in zip(chosen_paths, loaded, strict=True)]
-    if average > 1:
-        tail = loaded[-average:]
+    tail = loaded[-average:] if average > 1 else []
+    if len(tail) > 1:
         candidates.append((f"average of the last {len(tail)}",
                            averaged_theta([theta for _, theta, _ in tail]),
                            [int(meta["version"]) for _, _, meta in tail]))

@@ -484,7 +484,7 @@ def select_cmd(
     for row in result["candidates"]:
         table.add_row(row["candidate"], ",".join(map(str, row["versions"])), f"{row['score']:.4f}")
     console.print(table)
-    path = write_selection(result, run_dir, out or run_dir / "selected.ckpt")
+    path = write_selection(result, out or run_dir / "selected.ckpt")
     console.print(f"chose {result['chosen']}: wrote {path}")
 
 

@@ -262,6 +262,8 @@ def test_sampled_layernorm_matches_small_network_and_none_ignores_its_tensors(di
     task = fam.task(cfg)
     params = jax.jit(task.init)(KEY)
     params["layer_0"]["offset"] = params["layer_0"]["offset"] + 0.3  # not the identity
+    # masked units must not reach the readout, whatever its weights from them
+    params["readout"]["w"] = params["readout"]["w"].at[4:].set(1.0)
     batch = jax.jit(task.sample_batch)(KEY)
     loss, g = jax.jit(jax.value_and_grad(task.loss))(params, batch)
     assert np.all(np.asarray(g["layer_0"]["scale"])[4:] == 0)

@@ -30,10 +30,11 @@ def test_average_ratio_and_geometric_mean():
     np.testing.assert_allclose(avg["b"], 2.0)
     with pytest.raises(ValueError):
         averaged_theta([])
-    assert loss_ratio({"learned_final_loss": 0.5, "adam_final_loss": 2.0}) == 0.25
-    assert loss_ratio({"learned_final_loss": None, "adam_final_loss": 2.0}) == DIVERGED_RATIO
-    assert loss_ratio({"learned_final_loss": float("inf"), "adam_final_loss": 1.0}) == \
-        DIVERGED_RATIO
+    assert loss_ratio(0.5, 2.0) == 0.25
+    assert loss_ratio(None, 2.0) == loss_ratio(float("nan"), 1.0) == DIVERGED_RATIO
+    assert loss_ratio(1e9, 1.0) == DIVERGED_RATIO
+    with pytest.raises(ValueError, match="positive"):
+        loss_ratio(-0.1, 1.0)
     assert geometric_mean([0.25, 4.0]) == pytest.approx(1.0)
 
 
@@ -66,10 +67,15 @@ def test_selection_scores_candidates_and_writes_a_loadable_choice(tmp_path):
     assert names == ["params_00000010.ckpt", "params_00000020.ckpt", "average of the last 2"]
     scores = {r["candidate"]: r["score"] for r in result["candidates"]}
     assert all(len(r["ratios"]) == 2 for r in result["candidates"])
-    assert result["chosen"] == min(scores, key=scores.get)
     assert scores["params_00000020.ckpt"] < scores["params_00000010.ckpt"]
+    assert result["chosen"] != "params_00000010.ckpt"
+    # the chosen θ is the named candidate's: the checkpoint's, or the average of both
+    want = good if result["chosen"] == "params_00000020.ckpt" else averaged_theta([bad, good])
+    for x, y in zip(jax.tree_util.tree_leaves(result["chosen_theta"]),
+                    jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
 
-    out = write_selection(result, run_dir, tmp_path / "chosen.ckpt")
+    out = write_selection(result, tmp_path / "chosen.ckpt")
     _, theta, meta = load_theta(out)
     chosen = result["chosen_theta"]
     for x, y in zip(jax.tree_util.tree_leaves(theta), jax.tree_util.tree_leaves(chosen),

@@ -39,12 +39,14 @@ def averaged_theta(thetas: Sequence[MetaParams]) -> MetaParams:
     return jax.tree_util.tree_map(lambda *xs: sum(xs) / len(xs), *thetas)
 
 
-def loss_ratio(result: dict[str, Any]) -> float:
-    """``learned final loss / tuned-Adam final loss`` of an ``evaluate`` result (diverged:
-    :data:`DIVERGED_RATIO`)."""
-    learned, adam = result.get("learned_final_loss"), result.get("adam_final_loss")
-    if learned is None or adam is None or not math.isfinite(learned) or adam <= 0:
+def loss_ratio(learned: float | None, adam: float | None) -> float:
+    """``learned / adam`` final loss, capped at :data:`DIVERGED_RATIO`, which a diverged run
+    (non-finite or missing loss) also counts as. Both losses must be positive (a cross-entropy or
+    squared error): anything else raises ``ValueError``."""
+    if learned is None or adam is None or not math.isfinite(learned):
         return DIVERGED_RATIO
+    if learned < 0 or not adam > 0:
+        raise ValueError(f"loss ratios need positive losses, got {learned} / {adam}")
     return min(float(learned) / float(adam), DIVERGED_RATIO)
 
 
@@ -62,7 +64,7 @@ def select_theta(checkpoints: Sequence[Path], task: TaskConfig, *, last: int = 1
     """Score the last ``last`` of ``checkpoints`` (params checkpoints of one run, in version
     order) and the average of the last ``average`` on ``num_tasks`` tasks drawn from ``task``'s
     family; return every candidate's per-task ratios and score, and the chosen one."""
-    from l2o.evaluation.comparison import adam_baseline, evaluate
+    from l2o.evaluation.comparison import CurveResult, adam_baseline, loss_curves
     from l2o.training.build import task_family_from_config
     from l2o.training.job import load_theta
 
@@ -73,14 +75,15 @@ def select_theta(checkpoints: Sequence[Path], task: TaskConfig, *, last: int = 1
         raise ValueError("no checkpoints to select from")
     loaded = [load_theta(p) for p in chosen_paths]
     lopt = loaded[0][0]
-    candidates: list[tuple[str, MetaParams, list[int]]] = [
-        (Path(p).name, theta, [int(meta["version"])])
+    # (name, θ, versions it comes from, metadata of the newest of them)
+    candidates: list[tuple[str, MetaParams, list[int], dict[str, Any]]] = [
+        (Path(p).name, theta, [int(meta["version"])], meta)
         for p, (_, theta, meta) in zip(chosen_paths, loaded, strict=True)]
     tail = loaded[-average:] if average > 1 else []
     if len(tail) > 1:
         candidates.append((f"average of the last {len(tail)}",
                            averaged_theta([theta for _, theta, _ in tail]),
-                           [int(meta["version"]) for _, _, meta in tail]))
+                           [int(meta["version"]) for _, _, meta in tail], tail[-1][2]))
 
     family = task_family_from_config(task)
     task_keys = jax.random.split(jax.random.PRNGKey(seed), num_tasks)
@@ -96,31 +99,37 @@ def select_theta(checkpoints: Sequence[Path], task: TaskConfig, *, last: int = 1
             f"final loss {baseline['final_loss']}")
 
     rows = []
-    for name, theta, versions in candidates:
-        ratios = [loss_ratio(evaluate(t, lopt, theta, steps=steps, seeds=seeds, key=k,
-                                      baseline=b)) for t, k, b in tasks]
+    for name, theta, versions, _ in candidates:
+        # the same seeds and batches as tuned Adam's runs (same key), train loss only
+        ratios = [loss_ratio(CurveResult.from_curves(
+            loss_curves(t, lopt, theta, steps, seeds, k), 1).final_loss, b["final_loss"])
+            for t, k, b in tasks]
         rows.append({"candidate": name, "versions": versions, "ratios": ratios,
                      "score": geometric_mean(ratios)})
         log(f"{name}: geometric-mean loss ratio {rows[-1]['score']:.4f}")
-    best = min(rows, key=lambda r: r["score"])
+    best = min(range(len(rows)), key=lambda i: rows[i]["score"])
+    name, theta, versions, meta = candidates[best]
     return {"validation_task": task.model_dump(mode="json"), "num_tasks": num_tasks,
             "steps": steps, "seeds": seeds, "seed": seed, "candidates": rows,
-            "chosen": best["candidate"], "chosen_versions": best["versions"],
-            "chosen_theta": next(th for n, th, _ in candidates if n == best["candidate"]),
-            "optimizer": lopt}
+            "chosen": name, "chosen_versions": versions, "chosen_theta": theta,
+            "chosen_meta": meta, "optimizer": lopt}
 
 
-def write_selection(result: dict[str, Any], run_dir: Path, out: Path) -> Path:
-    """Write the chosen θ as a params checkpoint ``out`` (the metadata of the newest checkpoint
-    it comes from, plus the selection) and ``OUT.selection.json`` next to it; return ``out``."""
+def write_selection(result: dict[str, Any], out: Path) -> Path:
+    """Write the chosen θ as a params checkpoint ``out`` and ``OUT.selection.json`` next to it;
+    return ``out``. Its metadata is the newest source checkpoint's (``version`` is that one's: an
+    average is as far trained as its newest member) with ``selection`` naming the candidate and
+    the versions it comes from, and the time of this write."""
+    import time
+
     from flax import serialization
 
-    from l2o.io.checkpoints import checkpoint_path, read_checkpoint, save_checkpoint
+    from l2o.io.checkpoints import save_checkpoint
 
-    _, meta = read_checkpoint(checkpoint_path(run_dir, "params", max(result["chosen_versions"])))
-    table = {k: v for k, v in result.items() if k not in ("chosen_theta", "optimizer")}
-    meta = {**meta, "selection": {"chosen": table["chosen"],
-                                  "versions": table["chosen_versions"]}}
+    table = {k: v for k, v in result.items()
+             if k not in ("chosen_theta", "chosen_meta", "optimizer")}
+    meta = {**result["chosen_meta"], "saved_at": time.time(),
+            "selection": {"chosen": table["chosen"], "versions": table["chosen_versions"]}}
     save_checkpoint(out, serialization.to_state_dict(result["chosen_theta"]), meta)
     out.with_suffix(".selection.json").write_text(json.dumps(table, indent=2))
     return out

@@ -124,7 +124,7 @@ class MaskedMLPTask(ImageClassifier):
         mean = jnp.sum(z * mask, axis=-1, keepdims=True) / n
         var = jnp.sum(jnp.square((z - mean) * mask), axis=-1, keepdims=True) / n
         normed = (z - mean) * jax.lax.rsqrt(var + 1e-5) * layer["scale"] + layer["offset"]
-        drew_layernorm = jnp.asarray([n == "layernorm" for n in self.norms])[self.cfg.norm]
+        drew_layernorm = jnp.asarray([k == "layernorm" for k in self.norms])[self.cfg.norm]
         return jnp.where(drew_layernorm, normed, z)
 
     def logits(self, params: Params, x: jax.Array) -> jax.Array:

@@ -73,14 +73,17 @@ Held out. The presets meta-train on sklearn digits with 64-20-10 sigmoid / 64-32
 CIFAR-10 convs, random 10-D quadratics ``‖Wx − y‖²``, L2L's scalar problems, the hierarchical
 RNN's problem set (10-D quadratics, 2-D bowls, 2-D Rosenbrock/100, Beale, 2-class logistic
 regression on 32 random points, a 3-3-1 tanh MLP) and, in ``general``, sampled MLPs (widths
-8-64, 1-3 hidden layers, relu/tanh/sigmoid, batch 16-128, rescaled parameters) on digits and the
-synthetic digits-shaped set. No suite task is one of these; the remaining overlap:
+8-64, 1-3 hidden layers, relu/tanh/sigmoid, LayerNorm or none, batch 8-128, rescaled
+parameters) on digits and the synthetic digits-shaped set. No suite task is one of these; the
+remaining overlap:
 
 * ``digits_conv`` and ``digits_autoencoder`` use the digits images the presets train on (their
   training split; their test split is the one no preset trains on), with another architecture
   (stride-1 convs, max pools, ELU) or objective (reconstruction);
 * the tabular and MNIST-1D MLPs have architectures that ``general``'s sampled MLPs can draw, but
-  on data no preset uses;
+  on data no preset uses; ``deep_relu_layernorm`` (four 128-wide LayerNorm layers) is wider and
+  deeper than any of them, and ``mnist1d_tanh_bs8``'s batch of 8 is one they can draw (since
+  ``general-v3``);
 * ``rosenbrock`` is the 10-D chained, unscaled relative of the problem set's 2-D Rosenbrock/100;
 * ``ill_conditioned_quadratic`` is, like the problem set's quadratics, an ill-conditioned convex
   quadratic, but 64-D, with Hessian condition ≈ 1e6, minibatch noise and held-out rows;

@@ -1,5 +1,4 @@
-"""Suite-wide set-up: one JAX compilation cache shared by every process of a test run, and the
-longest test files first.
+"""Suite-wide set-up: one JAX compilation cache shared by every process of a test run.
 
 Many tests compile the same programs (the same tiny presets, in the test process, in Ray
 actors and in learner subprocesses). JAX's persistent compilation cache lets each program be
@@ -9,10 +8,9 @@ pytest-xdist controller, or pytest alone) makes it and sets the variables before
 child processes (the xdist workers, Ray's raylet and its actors, ``python -m learner``) inherit
 them, and the process that made it removes it at the end.
 
-``make test`` runs two pytest-xdist workers that take whole files (``--dist loadfile``) in
-collection order. Alphabetically the longest file (``test_tune.py``, a population search) came
-last and ran alone at the end; collected first, the longest files start at once and the short
-ones fill in around them.
+``make test`` runs two pytest-xdist workers that take whole files (``--dist loadfile``).
+pytest-xdist hands the files out with the most tests first (its ``loadscope`` reordering), not in
+collection order, so the order of the files here does not matter.
 """
 
 from __future__ import annotations
@@ -30,17 +28,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWNED_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 else:
     _OWNED_CACHE = None
-
-
-#: Test files of several minutes each on 2 cores, longest first (measured with ``--durations``).
-LONGEST_FIRST = ("test_tune.py", "test_unsupervised.py", "test_service.py", "test_curriculum.py",
-                 "test_redis_faults.py", "test_unsupervised_rule.py", "test_job_submit.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """Put the tests of :data:`LONGEST_FIRST` first, in that order (stable otherwise)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_sessionfinish(session, exitstatus):

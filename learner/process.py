@@ -186,10 +186,9 @@ class LearnerProcess:
 
     def placement_group_id(self) -> str | None:
         """The Ray placement group this learner was scheduled in (``None`` outside one)."""
-        import ray
+        from workers.ray_setup import node_of_this_process
 
-        return ray.get_runtime_context().get_placement_group_id() if ray.is_initialized() \
-            else None
+        return node_of_this_process()["placement_group_id"]
 
     def status(self) -> dict[str, Any]:
         """The learner's figures (see :meth:`learner.core.Learner.status`)."""

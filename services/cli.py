@@ -468,14 +468,14 @@ def select_cmd(
     """Choose the θ to ship from a run's last checkpoints and their average, on validation
     tasks from the run's evaluation family (never the held-out suite)."""
     from l2o.evaluation.selection import select_theta, write_selection
-    from l2o.io.checkpoints import latest_checkpoint, list_checkpoints, read_checkpoint
+    from l2o.io.checkpoints import list_checkpoints, read_checkpoint
 
     found = [p for _, p in list_checkpoints(run_dir, "params")]
-    full = latest_checkpoint(run_dir, "full")
-    if not found or full is None:
-        _fail(f"{run_dir}: needs params checkpoints and a full checkpoint (for its config)")
+    config = _run_config(found[-1], read_checkpoint(found[-1])[1]) if found else None
+    if config is None:
+        _fail(f"{run_dir}: needs params checkpoints and its run's config (a full checkpoint)")
         return
-    cfg = TrainConfig.model_validate(read_checkpoint(full)[1]["config"])
+    cfg = TrainConfig.model_validate(config)
     result = select_theta(found, cfg.eval_task(), last=last, average=average,
                           num_tasks=num_tasks, steps=steps or cfg.eval.steps, seeds=seeds,
                           adam_learning_rates=cfg.eval.adam_learning_rates, log=console.print)

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from l2o.evaluation.comparison import DEFAULT_ADAM_LEARNING_RATES
 from l2o.io.config import TaskConfig
 from l2o.types import MetaParams
 
@@ -58,8 +59,7 @@ def geometric_mean(values: Sequence[float]) -> float:
 def select_theta(checkpoints: Sequence[Path], task: TaskConfig, *, last: int = 10,
                  average: int = 5, num_tasks: int = 6, steps: int = 500, seeds: int = 4,
                  seed: int = 20261130,
-                 adam_learning_rates: Sequence[float] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2,
-                                                         1e-1, 3e-1),
+                 adam_learning_rates: Sequence[float] = DEFAULT_ADAM_LEARNING_RATES,
                  log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Score the last ``last`` of ``checkpoints`` (params checkpoints of one run, in version
     order) and the average of the last ``average`` on ``num_tasks`` tasks drawn from ``task``'s

@@ -28,6 +28,20 @@ of each tensor's RMS at initialization (frozen then, as in :mod:`l2o.optimizers.
 ``step_floor`` for tensors that start at zero), so one θ carries over to tensors of other scales.
 θ has the same shapes either way.
 
+Adam-direction variant (preset ``l2l-digits-adam``). Bounded steps still do not shrink near a
+minimum, so a bounded LSTM trained on one small MLP still drove held-out nets (a transformer, a
+conv net, noisy batch-8 runs) to a loss above their starting one where Adam does not. With
+``adam_direction`` the LSTM no longer chooses the direction at all, only each coordinate's learning
+rate around Adam's::
+
+    step = -output_scale · exp(lr_range · tanh(out)) · m̂ / (√v̂ + ε)
+
+with Adam's bias-corrected moments ``m̂``, ``v̂`` (β₁ 0.9, β₂ 0.999, kept per coordinate in the
+state). Every step is Adam's step at a learning rate within ``output_scale · e^±lr_range``
+(default ``1e-3 · e^±2``, 1.4e-4 to 7.4e-3): a zero gradient gives a zero step, steps shrink as
+the momentum does, and no input can take the learning rate outside that range. The LSTM, its
+inputs and θ's shapes are the seed's.
+
 ``net_assignments`` maps subsets of the parameters (selected by their tree paths, e.g. conv vs.
 fully connected weights) to separate networks, each with its own weights; θ is then
 ``{net_name: net_weights}``. By default one net, ``"coordinatewise"``, handles everything.
@@ -108,15 +122,25 @@ class LSTMNetState:
 
 
 @struct.dataclass
+class AdamMoments:
+    """Adam's first and second moments of one net's gradients, flat ``[P]`` (``adam_direction``)."""
+
+    m: jax.Array
+    v: jax.Array
+
+
+@struct.dataclass
 class LSTMOptState:
     """Parameters (user's tree), iteration counter and the LSTM state of each net; with
     ``relative_steps``, ``scale[net]`` is ``max(rms(p₀), step_floor)`` of each coordinate's tensor
-    (flat ``[P]``, like the LSTM state), else ``None``."""
+    (flat ``[P]``, like the LSTM state), else ``None``; with ``adam_direction``, ``moments[net]``
+    holds Adam's moments, else ``None``."""
 
     params: Params
     iteration: jax.Array
     rnn: dict[str, LSTMNetState]
     scale: dict[str, jax.Array] | None = None
+    moments: dict[str, AdamMoments] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +206,14 @@ class LSTMOptimizer(Optimizer):
             scale = {name: self._flat([self._tensor_scale(leaves[i]) for i in idx],
                                       tuple(range(len(idx))))
                      for name, idx in lay.net_leaves.items()}
-        return LSTMOptState(params=params, iteration=zero_iteration(), rnn=rnn, scale=scale)
+        moments = None
+        if self.config.adam_direction:
+            moments = {}
+            for name, idx in lay.net_leaves.items():
+                zeros = jnp.zeros_like(self._flat(leaves, idx))
+                moments[name] = AdamMoments(m=zeros, v=zeros)
+        return LSTMOptState(params=params, iteration=zero_iteration(), rnn=rnn, scale=scale,
+                            moments=moments)
 
     def _tensor_scale(self, p: jax.Array) -> jax.Array:
         """``max(rms(p), step_floor)`` broadcast to ``p``'s shape, in float32."""
@@ -198,11 +229,15 @@ class LSTMOptimizer(Optimizer):
         p_leaves = lay.treedef.flatten_up_to(state.params)
         new_leaves = list(p_leaves)
         rnn = {}
+        moments = None if state.moments is None else {}
         for name, idx in lay.net_leaves.items():
             g = self._flat(g_leaves, idx)
             step, rnn[name] = _lstm_step(self.theta[name], state.rnn[name], g, self.config)
             if state.scale is not None:
                 step = step * state.scale[name].astype(step.dtype)
+            if moments is not None:
+                step, moments[name] = _adam_direction_step(step, state.moments[name], g,
+                                                           state.iteration + 1, self.config)
             off = 0
             for i in idx:
                 p = p_leaves[i]
@@ -211,7 +246,7 @@ class LSTMOptimizer(Optimizer):
                 off += n
         params = jax.tree_util.tree_unflatten(lay.treedef, new_leaves)
         return LSTMOptState(params=params, iteration=state.iteration + 1, rnn=rnn,
-                            scale=state.scale)
+                            scale=state.scale, moments=moments)
 
     @property
     def name(self) -> str:
@@ -254,6 +289,29 @@ def _lstm_step(net: dict, state: LSTMNetState, g: jax.Array,
     return cfg.output_scale * out, LSTMNetState(h=tuple(hs), c=tuple(cs))
 
 
+#: Adam's constants for ``adam_direction`` (optax.adam's defaults).
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
+
+
+def _adam_direction_step(scaled_out: jax.Array, moments: AdamMoments, g: jax.Array,
+                         t: jax.Array, cfg: LSTMLearnedOptimizer
+                         ) -> tuple[jax.Array, AdamMoments]:
+    """Adam's step at the learning rate the LSTM chose per coordinate, and the new moments.
+
+    ``scaled_out`` is :func:`_lstm_step`'s ``output_scale · out``; the learning rate is
+    ``output_scale · exp(lr_range · tanh(out))``.
+    """
+    m = ADAM_B1 * moments.m + (1.0 - ADAM_B1) * g
+    v = ADAM_B2 * moments.v + (1.0 - ADAM_B2) * jnp.square(g)
+    t = t.astype(g.dtype)
+    m_hat = m / (1.0 - ADAM_B1 ** t)
+    v_hat = v / (1.0 - ADAM_B2 ** t)
+    out = scaled_out / cfg.output_scale
+    lr = cfg.output_scale * jnp.exp(cfg.lr_range * jnp.tanh(out))
+    step = -lr * m_hat / (jnp.sqrt(v_hat) + ADAM_EPS)
+    return step, AdamMoments(m=m, v=v)
+
+
 def _as_tuple(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return tuple(_as_tuple(v) for v in x)
@@ -282,6 +340,11 @@ class LSTMLearnedOptimizer(LearnedOptimizer):
       relative_steps: multiply each step by its tensor's scale at initialization,
         ``max(rms(p₀), step_floor)``. Off in L2L.
       step_floor: the smallest tensor scale with ``relative_steps`` (tensors starting at zero).
+      adam_direction: step along Adam's direction ``m̂/(√v̂ + ε)`` at the learning rate
+        ``output_scale · exp(lr_range · tanh(out))`` per coordinate (``output_scale`` is then
+        the base learning rate). Off in L2L; excludes the three options above.
+      lr_range: with ``adam_direction``, the natural-log half-width of the learning rates the
+        LSTM can choose around ``output_scale``.
     """
 
     layers: tuple[int, ...] = (20, 20)
@@ -293,6 +356,8 @@ class LSTMLearnedOptimizer(LearnedOptimizer):
     bounded_output: bool = False
     relative_steps: bool = False
     step_floor: float = 0.1
+    adam_direction: bool = False
+    lr_range: float = 2.0
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(u) for u in _as_tuple(self.layers)))
@@ -308,6 +373,14 @@ class LSTMLearnedOptimizer(LearnedOptimizer):
             raise ValueError("layers must name at least one LSTM layer")
         if not self.step_floor > 0:
             raise ValueError(f"step_floor must be > 0, got {self.step_floor}")
+        if self.adam_direction and (self.gated or self.bounded_output or self.relative_steps):
+            raise ValueError("adam_direction replaces gated, bounded_output and relative_steps; "
+                             "turn those off")
+        if self.adam_direction and not self.output_scale > 0:
+            raise ValueError("with adam_direction, output_scale is the base learning rate and "
+                             f"must be > 0, got {self.output_scale}")
+        if not self.lr_range >= 0:
+            raise ValueError(f"lr_range must be >= 0, got {self.lr_range}")
 
     @property
     def assignments(self) -> tuple[tuple[str, Selector], ...]:

@@ -1,4 +1,5 @@
-"""The normalized-momentum MLP optimizer: zero in gives zero out, scale invariance, optax use."""
+"""The normalized-momentum MLP optimizer: zero in gives zero out, scale invariance, optax use,
+and its adaptive per-tensor gain."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,13 @@ from helpers import assert_tree_allclose, minimize, squared_distance_to
 
 from l2o.estimators.schedules import LogUniformHorizon
 from l2o.estimators.truncated_step import TruncatedStep
-from l2o.optimizers.normalized_mlp import NormalizedMLP, initial_schedule, schedule_value
+from l2o.optimizers.normalized_mlp import (
+    GAIN_RATE_SCALE,
+    NormalizedMLP,
+    gain_alignment,
+    initial_schedule,
+    schedule_value,
+)
 from l2o.optimizers.registry import make_learned_optimizer
 from l2o.tasks.quadratic import QuadraticFamily
 
@@ -147,7 +154,72 @@ def test_truncated_step_tells_the_optimizer_the_drawn_horizon():
 @pytest.mark.parametrize("kwargs, field", [({"decays": ()}, "decays"),
                                            ({"rms_decay": 1.0}, "rms_decay"),
                                            ({"learning_rate": 0.0}, "learning_rate"),
-                                           ({"hidden_size": 0}, "hidden_size")])
+                                           ({"hidden_size": 0}, "hidden_size"),
+                                           ({"gain_range": -1.0}, "gain_range")])
 def test_bad_settings_are_named(kwargs, field):
     with pytest.raises(ValueError, match=field):
         NormalizedMLP(**kwargs)
+
+
+def _with_gain(theta, rate, target):
+    """``theta`` of the optimizer without the gain, plus the gain rule's θ (κ = ``rate``)."""
+    return {**theta, "gain": {"rate": jnp.asarray(rate / GAIN_RATE_SCALE, jnp.float32),
+                              "target": jnp.asarray(target, jnp.float32)}}
+
+
+def _quadratic_grads(t, p):
+    return jax.grad(squared_distance_to(jax.tree_util.tree_map(jnp.ones_like, p)))(p)
+
+
+def test_adaptive_gain_at_rate_zero_is_the_optimizer_without_it():
+    plain, theta = _perturbed_theta()
+    gained = NormalizedMLP(adaptive_gain=True)
+    assert "gain" not in theta and set(gained.init(jax.random.PRNGKey(0))) == set(theta) | {"gain"}
+    _, want = _run(plain.as_optax(theta, num_steps=30), _params(), _quadratic_grads, 30)
+    _, got = _run(gained.as_optax(_with_gain(theta, 0.0, 0.3), num_steps=30), _params(),
+                  _quadratic_grads, 30)
+    for a, b in zip(got, want, strict=True):
+        assert_tree_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("target", "factor"), [(-1.0, np.exp(3.0)), (1.0, np.exp(-3.0))])
+def test_adaptive_gain_is_clipped_to_its_range(target, factor):
+    """A huge κ saturates γ at ±R in the first step (the momentum is still zero, so the alignment
+    is 0 and γ moves by −κ·c*): every tensor's first update is e^±3 times the plain one."""
+    plain, theta = _perturbed_theta()
+    gained = NormalizedMLP(adaptive_gain=True, gain_range=3.0)
+    params = _params()
+    grads = _quadratic_grads(0, params)
+    want, _ = plain.as_optax(theta, num_steps=30).update(grads, plain.as_optax(
+        theta, num_steps=30).init(params), params)
+    tx = gained.as_optax(_with_gain(theta, 1e4, target), num_steps=30)
+    got, state = tx.update(grads, tx.init(params), params)
+    assert_tree_allclose(got, jax.tree_util.tree_map(lambda u: factor * u, want), rtol=1e-5)
+    for g in jax.tree_util.tree_leaves(state.log_gain):
+        assert float(g) == pytest.approx(3.0 * np.sign(-target))
+
+
+def test_adaptive_gain_grows_while_gradients_agree_and_shrinks_when_they_flip():
+    assert float(gain_alignment(jnp.ones(4), 2.0 * jnp.ones(4))) == pytest.approx(1.0)
+    assert float(gain_alignment(jnp.ones(4), jnp.zeros(4))) == 0.0
+    lopt = NormalizedMLP(adaptive_gain=True)
+    theta = _with_gain(lopt.init(jax.random.PRNGKey(0)), 0.05, 0.0)
+    params = {"w": jnp.zeros((3,))}
+    steady = lambda t, p: {"w": jnp.ones((3,))}
+    flipping = lambda t, p: {"w": (-1.0) ** t * jnp.ones((3,))}
+    for grads, sign in ((steady, 1.0), (flipping, -1.0)):
+        tx = lopt.as_optax(theta)
+        state = tx.init(params)
+        for t in range(20):
+            _, state = tx.update(grads(t, params), state, params)
+        assert sign * float(state.log_gain["w"]) > 0.5  # 19 steps of ±0.05 after the first
+
+
+def test_adaptive_gain_keeps_zero_in_zero_out():
+    lopt = NormalizedMLP(adaptive_gain=True)
+    theta = _with_gain(lopt.init(jax.random.PRNGKey(0)), 1e3, -1.0)  # the largest gain
+    zero = lambda t, p: jax.tree_util.tree_map(jnp.zeros_like, p)
+    params = _params()
+    final, updates = _run(lopt.as_optax(theta, num_steps=20), params, zero, 20)
+    for u in updates:
+        assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(u))

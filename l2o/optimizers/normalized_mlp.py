@@ -14,6 +14,18 @@ For every parameter tensor ``p`` with gradient ``g`` (all per coordinate unless 
     s   = max(rms(p₀), ρ)                   the tensor's scale (its RMS at initialization, ≥ ρ)
     Δp  = − η · λ(t / T) · s · d
 
+With ``adaptive_gain`` (off in ``general-v1``–``v3``), each tensor also carries a log gain ``γ``
+that follows a learned, hypergradient-like rule: the cosine between the new gradient and the
+momentum it arrives to says whether the last steps were too short (aligned: the loss kept falling
+the same way) or too long (opposed: they overshot)::
+
+    c   = cos(g, m_β≈0.9 before this step)               one number per tensor, in [-1, 1]
+    γ  ← clip(γ + κ · (c − c*), −R, R)                   starts at 0; κ, c* learned; R = gain_range
+    Δp  = − η · λ(t / T) · e^γ · s · d
+
+so one θ can take steps 20× (e^3) longer on a task that wants them, or shorter, without a per-task
+learning rate, and never more than e^±R from its own base.
+
 Learned (θ): the blend ``a``, the MLP ``W₁``, ``W₂``, the global step size ``η``, the floor
 ``ρ`` and the schedule ``λ`` (piecewise-linear in log space over the fraction of training done,
 ``t / T``). Design choices, and why:
@@ -76,13 +88,15 @@ def initial_schedule(knots: tuple[float, ...] = SCHEDULE_KNOTS,
 @struct.dataclass
 class NormalizedMLPState:
     """The optax state: step count; per leaf momenta ``[K, *shape]``, ``v`` and the RMS at
-    initialization; the horizon ``T`` (≤ 0: unknown, the schedule is off)."""
+    initialization; the horizon ``T`` (≤ 0: unknown, the schedule is off); with
+    ``adaptive_gain``, each leaf's log gain ``γ`` (a scalar), else ``None``."""
 
     count: jax.Array
     momenta: Params
     second_moment: Params
     initial_rms: Params
     horizon: jax.Array
+    log_gain: Params | None = None  # per tensor, with ``adaptive_gain``
 
 
 def schedule_value(theta: MetaParams, progress: jax.Array) -> jax.Array:
@@ -98,13 +112,38 @@ def leaf_direction(theta: MetaParams, x: jax.Array) -> jax.Array:
     return jnp.einsum("f,fn->n", theta["blend"], x) + jnp.einsum("h,hn->n", mlp["w2"], hidden)
 
 
+#: Scales θ's gain rate to κ, so that meta-training's perturbations of θ (PES σ ≈ 0.02) move
+#: γ by about 1e-3 per step rather than 1e-2.
+GAIN_RATE_SCALE = 0.1
+
+
+def gain_alignment(g: jax.Array, m: jax.Array) -> jax.Array:
+    """``cos(g, m)`` of two flat vectors; 0 where either is zero."""
+    dot = jnp.sum(g * m)
+    norms = jnp.sqrt(jnp.sum(g * g) * jnp.sum(m * m))
+    return jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0), 0.0)
+
+
+def next_log_gain(theta: MetaParams, cfg: NormalizedMLP, log_gain: jax.Array,
+                  g: jax.Array, m_prev: jax.Array) -> jax.Array:
+    """``γ`` after one step: ``clip(γ + κ · (cos(g, m_prev) − c*), −R, R)``."""
+    kappa = GAIN_RATE_SCALE * theta["gain"]["rate"]
+    change = kappa * (gain_alignment(g, m_prev) - theta["gain"]["target"])
+    return jnp.clip(log_gain + change, -cfg.gain_range, cfg.gain_range)
+
+
 def _leaf_update(theta: MetaParams, cfg: NormalizedMLP, rms0: jax.Array, g: jax.Array,
-                 m: jax.Array, v: jax.Array, count: jax.Array,
-                 multiplier: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(update, momenta, v)`` of one parameter tensor."""
+                 m: jax.Array, v: jax.Array, count: jax.Array, multiplier: jax.Array,
+                 log_gain: jax.Array | None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """``(update, momenta, v, log gain)`` of one parameter tensor."""
     g32 = g.astype(jnp.float32).reshape(-1)
     betas = jnp.asarray(cfg.decays, jnp.float32)[:, None]
-    m = betas * m.reshape(len(cfg.decays), -1) + (1.0 - betas) * g32[None]
+    m = m.reshape(len(cfg.decays), -1)
+    if log_gain is not None:
+        log_gain = next_log_gain(theta, cfg, log_gain, g32, m[cfg.gain_momentum])
+        multiplier = multiplier * jnp.exp(log_gain)
+    m = betas * m + (1.0 - betas) * g32[None]
     v = cfg.rms_decay * v.reshape(-1) + (1.0 - cfg.rms_decay) * g32 * g32
     t = (count + 1).astype(jnp.float32)
     m_hat = m / (1.0 - betas ** t)
@@ -113,7 +152,8 @@ def _leaf_update(theta: MetaParams, cfg: NormalizedMLP, rms0: jax.Array, g: jax.
     x = jnp.concatenate([m_hat * inv[None], (g32 * inv)[None]], axis=0)
     scale = jnp.maximum(rms0, jnp.exp(theta["log_floor"]))
     step = multiplier * scale * leaf_direction(theta, x)
-    return (-step).reshape(g.shape).astype(g.dtype), m.reshape((-1,) + g.shape), v.reshape(g.shape)
+    return ((-step).reshape(g.shape).astype(g.dtype), m.reshape((-1,) + g.shape),
+            v.reshape(g.shape), log_gain)
 
 
 def scale_by_normalized_mlp(theta: MetaParams, num_steps: int | None = None,
@@ -138,7 +178,9 @@ def scale_by_normalized_mlp(theta: MetaParams, num_steps: int | None = None,
                                            params),
             second_moment=jax.tree_util.tree_map(zeros, params),
             initial_rms=jax.tree_util.tree_map(tensor_rms, params),
-            horizon=jnp.asarray(horizon, jnp.float32))
+            horizon=jnp.asarray(horizon, jnp.float32),
+            log_gain=(jax.tree_util.tree_map(lambda p: jnp.zeros((), jnp.float32), params)
+                      if cfg.adaptive_gain else None))
 
     def update_fn(updates: Params, state: NormalizedMLPState, params: Params | None = None,
                   **extra: Any) -> tuple[Params, NormalizedMLPState]:
@@ -147,17 +189,21 @@ def scale_by_normalized_mlp(theta: MetaParams, num_steps: int | None = None,
         lam = jnp.where(state.horizon > 0, schedule_value(theta, progress), 1.0)
         multiplier = jnp.exp(theta["log_lr"]) * lam
         treedef = jax.tree_util.tree_structure(updates)
-        flat = [_leaf_update(theta, cfg, r, g, m, v, state.count, multiplier)
-                for r, g, m, v in zip(treedef.flatten_up_to(state.initial_rms),
-                                      treedef.flatten_up_to(updates),
-                                      treedef.flatten_up_to(state.momenta),
-                                      treedef.flatten_up_to(state.second_moment))]
+        gains = (treedef.flatten_up_to(state.log_gain) if state.log_gain is not None
+                 else [None] * treedef.num_leaves)
+        flat = [_leaf_update(theta, cfg, r, g, m, v, state.count, multiplier, lg)
+                for r, g, m, v, lg in zip(treedef.flatten_up_to(state.initial_rms),
+                                          treedef.flatten_up_to(updates),
+                                          treedef.flatten_up_to(state.momenta),
+                                          treedef.flatten_up_to(state.second_moment), gains)]
         out = jax.tree_util.tree_unflatten(treedef, [f[0] for f in flat])
         new_state = NormalizedMLPState(
             count=state.count + 1,
             momenta=jax.tree_util.tree_unflatten(treedef, [f[1] for f in flat]),
             second_moment=jax.tree_util.tree_unflatten(treedef, [f[2] for f in flat]),
-            initial_rms=state.initial_rms, horizon=state.horizon)
+            initial_rms=state.initial_rms, horizon=state.horizon,
+            log_gain=(None if state.log_gain is None
+                      else jax.tree_util.tree_unflatten(treedef, [f[3] for f in flat])))
         return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -213,6 +259,10 @@ class NormalizedMLP(LearnedOptimizer):
       learning_rate: initial ``η`` (relative to the tensor's scale).
       floor: initial ``ρ``, the smallest tensor scale.
       mlp_scale: initial scale of the MLP's read-out (small: the untrained direction is the blend).
+      adaptive_gain: give each tensor a log gain ``γ`` that follows the learned alignment rule
+        (module docstring). Off in ``general-v1``–``v3``.
+      gain_range: ``R``, the largest ``|γ|``.
+      gain_rate: initial ``κ`` (θ stores ``κ / GAIN_RATE_SCALE``).
     """
 
     hidden_size: int = 16
@@ -221,6 +271,9 @@ class NormalizedMLP(LearnedOptimizer):
     learning_rate: float = 0.1
     floor: float = 0.1
     mlp_scale: float = 0.01
+    adaptive_gain: bool = False
+    gain_range: float = 3.0
+    gain_rate: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "decays", tuple(float(d) for d in self.decays))
@@ -233,6 +286,13 @@ class NormalizedMLP(LearnedOptimizer):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.hidden_size < 1:
             raise ValueError(f"hidden_size must be positive, got {self.hidden_size}")
+        if not self.gain_range >= 0:
+            raise ValueError(f"gain_range must be >= 0, got {self.gain_range}")
+
+    @property
+    def gain_momentum(self) -> int:
+        """Index of the momentum the gain rule compares the gradient with (β nearest 0.9)."""
+        return min(range(len(self.decays)), key=lambda i: abs(self.decays[i] - 0.9))
 
     @property
     def num_features(self) -> int:
@@ -243,9 +303,8 @@ class NormalizedMLP(LearnedOptimizer):
         """θ of the untrained optimizer: Adam's direction (the β nearest 0.9), warm-up/cosine."""
         f, h = self.num_features, self.hidden_size
         k1, k2 = jax.random.split(key)
-        nearest = min(range(len(self.decays)), key=lambda i: abs(self.decays[i] - 0.9))
-        return {
-            "blend": jnp.zeros((f,), jnp.float32).at[nearest].set(1.0),
+        theta = {
+            "blend": jnp.zeros((f,), jnp.float32).at[self.gain_momentum].set(1.0),
             "mlp": {"w1": jax.random.normal(k1, (f, h), jnp.float32) / math.sqrt(f),
                     "w2": self.mlp_scale * jax.random.normal(k2, (h,), jnp.float32)
                     / math.sqrt(h)},
@@ -253,6 +312,10 @@ class NormalizedMLP(LearnedOptimizer):
             "log_floor": jnp.asarray(math.log(self.floor), jnp.float32),
             "schedule": initial_schedule(),
         }
+        if self.adaptive_gain:
+            theta["gain"] = {"rate": jnp.asarray(self.gain_rate / GAIN_RATE_SCALE, jnp.float32),
+                             "target": jnp.zeros((), jnp.float32)}
+        return theta
 
     def opt_fn(self, theta: MetaParams, is_training: bool = False) -> NormalizedMLPOptimizer:
         """The optimizer with weights ``theta``."""

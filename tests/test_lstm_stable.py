@@ -55,7 +55,8 @@ def test_faithful_default_is_the_seed():
     np.testing.assert_allclose((last["b"] - params["b"]).ravel(),
                                [0.00103652477, -0.00103664398, 0.00100520253, 3.78849290e-05],
                                rtol=2e-4)
-    assert lopt.opt_fn(lopt.init(jax.random.PRNGKey(0))).init(params).scale is None
+    state = lopt.opt_fn(lopt.init(jax.random.PRNGKey(0))).init(params)
+    assert state.scale is None and state.moments is None
 
 
 def test_stable_preset_turns_the_options_on():
@@ -154,8 +155,13 @@ def test_adam_direction_preset_turns_the_option_on():
 def test_adam_direction_refuses_the_bounded_options():
     with pytest.raises(ValueError, match="adam_direction replaces gated"):
         LSTMLearnedOptimizer(adam_direction=True, gated=True)
+    for option in ("bounded_output", "relative_steps"):
+        with pytest.raises(ValueError, match="adam_direction replaces"):
+            LSTMLearnedOptimizer(adam_direction=True, **{option: True})
     with pytest.raises(ValueError, match="output_scale is the base learning rate"):
         LSTMLearnedOptimizer(adam_direction=True, output_scale=0.0)
+    with pytest.raises(ValueError, match="lr_range"):
+        LSTMLearnedOptimizer(adam_direction=True, lr_range=-1.0)
 
 
 def _with_readout(theta, w_scale, b):

@@ -223,3 +223,9 @@ def test_adaptive_gain_keeps_zero_in_zero_out():
     final, updates = _run(lopt.as_optax(theta, num_steps=20), params, zero, 20)
     for u in updates:
         assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(u))
+
+
+def test_adaptive_gain_refuses_a_theta_trained_without_it():
+    plain = NormalizedMLP()
+    with pytest.raises(ValueError, match="no 'gain' entry"):
+        NormalizedMLP(adaptive_gain=True).as_optax(plain.init(jax.random.PRNGKey(0)))

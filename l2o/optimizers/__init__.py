@@ -7,6 +7,7 @@ from l2o.optimizers.factored_mlp import FactoredMLPLOpt, FactoredMLPOptimizer, F
 from l2o.optimizers.hierarchical_rnn import HierarchicalRNN, HRNNOptimizer, HRNNState
 from l2o.optimizers.learned_adam import AdamState, LearnedAdam, LearnedAdamOptimizer
 from l2o.optimizers.lstm import (
+    AdamMoments,
     LSTMLearnedOptimizer,
     LSTMNetState,
     LSTMOptimizer,
@@ -31,6 +32,7 @@ __all__ = [
     "HRNNState",
     "HierarchicalRNN",
     "LSTMLearnedOptimizer",
+    "AdamMoments",
     "LSTMNetState",
     "LSTMOptState",
     "LSTMOptimizer",

@@ -37,10 +37,10 @@ rate around Adam's::
     step = -output_scale · exp(lr_range · tanh(out)) · m̂ / (√v̂ + ε)
 
 with Adam's bias-corrected moments ``m̂``, ``v̂`` (β₁ 0.9, β₂ 0.999, kept per coordinate in the
-state). Every step is Adam's step at a learning rate within ``output_scale · e^±lr_range``
-(default ``1e-3 · e^±2``, 1.4e-4 to 7.4e-3): a zero gradient gives a zero step, steps shrink as
-the momentum does, and no input can take the learning rate outside that range. The LSTM, its
-inputs and θ's shapes are the seed's.
+state). Each coordinate's learning rate stays within ``output_scale · e^±lr_range`` (default
+``1e-3 · e^±2``, 1.35e-4 to 7.39e-3) whatever the LSTM sees, so each coordinate's step is at most
+e^lr_range times Adam's at ``output_scale``; a zero gradient from the start gives exactly zero
+steps, and steps shrink as the momentum does. The LSTM, its inputs and θ's shapes are the seed's.
 
 ``net_assignments`` maps subsets of the parameters (selected by their tree paths, e.g. conv vs.
 fully connected weights) to separate networks, each with its own weights; θ is then
@@ -223,7 +223,8 @@ class LSTMOptimizer(Optimizer):
     def update(self, state: LSTMOptState, grads: Params, *, loss: jax.Array | None = None,
                key: PRNGKey | None = None) -> LSTMOptState:
         """One step: ``params + output_scale * lstm(log_and_sign(grads))`` per coordinate (with
-        the stable options: gated, bounded and relative, see :class:`LSTMLearnedOptimizer`)."""
+        the stable options: gated, bounded and relative; with ``adam_direction``, Adam's step at
+        the learning rate the LSTM chose; see :class:`LSTMLearnedOptimizer`)."""
         lay = self.layout(state.params)
         g_leaves = lay.treedef.flatten_up_to(grads)
         p_leaves = lay.treedef.flatten_up_to(state.params)
@@ -258,7 +259,8 @@ def _lstm_step(net: dict, state: LSTMNetState, g: jax.Array,
     """One application of a net to the flat gradient slab ``g`` [P]: (step [P], new state).
 
     The step is ``output_scale · out`` (seed), ``output_scale · tanh(out)`` with
-    ``bounded_output``, times ``|sign|`` with ``gated`` (the caller applies ``relative_steps``).
+    ``bounded_output``, times ``|sign|`` with ``gated`` (the caller applies ``relative_steps``, and
+    with ``adam_direction`` turns ``output_scale · out`` into a learning rate for Adam's step).
 
     Units-major layout: inputs and states are ``[units, P]``, so each layer is a single
     ``[4·units, in + units] @ [in + units, P]`` matmul (input and recurrent weights stacked, gates
@@ -301,14 +303,18 @@ def _adam_direction_step(scaled_out: jax.Array, moments: AdamMoments, g: jax.Arr
     ``scaled_out`` is :func:`_lstm_step`'s ``output_scale · out``; the learning rate is
     ``output_scale · exp(lr_range · tanh(out))``.
     """
-    m = ADAM_B1 * moments.m + (1.0 - ADAM_B1) * g
-    v = ADAM_B2 * moments.v + (1.0 - ADAM_B2) * jnp.square(g)
-    t = t.astype(g.dtype)
+    m = (ADAM_B1 * moments.m + (1.0 - ADAM_B1) * g).astype(moments.m.dtype)
+    v = (ADAM_B2 * moments.v + (1.0 - ADAM_B2) * jnp.square(g)).astype(moments.v.dtype)
+    t = t.astype(m.dtype)
     m_hat = m / (1.0 - ADAM_B1 ** t)
     v_hat = v / (1.0 - ADAM_B2 ** t)
+    # √v̂ with a finite derivative at v̂ = 0 (coordinates whose gradient was always zero), so
+    # second-order meta-gradients stay finite; the value is the plain square root
+    positive = v_hat > 0
+    root = jnp.where(positive, jnp.sqrt(jnp.where(positive, v_hat, 1.0)), 0.0)
     out = scaled_out / cfg.output_scale
     lr = cfg.output_scale * jnp.exp(cfg.lr_range * jnp.tanh(out))
-    step = -lr * m_hat / (jnp.sqrt(v_hat) + ADAM_EPS)
+    step = -lr * m_hat / (root + ADAM_EPS)
     return step, AdamMoments(m=m, v=v)
 
 

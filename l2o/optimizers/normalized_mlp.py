@@ -27,8 +27,9 @@ so one θ can take steps 20× (e^3) longer on a task that wants them, or shorter
 learning rate, and never more than e^±R from its own base.
 
 Learned (θ): the blend ``a``, the MLP ``W₁``, ``W₂``, the global step size ``η``, the floor
-``ρ`` and the schedule ``λ`` (piecewise-linear in log space over the fraction of training done,
-``t / T``). Design choices, and why:
+``ρ``, with ``adaptive_gain`` the gain rule's rate ``κ`` and target ``c*``, and the schedule
+``λ`` (piecewise-linear in log space over the fraction of training done, ``t / T``).
+Design choices, and why:
 
 - **Zero in, zero out.** Every feature is a multiple of the gradient history, and the MLP has no
   biases (``relu(0) = 0``), so a zero gradient from the start gives an exactly zero update, and the
@@ -47,7 +48,8 @@ Learned (θ): the blend ``a``, the MLP ``W₁``, ``W₂``, the global step size 
   on noise.
 
 The state is an ``optax`` state (``flax.struct``): step count, momenta ``[K, *shape]``, second
-moments and initial RMS in the parameters' tree, and the horizon ``T`` as an array (so
+moments, initial RMS (and, with ``adaptive_gain``, the log gain ``γ`` of each tensor) in the
+parameters' tree, and the horizon ``T`` as an array (so
 meta-training can draw a different horizon per inner problem under ``vmap``).
 """
 
@@ -120,8 +122,9 @@ GAIN_RATE_SCALE = 0.1
 def gain_alignment(g: jax.Array, m: jax.Array) -> jax.Array:
     """``cos(g, m)`` of two flat vectors; 0 where either is zero."""
     dot = jnp.sum(g * m)
-    norms = jnp.sqrt(jnp.sum(g * g) * jnp.sum(m * m))
-    return jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0), 0.0)
+    sq = jnp.sum(g * g) * jnp.sum(m * m)
+    ok = sq > 0  # the inner where keeps the derivative of rsqrt finite at zero too
+    return jnp.where(ok, dot * jax.lax.rsqrt(jnp.where(ok, sq, 1.0)), 0.0)
 
 
 def next_log_gain(theta: MetaParams, cfg: NormalizedMLP, log_gain: jax.Array,
@@ -129,7 +132,7 @@ def next_log_gain(theta: MetaParams, cfg: NormalizedMLP, log_gain: jax.Array,
     """``γ`` after one step: ``clip(γ + κ · (cos(g, m_prev) − c*), −R, R)``."""
     kappa = GAIN_RATE_SCALE * theta["gain"]["rate"]
     change = kappa * (gain_alignment(g, m_prev) - theta["gain"]["target"])
-    return jnp.clip(log_gain + change, -cfg.gain_range, cfg.gain_range)
+    return jnp.clip(log_gain + change, -cfg.gain_range, cfg.gain_range).astype(log_gain.dtype)
 
 
 def _leaf_update(theta: MetaParams, cfg: NormalizedMLP, rms0: jax.Array, g: jax.Array,
@@ -168,6 +171,9 @@ def scale_by_normalized_mlp(theta: MetaParams, num_steps: int | None = None,
     """
     cfg = config or NormalizedMLP()
     horizon = -1.0 if num_steps is None else float(num_steps)
+    if cfg.adaptive_gain and "gain" not in theta:
+        raise ValueError("adaptive_gain is on but θ has no 'gain' entry (a θ trained without "
+                         "it, such as general-v1..v3): use it with adaptive_gain off")
 
     def init_fn(params: Params) -> NormalizedMLPState:
         k = len(cfg.decays)

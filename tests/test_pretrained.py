@@ -11,7 +11,7 @@ from l2o import pretrained
 
 
 def test_names_and_unknown_name():
-    assert {"general-v1", "general-v2", "general-v3"} <= set(pretrained.names())
+    assert {"general-v1", "general-v2", "general-v3", "general-v4"} <= set(pretrained.names())
     assert pretrained.DEFAULT in pretrained.names()
     with pytest.raises(ValueError, match="general-v1"):
         pretrained.load("nope")
@@ -32,7 +32,7 @@ def test_loads_as_optax_and_composes_with_clipping_under_jit():
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(target)
 
 
-@pytest.mark.parametrize("name", ["general-v1", "general-v2", "general-v3"])
+@pytest.mark.parametrize("name", ["general-v1", "general-v2", "general-v3", "general-v4"])
 def test_zero_gradient_from_the_start_gives_zero_update(name):
     tx = pretrained.load(name, num_steps=50)
     params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros((3,))}

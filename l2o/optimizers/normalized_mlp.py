@@ -1,7 +1,7 @@
 """A per-parameter MLP learned optimizer over normalized momenta, with relative, scheduled steps.
 
 This is l2o's general-purpose learned optimizer (preset ``general``, packaged as
-``l2o.pretrained.load("general-v3")``). It is written first as one optax transformation,
+``l2o.pretrained.load("general-v4")``). It is written first as one optax transformation,
 :func:`scale_by_normalized_mlp`, so that it reads top to bottom; :class:`NormalizedMLP` wraps the
 same function in l2o's ``LearnedOptimizer`` interface for meta-training.
 

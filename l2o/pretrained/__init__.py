@@ -5,7 +5,7 @@
     import optax
     from l2o import pretrained
 
-    tx = optax.chain(optax.clip_by_global_norm(1.0), pretrained.load("general-v3", num_steps=1000))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), pretrained.load("general-v4", num_steps=1000))
     opt_state = tx.init(params)
     updates, opt_state = tx.update(grads, opt_state, params)   # params are required
     params = optax.apply_updates(params, updates)
@@ -29,9 +29,9 @@ from l2o.types import MetaParams
 
 _HERE = Path(__file__).resolve().parent
 
-#: The optimizer :func:`load` gives without a name: the newest recipe's (``general-v1`` and
-#: ``general-v2`` stay, as they were shipped, for reproducibility).
-DEFAULT = "general-v3"
+#: The optimizer :func:`load` gives without a name: the newest recipe's (``general-v1`` to
+#: ``general-v3`` stay, as they were shipped, for reproducibility).
+DEFAULT = "general-v4"
 
 
 def names() -> list[str]:

@@ -7,7 +7,6 @@ from l2o.optimizers.factored_mlp import FactoredMLPLOpt, FactoredMLPOptimizer, F
 from l2o.optimizers.hierarchical_rnn import HierarchicalRNN, HRNNOptimizer, HRNNState
 from l2o.optimizers.learned_adam import AdamState, LearnedAdam, LearnedAdamOptimizer
 from l2o.optimizers.lstm import (
-    AdamMoments,
     LSTMLearnedOptimizer,
     LSTMNetState,
     LSTMOptimizer,
@@ -32,7 +31,6 @@ __all__ = [
     "HRNNState",
     "HierarchicalRNN",
     "LSTMLearnedOptimizer",
-    "AdamMoments",
     "LSTMNetState",
     "LSTMOptState",
     "LSTMOptimizer",

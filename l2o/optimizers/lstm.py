@@ -65,6 +65,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import struct
 
 from l2o.optimizers.base import LearnedOptimizer, Optimizer, tensor_rms, zero_iteration
@@ -122,25 +123,17 @@ class LSTMNetState:
 
 
 @struct.dataclass
-class AdamMoments:
-    """Adam's first and second moments of one net's gradients, flat ``[P]`` (``adam_direction``)."""
-
-    m: jax.Array
-    v: jax.Array
-
-
-@struct.dataclass
 class LSTMOptState:
     """Parameters (user's tree), iteration counter and the LSTM state of each net; with
     ``relative_steps``, ``scale[net]`` is ``max(rms(p₀), step_floor)`` of each coordinate's tensor
     (flat ``[P]``, like the LSTM state), else ``None``; with ``adam_direction``, ``moments[net]``
-    holds Adam's moments, else ``None``."""
+    is optax's Adam state of that net's flat gradients, else ``None``."""
 
     params: Params
     iteration: jax.Array
     rnn: dict[str, LSTMNetState]
     scale: dict[str, jax.Array] | None = None
-    moments: dict[str, AdamMoments] | None = None
+    moments: dict[str, optax.ScaleByAdamState] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,10 +201,8 @@ class LSTMOptimizer(Optimizer):
                      for name, idx in lay.net_leaves.items()}
         moments = None
         if self.config.adam_direction:
-            moments = {}
-            for name, idx in lay.net_leaves.items():
-                zeros = jnp.zeros_like(self._flat(leaves, idx))
-                moments[name] = AdamMoments(m=zeros, v=zeros)
+            moments = {name: ADAM.init(self._flat(leaves, idx))
+                       for name, idx in lay.net_leaves.items()}
         return LSTMOptState(params=params, iteration=zero_iteration(), rnn=rnn, scale=scale,
                             moments=moments)
 
@@ -238,7 +229,7 @@ class LSTMOptimizer(Optimizer):
                 step = step * state.scale[name].astype(step.dtype)
             if moments is not None:
                 step, moments[name] = _adam_direction_step(step, state.moments[name], g,
-                                                           state.iteration + 1, self.config)
+                                                           self.config)
             off = 0
             for i in idx:
                 p = p_leaves[i]
@@ -291,31 +282,24 @@ def _lstm_step(net: dict, state: LSTMNetState, g: jax.Array,
     return cfg.output_scale * out, LSTMNetState(h=tuple(hs), c=tuple(cs))
 
 
-#: Adam's constants for ``adam_direction`` (optax.adam's defaults).
-ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
+#: Adam's direction ``m̂ / (√v̂ + ε)`` for ``adam_direction`` (optax.adam's constants). The tiny
+#: ``eps_root`` keeps the derivative of √v̂ finite where a gradient was always zero, so
+#: second-order meta-gradients stay finite; it moves no value measurably.
+ADAM = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=1e-30)
 
 
-def _adam_direction_step(scaled_out: jax.Array, moments: AdamMoments, g: jax.Array,
-                         t: jax.Array, cfg: LSTMLearnedOptimizer
-                         ) -> tuple[jax.Array, AdamMoments]:
-    """Adam's step at the learning rate the LSTM chose per coordinate, and the new moments.
+def _adam_direction_step(scaled_out: jax.Array, moments: optax.ScaleByAdamState, g: jax.Array,
+                         cfg: LSTMLearnedOptimizer
+                         ) -> tuple[jax.Array, optax.ScaleByAdamState]:
+    """Adam's step at the learning rate the LSTM chose per coordinate, and Adam's new state.
 
     ``scaled_out`` is :func:`_lstm_step`'s ``output_scale · out``; the learning rate is
     ``output_scale · exp(lr_range · tanh(out))``.
     """
-    m = (ADAM_B1 * moments.m + (1.0 - ADAM_B1) * g).astype(moments.m.dtype)
-    v = (ADAM_B2 * moments.v + (1.0 - ADAM_B2) * jnp.square(g)).astype(moments.v.dtype)
-    t = t.astype(m.dtype)
-    m_hat = m / (1.0 - ADAM_B1 ** t)
-    v_hat = v / (1.0 - ADAM_B2 ** t)
-    # √v̂ with a finite derivative at v̂ = 0 (coordinates whose gradient was always zero), so
-    # second-order meta-gradients stay finite; the value is the plain square root
-    positive = v_hat > 0
-    root = jnp.where(positive, jnp.sqrt(jnp.where(positive, v_hat, 1.0)), 0.0)
+    direction, moments = ADAM.update(g, moments)
     out = scaled_out / cfg.output_scale
     lr = cfg.output_scale * jnp.exp(cfg.lr_range * jnp.tanh(out))
-    step = -lr * m_hat / (root + ADAM_EPS)
-    return step, AdamMoments(m=m, v=v)
+    return -lr * direction, moments
 
 
 def _as_tuple(x: Any) -> Any:
